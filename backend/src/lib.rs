@@ -1,1 +1,11 @@
-//! blkbackd
+//! blkbackd: a userspace Xen block backend.
+//!
+//! Layout (see `DESIGN.md` in the project notes): `abi` (blkif structs), `ring`
+//! (the shared-ring engine), `xen` (grants and event channels), `io` (I/O
+//! engines), `disk` (diskseq, loop, device-mapper), `vbd` (one device's xenbus
+//! state machine), `daemon`, `hotplug` and `sim` arrive issue by issue. Today:
+//! the demo of the embedded default and the signal handling the commands share.
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod signals;

@@ -101,6 +101,11 @@ impl Server {
         self.lock().connections()
     }
 
+    /// How many transactions have committed.
+    pub fn transactions_committed(&self) -> u64 {
+        self.lock().commits
+    }
+
     /// How many nodes `domid` owns.
     pub fn nodes_owned_by(&self, domid: DomId) -> usize {
         self.lock().store.owned_by(domid)

@@ -64,6 +64,7 @@ pub(crate) struct State {
     special: HashMap<String, Vec<Perm>>,
     next_conn: ConnId,
     next_tx: u32,
+    pub(crate) commits: u64,
 }
 
 type Reply = Result<Vec<u8>, ErrorCode>;
@@ -91,6 +92,7 @@ impl State {
                 .collect(),
             next_conn: 1,
             next_tx: 1,
+            commits: 0,
         }
     }
 
@@ -345,6 +347,7 @@ impl State {
                 let tx = conn.txs.remove(&msg.tx_id).ok_or(ErrorCode::ENOENT)?;
                 if commit {
                     fires.extend(self.store.commit(&who, tx)?);
+                    self.commits += 1;
                 }
                 ok()
             }
@@ -354,11 +357,7 @@ impl State {
                     return Err(ErrorCode::EINVAL);
                 }
                 let domid = guest_domid(strings[0])?;
-                if !self.domains.contains_key(&domid) {
-                    self.domains.insert(domid, Domain::default());
-                    tracing::debug!(%domid, "domain introduced");
-                    self.fire_special(wire::INTRODUCE_DOMAIN);
-                }
+                self.introduce(domid);
                 ok()
             }
             Release => {
@@ -539,7 +538,9 @@ impl State {
 
     /// Introduces a domain (the in-process form of INTRODUCE).
     pub(crate) fn introduce(&mut self, domid: DomId) {
-        if self.domains.insert(domid, Domain::default()).is_none() {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.domains.entry(domid) {
+            e.insert(Domain::default());
+            tracing::debug!(%domid, "domain introduced");
             self.fire_special(wire::INTRODUCE_DOMAIN);
         }
     }
