@@ -8,6 +8,8 @@
 //! ring and the disk I/O join in as the data path lands; each step prints what
 //! it did so a newcomer can follow the protocol.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

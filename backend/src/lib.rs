@@ -5,7 +5,8 @@
 //! engines), `disk` (diskseq, loop, device-mapper), `vbd` (one device's xenbus
 //! state machine), `daemon`, `hotplug` and `sim` arrive issue by issue. Today:
 //! the demo of the embedded default and the signal handling the commands share.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod abi;
 pub mod demo;
 pub mod signals;

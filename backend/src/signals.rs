@@ -1,5 +1,7 @@
 //! Waiting for the signals that stop a daemon.
 
+#![forbid(unsafe_code)]
+
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Returns when SIGINT or SIGTERM arrives.
