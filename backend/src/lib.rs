@@ -9,4 +9,6 @@
 
 pub mod abi;
 pub mod demo;
+pub mod ring;
 pub mod signals;
+pub mod xen;
