@@ -1,8 +1,117 @@
 //! The hypervisor seam: grant access and event channels.
 //!
 //! `mem` is the accessor for memory shared with guests. The traits here are
-//! implemented twice: `dev` over Linux's `/dev/xen/gntdev` and
-//! `/dev/xen/evtchn`, and `sim` over files and unix sockets for the embedded
+//! implemented twice: [`dev`] over Linux's `/dev/xen/gntdev` and
+//! `/dev/xen/evtchn`, and [`sim`] over files and unix sockets for the embedded
 //! default. The protocol engine only sees the traits.
 
+pub mod dev;
 pub mod mem;
+pub mod sim;
+
+use std::future::Future;
+use std::io;
+
+pub use xenstore::DomId;
+
+use crate::abi::blkif::GrantRef;
+use mem::SharedMem;
+
+/// An event-channel port number.
+pub type Port = u32;
+
+/// Which way a grant copy goes.
+#[derive(Debug)]
+pub enum CopyDir<'a> {
+    /// From the guest's page into this buffer.
+    FromGuest(&'a mut [u8]),
+    /// From this buffer into the guest's page.
+    ToGuest(&'a [u8]),
+}
+
+impl CopyDir<'_> {
+    /// Bytes to copy.
+    pub fn len(&self) -> usize {
+        match self {
+            CopyDir::FromGuest(b) => b.len(),
+            CopyDir::ToGuest(b) => b.len(),
+        }
+    }
+
+    /// Whether nothing is to be copied.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One element of a grant-copy batch. The guest side must lie within one page.
+#[derive(Debug)]
+pub struct CopySeg<'a> {
+    /// The granting domain.
+    pub domid: DomId,
+    /// The grant.
+    pub gref: GrantRef,
+    /// Offset in the granted page.
+    pub offset: u16,
+    /// Direction and local buffer.
+    pub dir: CopyDir<'a>,
+    /// OUT: `GNTST_*` for this element; check every one (XSA-361 and friends).
+    pub status: i16,
+}
+
+impl<'a> CopySeg<'a> {
+    /// A copy out of a guest page.
+    pub fn from_guest(domid: DomId, gref: GrantRef, offset: u16, buf: &'a mut [u8]) -> Self {
+        CopySeg {
+            domid,
+            gref,
+            offset,
+            dir: CopyDir::FromGuest(buf),
+            status: crate::abi::sys::GNTST_GENERAL_ERROR,
+        }
+    }
+
+    /// A copy into a guest page.
+    pub fn to_guest(domid: DomId, gref: GrantRef, offset: u16, buf: &'a [u8]) -> Self {
+        CopySeg {
+            domid,
+            gref,
+            offset,
+            dir: CopyDir::ToGuest(buf),
+            status: crate::abi::sys::GNTST_GENERAL_ERROR,
+        }
+    }
+}
+
+/// Access to pages other domains granted us.
+pub trait Grants: Send + Sync + 'static {
+    /// Copies every element of the batch, setting each one's status. An `Err`
+    /// means the batch as a whole could not be attempted.
+    fn copy(&self, segs: &mut [CopySeg<'_>]) -> io::Result<()>;
+
+    /// Maps `refs` of `domid` side by side (ring pages, persistent grants).
+    /// Refused as a whole if any grant is bad; unmapped when dropped.
+    fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> io::Result<SharedMem>;
+}
+
+/// One bound event channel.
+pub trait EventChannel: Send + Sync + 'static {
+    /// Our end's port.
+    fn local_port(&self) -> Port;
+    /// Kicks the other end.
+    fn notify(&self) -> io::Result<()>;
+    /// Waits for a kick from the other end; kicks that came meanwhile are
+    /// folded into one, like an event channel's pending bit. The channel stays
+    /// masked until [`EventChannel::unmask`].
+    fn wait(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Lets further kicks through (call after the ring sweep, XSA-332).
+    fn unmask(&self) -> io::Result<()>;
+}
+
+/// A factory of event channels.
+pub trait EventChannels: Send + Sync + 'static {
+    /// The channel type.
+    type Channel: EventChannel;
+    /// Binds to `remote_port` of `remote` (which the guest allocated unbound).
+    fn bind_interdomain(&self, remote: DomId, remote_port: Port) -> io::Result<Self::Channel>;
+}
