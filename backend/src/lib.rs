@@ -9,6 +9,9 @@
 
 pub mod abi;
 pub mod demo;
+pub mod io;
 pub mod ring;
 pub mod signals;
+pub mod sim;
+pub mod vbd;
 pub mod xen;

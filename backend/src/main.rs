@@ -27,6 +27,47 @@ enum Cmd {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Run a simulated guest domain (used by the tests and the demo): it
+    /// connects its blkfront to the vbd `--devid` and then does `--mode`.
+    SimGuest {
+        /// The simulation directory (guest memory, grant tables, event channels).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The embedded Xenstore's socket.
+        #[arg(long)]
+        xenstore: PathBuf,
+        /// This guest's domain id (already introduced).
+        #[arg(long)]
+        domid: u16,
+        /// The vbd's device id.
+        #[arg(long, default_value_t = 51712)]
+        devid: u32,
+        /// verify, bogus-prod, too-many-segments, bad-sector, past-end,
+        /// write-read-only, unknown-op, bad-grant, revoked-grant or rewrite.
+        #[arg(long, default_value = "verify")]
+        mode: String,
+        /// I/Os per lane in verify mode.
+        #[arg(long, default_value_t = 50)]
+        ios: u32,
+        /// Seed of the data pattern.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Wanted ring-page-order.
+        #[arg(long, default_value_t = 2)]
+        ring_order: u32,
+        /// Wanted queues.
+        #[arg(long, default_value_t = 2)]
+        queues: u32,
+        /// Wanted indirect segments (0: none).
+        #[arg(long, default_value_t = 32)]
+        indirect: u32,
+        /// Request layout: x86_64-abi or x86_32-abi.
+        #[arg(long, default_value = "x86_64-abi")]
+        protocol: String,
+        /// First ring index (near 4294967295 to exercise the 32-bit wrap).
+        #[arg(long, default_value_t = 0)]
+        start_index: u32,
+    },
     /// Check a Xenstore (the real xenstored, or ours) against the behaviour
     /// blkbackd relies on; exits non-zero if any check fails.
     XenstoreCheck {
@@ -57,6 +98,52 @@ fn main() -> anyhow::Result<()> {
             Cmd::Demo { dir } => blkbackd::demo::run(dir).await,
             Cmd::Xenstored { socket } => xenstored(socket).await,
             Cmd::XenstoreCheck { endpoint, scratch } => xenstore_check(endpoint, &scratch).await,
+            Cmd::SimGuest {
+                dir,
+                xenstore,
+                domid,
+                devid,
+                mode,
+                ios,
+                seed,
+                ring_order,
+                queues,
+                indirect,
+                protocol,
+                start_index,
+            } => {
+                use blkbackd::sim::guest::{self, GuestArgs};
+                let mode: guest::Mode = mode.parse().map_err(anyhow::Error::msg)?;
+                let abi = blkbackd::abi::blkif::Abi::from_protocol(Some(&protocol))
+                    .with_context(|| format!("unknown protocol {protocol:?}"))?;
+                let args = GuestArgs {
+                    dir,
+                    xenstore,
+                    domid: xenstore::DomId(domid),
+                    devid,
+                    mode,
+                    ios,
+                    seed,
+                    opts: blkbackd::sim::blkfront::FrontOptions {
+                        ring_order,
+                        queues,
+                        indirect,
+                        persistent: true,
+                        abi,
+                        start_index,
+                    },
+                };
+                match guest::run(args).await {
+                    Ok(report) => {
+                        println!("SIM-GUEST PASS {report}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        println!("SIM-GUEST FAIL {e}");
+                        Err(e.into())
+                    }
+                }
+            }
         }
     })
 }

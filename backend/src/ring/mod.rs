@@ -91,7 +91,11 @@ pub struct RawRequest {
 }
 
 impl<M: RingMem> BackRing<M> {
-    /// A back ring over `pages` pages of `mem` (freshly set up by the frontend).
+    /// A back ring over `pages` pages of `mem`. Consumption starts at the
+    /// published `rsp_prod` (0 on a fresh ring), as `BACK_RING_ATTACH` does:
+    /// with wrapping arithmetic any start is as good as 0, and the same code
+    /// takes over a live ring after a restart (every response must have been
+    /// pushed before the previous owner let go).
     pub fn new(mem: M, pages: usize, abi: Abi) -> Result<Self, RingError> {
         if !pages.is_power_of_two() || mem.len() < pages * XEN_PAGE_SIZE {
             return Err(RingError::TooSmall {
@@ -99,25 +103,22 @@ impl<M: RingMem> BackRing<M> {
                 pages,
             });
         }
+        let rsp = mem.load_u32(SRING_RSP_PROD);
         Ok(BackRing {
             size: abi.ring_entries(pages),
             layout: abi.layout(),
             abi,
             mem,
-            req_cons: 0,
-            rsp_prod_pvt: 0,
+            req_cons: rsp,
+            rsp_prod_pvt: rsp,
             halted: None,
         })
     }
 
-    /// A back ring taking over a live ring after a restart (`BACK_RING_ATTACH`):
-    /// consumption resumes at the published `rsp_prod`. Every response must have
-    /// been pushed before the previous owner let go.
+    /// [`BackRing::new`], refusing at once a ring whose producer already
+    /// claims more requests than it holds.
     pub fn attach(mem: M, pages: usize, abi: Abi) -> Result<Self, RingError> {
         let mut r = Self::new(mem, pages, abi)?;
-        let rsp = r.mem.load_u32(SRING_RSP_PROD);
-        r.req_cons = rsp;
-        r.rsp_prod_pvt = rsp;
         r.check_prod()?;
         Ok(r)
     }

@@ -17,9 +17,8 @@ fn pair(
 ) {
     let mem = std::sync::Arc::new(SharedMem::anonymous(pages * XEN_PAGE_SIZE).unwrap());
     let front = FrontRing::init(mem.clone(), pages, abi, start).unwrap();
-    let mut back = BackRing::new(mem, pages, abi).unwrap();
-    back.req_cons = start;
-    back.rsp_prod_pvt = start;
+    let back = BackRing::new(mem, pages, abi).unwrap();
+    assert_eq!((back.req_cons, back.rsp_prod_pvt), (start, start));
     (front, back)
 }
 

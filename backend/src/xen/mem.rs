@@ -312,3 +312,54 @@ mod tests {
         m.read(4092, &mut b);
     }
 }
+
+/// A window into a shared mapping: a guest's ring pages inside its memory.
+#[derive(Clone, Debug)]
+pub struct SharedView {
+    mem: std::sync::Arc<SharedMem>,
+    base: usize,
+    len: usize,
+}
+
+impl SharedView {
+    /// The bytes `base..base + len` of `mem`, if they lie inside it.
+    pub fn new(mem: std::sync::Arc<SharedMem>, base: usize, len: usize) -> Option<SharedView> {
+        (base.checked_add(len)? <= mem.len()).then_some(SharedView { mem, base, len })
+    }
+}
+
+impl RingMem for SharedView {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn load_u32(&self, off: usize) -> u32 {
+        assert!(off + 4 <= self.len, "view access outside its window");
+        self.mem.load_u32(self.base + off)
+    }
+
+    fn store_u32(&self, off: usize, v: u32) {
+        assert!(off + 4 <= self.len, "view access outside its window");
+        self.mem.store_u32(self.base + off, v)
+    }
+
+    fn full_fence(&self) {
+        fence(Ordering::SeqCst)
+    }
+
+    fn read(&self, off: usize, dst: &mut [u8]) {
+        assert!(
+            off + dst.len() <= self.len,
+            "view access outside its window"
+        );
+        self.mem.read(self.base + off, dst)
+    }
+
+    fn write(&self, off: usize, src: &[u8]) {
+        assert!(
+            off + src.len() <= self.len,
+            "view access outside its window"
+        );
+        self.mem.write(self.base + off, src)
+    }
+}

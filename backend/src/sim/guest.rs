@@ -1,0 +1,355 @@
+//! `blkbackd sim-guest`: a simulated guest domain in its own process. It
+//! speaks for its domain on the embedded Xenstore, creates its memory and
+//! grant table in the simulation directory, connects its blkfront and then
+//! behaves (verified I/O) or misbehaves in one chosen way.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use xenstore::{Client, DomId, Endpoint};
+
+use super::blkfront::{Blkfront, FrontError, FrontOptions};
+use crate::abi::blkif::*;
+use crate::abi::sys::XenbusState;
+use crate::ring::request::{encode, Segment};
+use crate::xen::sim::SimDomain;
+
+/// What the guest does once connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Verified reads and writes of many sizes, flush, discard.
+    Verify,
+    /// A producer index past what the ring holds.
+    BogusProd,
+    /// A direct request with 12 segments.
+    TooManySegments,
+    /// A segment whose first sector is after its last.
+    BadSector,
+    /// A read past the end of the disk.
+    PastEnd,
+    /// A write to a read-only disk.
+    WriteReadOnly,
+    /// An operation code the protocol does not define.
+    UnknownOp,
+    /// A segment naming a grant reference never granted.
+    BadGrant,
+    /// A grant revoked after the request was queued.
+    RevokedGrant,
+    /// A task rewriting ring slots while the backend reads them.
+    Rewrite,
+}
+
+impl Mode {
+    /// Every mode, for tests and help text.
+    pub const ALL: [(&'static str, Mode); 10] = [
+        ("verify", Mode::Verify),
+        ("bogus-prod", Mode::BogusProd),
+        ("too-many-segments", Mode::TooManySegments),
+        ("bad-sector", Mode::BadSector),
+        ("past-end", Mode::PastEnd),
+        ("write-read-only", Mode::WriteReadOnly),
+        ("unknown-op", Mode::UnknownOp),
+        ("bad-grant", Mode::BadGrant),
+        ("revoked-grant", Mode::RevokedGrant),
+        ("rewrite", Mode::Rewrite),
+    ];
+
+    /// Whether a correct backend halts the ring for this misbehaviour.
+    pub fn halts(self) -> bool {
+        matches!(
+            self,
+            Mode::BogusProd | Mode::TooManySegments | Mode::BadSector
+        )
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Mode::ALL
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Mode::ALL.iter().map(|(n, _)| *n).collect();
+                format!("unknown mode {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Everything the guest process needs.
+#[derive(Clone, Debug)]
+pub struct GuestArgs {
+    /// The simulation directory.
+    pub dir: PathBuf,
+    /// The embedded Xenstore's socket.
+    pub xenstore: PathBuf,
+    /// This domain's id (introduced by the toolstack beforehand).
+    pub domid: DomId,
+    /// The vbd's device id.
+    pub devid: u32,
+    /// What to do.
+    pub mode: Mode,
+    /// I/Os per lane in verify mode.
+    pub ios: u32,
+    /// Seed of the data pattern.
+    pub seed: u64,
+    /// What to negotiate.
+    pub opts: FrontOptions,
+}
+
+/// Memory and grant-table sizes of a simulated guest.
+const GUEST_PAGES: u64 = 8192;
+const GUEST_GRANTS: u32 = 8192;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn fail(msg: impl Into<String>) -> FrontError {
+    FrontError::Protocol(msg.into())
+}
+
+/// A reproducible byte pattern (xorshift).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Runs the guest; returns a one-line report of what it saw.
+pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
+    let xs = Client::connect_to(&Endpoint::Socket(args.xenstore.clone())).await?;
+    let d = args.domid.0.to_string();
+    xs.control(&[xenstore::server::SIM_AS_DOMAIN, &d]).await?;
+    let dom = Arc::new(SimDomain::create(
+        &args.dir,
+        args.domid,
+        GUEST_PAGES,
+        GUEST_GRANTS,
+    )?);
+    let fe = format!("/local/domain/{}/device/vbd/{}", args.domid.0, args.devid);
+    let front = Arc::new(Blkfront::connect(xs, dom, &fe, &args.opts).await?);
+    let tag = format!(
+        "queues={} order={} indirect={} persistent={}",
+        front.queues(),
+        front.ring_order,
+        front.max_indirect,
+        front.persistent
+    );
+    let report = match args.mode {
+        Mode::Verify => verify(&front, args.ios, args.seed).await?,
+        Mode::BogusProd => {
+            front.bogus_producer(0, front.ring_size() + 5);
+            halted(&front).await?
+        }
+        Mode::TooManySegments | Mode::BadSector => {
+            let segs: Vec<Segment> = (0..12)
+                .map(|i| Segment {
+                    gref: 8 + i,
+                    first_sect: if args.mode == Mode::BadSector { 5 } else { 0 },
+                    last_sect: if args.mode == Mode::BadSector { 2 } else { 7 },
+                })
+                .collect();
+            let mut raw = encode::rw(front_abi(&args), BLKIF_OP_READ, 0, 0, &segs);
+            if args.mode == Mode::BadSector {
+                raw[REQ_NR_SEGMENTS] = 2;
+            }
+            let st = front.submit_raw(0, raw, WAIT).await?;
+            if st != BLKIF_RSP_ERROR {
+                return Err(fail(format!("expected an error status, got {st}")));
+            }
+            halted(&front).await?
+        }
+        Mode::PastEnd => {
+            let mut buf = vec![0u8; 4096];
+            expect_status(front.read(front.sectors, &mut buf).await, BLKIF_RSP_ERROR)?;
+            still_serves(&front, args.seed).await?
+        }
+        Mode::WriteReadOnly => {
+            if !front.read_only {
+                return Err(fail("the backend did not say the disk is read-only"));
+            }
+            expect_status(front.write(0, &[0xEE; 4096]).await, BLKIF_RSP_ERROR)?;
+            let mut buf = vec![0u8; 4096];
+            front.read(0, &mut buf).await?;
+            "write refused, reads still served".to_owned()
+        }
+        Mode::UnknownOp => {
+            let mut raw = encode::rw(front_abi(&args), BLKIF_OP_READ, 0, 0, &[]);
+            raw[REQ_OPERATION] = 42;
+            let st = front.submit_raw(0, raw, WAIT).await?;
+            if st != BLKIF_RSP_EOPNOTSUPP {
+                return Err(fail(format!("expected EOPNOTSUPP, got {st}")));
+            }
+            still_serves(&front, args.seed).await?
+        }
+        Mode::BadGrant | Mode::RevokedGrant => {
+            let dom = front.domain();
+            let gref = if args.mode == Mode::BadGrant {
+                7 // reserved, never granted
+            } else {
+                let f = dom.alloc_pages(1)?;
+                let g = dom.grant(f, DomId::DOM0, false)?;
+                dom.revoke(g);
+                g
+            };
+            let seg = Segment {
+                gref,
+                first_sect: 0,
+                last_sect: 7,
+            };
+            let raw = encode::rw(front_abi(&args), BLKIF_OP_READ, 0, 0, &[seg]);
+            let st = front.submit_raw(0, raw, WAIT).await?;
+            if st != BLKIF_RSP_ERROR {
+                return Err(fail(format!("expected an error status, got {st}")));
+            }
+            still_serves(&front, args.seed).await?
+        }
+        Mode::Rewrite => rewrite(&front, args.seed).await?,
+    };
+    Ok(format!("{tag} {report}"))
+}
+
+fn front_abi(args: &GuestArgs) -> Abi {
+    args.opts.abi
+}
+
+fn expect_status(r: Result<(), FrontError>, want: i16) -> Result<(), FrontError> {
+    match r {
+        Err(FrontError::Status(st)) if st == want => Ok(()),
+        other => Err(fail(format!("expected status {want}, got {other:?}"))),
+    }
+}
+
+/// Waits for the backend to give up on us: an `error` node and Closing.
+async fn halted(front: &Blkfront) -> Result<String, FrontError> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let err = front.backend_error().await?;
+        let st = front.backend_state().await?;
+        if let (Some(e), Some(XenbusState::Closing)) = (&err, st) {
+            return Ok(format!("ring halted: {e}"));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(fail(format!(
+                "backend did not halt the ring (error {err:?}, state {st:?})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn still_serves(front: &Arc<Blkfront>, seed: u64) -> Result<String, FrontError> {
+    let v = verify(front, 4, seed).await?;
+    Ok(format!("refused as expected, then {v}"))
+}
+
+/// Verified I/O: four lanes, each in its own region, sizes from one sector to
+/// past the direct-segment limit, then flush and discard.
+async fn verify(front: &Arc<Blkfront>, ios: u32, seed: u64) -> Result<String, FrontError> {
+    const SIZES: [u64; 8] = [1, 8, 13, 64, 88, 96, 256, 1024];
+    let lanes = 4u64;
+    let region = front.sectors / lanes;
+    if region < 2048 {
+        return Err(fail("disk too small for verify mode"));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for lane in 0..lanes {
+        let front = front.clone();
+        set.spawn(async move {
+            let base = lane * region;
+            let mut model = vec![0u8; (region * 512) as usize];
+            let mut rng = Rng(seed ^ (lane + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut bytes = 0u64;
+            for _ in 0..ios {
+                let n = SIZES[(rng.next() % SIZES.len() as u64) as usize];
+                let at = rng.next() % (region - n);
+                let mut data = vec![0u8; (n * 512) as usize];
+                rng.fill(&mut data);
+                front.write(base + at, &data).await?;
+                model[(at * 512) as usize..((at + n) * 512) as usize].copy_from_slice(&data);
+                let rn = SIZES[(rng.next() % SIZES.len() as u64) as usize];
+                let rat = rng.next() % (region - rn);
+                let mut back = vec![0u8; (rn * 512) as usize];
+                front.read(base + rat, &mut back).await?;
+                let want = &model[(rat * 512) as usize..((rat + rn) * 512) as usize];
+                if back != want {
+                    return Err(fail(format!(
+                        "lane {lane}: read of {rn} sectors at {} differs from what was written",
+                        base + rat
+                    )));
+                }
+                bytes += (n + rn) * 512;
+            }
+            Ok::<u64, FrontError>(bytes)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = set.join_next().await {
+        total += r.map_err(|e| fail(e.to_string()))??;
+    }
+    front.flush().await?;
+    front.discard(0, 64).await?;
+    let mut z = vec![1u8; 64 * 512];
+    front.read(0, &mut z).await?;
+    if z.iter().any(|&b| b != 0) {
+        return Err(fail("discarded range does not read back as zeroes"));
+    }
+    Ok(format!(
+        "verified ios={} bytes={total}",
+        u64::from(ios) * lanes * 2
+    ))
+}
+
+/// Rewrites random ring slots of queue 0 with random bytes while doing I/O, as
+/// a hostile guest racing the backend's copy would.
+async fn rewrite(front: &Arc<Blkfront>, seed: u64) -> Result<String, FrontError> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scribbler = {
+        let (front, stop) = (front.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut rng = Rng(seed | 1);
+            let mut n = 0u64;
+            // The largest slot; scribble_slot trims it to the ring's own.
+            let mut junk = vec![0u8; std::mem::size_of::<RequestX86_64>()];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rng.fill(&mut junk);
+                junk[REQ_OPERATION] = (rng.next() % 8) as u8;
+                front.scribble_slot(0, rng.next() as u32, &junk);
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut served = 0u32;
+    let mut failed = 0u32;
+    for i in 0..100u64 {
+        let mut buf = vec![0u8; 8 * 512];
+        let r = tokio::time::timeout(Duration::from_millis(500), front.read(i * 8, &mut buf)).await;
+        match r {
+            Ok(Ok(())) => served += 1,
+            _ => failed += 1,
+        }
+        if failed > 5 {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scribbles = scribbler.await.map_err(|e| fail(e.to_string()))?;
+    let err = front.backend_error().await?;
+    Ok(format!(
+        "scribbles={scribbles} served={served} failed={failed} halted={}",
+        err.is_some()
+    ))
+}

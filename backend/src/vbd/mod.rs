@@ -1,0 +1,212 @@
+//! One virtual block device.
+//!
+//! Today: publishing what the backend offers, reading what the frontend wrote,
+//! mapping its rings, binding its event channels and serving every queue until
+//! told to stop or until the frontend breaks the protocol ([`serve_frontend`]).
+//! The full xenbus lifecycle (hotplug handshake, Closing, reconnect, resize)
+//! builds on this.
+#![forbid(unsafe_code)]
+
+pub mod frontend;
+pub mod queue;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use xenstore::{Client, Xs};
+
+use crate::abi::blkif::VDISK_READONLY;
+use crate::abi::sys::XenbusState;
+use crate::io::Disk;
+use crate::ring::request::Limits;
+use crate::ring::BackRing;
+use crate::xen::{DomId, EventChannels, Grants};
+use queue::{Queue, QueueEnd, QueueStats};
+
+/// What the backend offers a frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// `max-ring-page-order`.
+    pub max_ring_order: u32,
+    /// `multi-queue-max-queues`.
+    pub max_queues: u32,
+    /// `feature-max-indirect-segments` (0: none).
+    pub max_indirect_segments: u16,
+}
+
+impl Default for Offer {
+    fn default() -> Self {
+        Offer {
+            max_ring_order: 4,
+            max_queues: 4,
+            max_indirect_segments: 256,
+        }
+    }
+}
+
+/// A vbd could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum VbdError {
+    /// What the frontend wrote is unacceptable.
+    #[error(transparent)]
+    Frontend(#[from] frontend::FrontendError),
+    /// Xenstore failed.
+    #[error(transparent)]
+    Xenstore(#[from] xenstore::Error),
+    /// A ring could not be mapped or an event channel bound.
+    #[error("cannot connect queue {queue}: {source}")]
+    Connect {
+        /// Which queue.
+        queue: usize,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The frontend did not get ready in time.
+    #[error("frontend did not reach Initialised within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The limits requests of this disk are checked against.
+pub fn limits<D: Disk>(disk: &D, offer: &Offer) -> Limits {
+    Limits {
+        disk_sectors: disk.sectors(),
+        logical_block_sectors: u64::from(disk.logical_block_size() / 512).max(1),
+        read_only: disk.read_only(),
+        max_indirect_segments: offer.max_indirect_segments,
+        flush: true,
+        barrier: true,
+        discard: !disk.read_only(),
+        discard_secure: false,
+    }
+}
+
+/// Writes the backend's features and the disk's geometry, then InitWait.
+pub async fn publish<D: Disk>(
+    xs: &Client,
+    be: &str,
+    disk: &D,
+    offer: &Offer,
+) -> Result<(), VbdError> {
+    let l = limits(disk, offer);
+    let info = if l.read_only { VDISK_READONLY } else { 0 };
+    let lbs = disk.logical_block_size().to_string();
+    let kv: Vec<(&str, String)> = vec![
+        ("feature-flush-cache", "1".into()),
+        ("feature-barrier", "1".into()),
+        ("feature-discard", u8::from(l.discard).to_string()),
+        ("discard-granularity", lbs.clone()),
+        ("discard-alignment", "0".into()),
+        ("discard-secure", "0".into()),
+        (
+            "feature-max-indirect-segments",
+            offer.max_indirect_segments.to_string(),
+        ),
+        ("feature-persistent", "0".into()),
+        ("max-ring-page-order", offer.max_ring_order.to_string()),
+        ("multi-queue-max-queues", offer.max_queues.to_string()),
+        ("sectors", l.disk_sectors.to_string()),
+        ("sector-size", lbs.clone()),
+        ("physical-sector-size", lbs),
+        ("info", info.to_string()),
+        ("mode", if l.read_only { "r" } else { "w" }.into()),
+    ];
+    xs.transaction(|tx| {
+        let kv = kv.clone();
+        async move {
+            for (k, v) in &kv {
+                tx.write(&format!("{be}/{k}"), v).await?;
+            }
+            tx.write(&format!("{be}/state"), XenbusState::InitWait.as_str())
+                .await
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+async fn wait_frontend_ready(xs: &Client, fe: &str, timeout: Duration) -> Result<(), VbdError> {
+    let mut w = xs.watch(&format!("{fe}/state")).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let st = xs.try_read(&format!("{fe}/state")).await?;
+        let st = st
+            .as_deref()
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(XenbusState::parse);
+        if matches!(st, Some(XenbusState::Initialised | XenbusState::Connected)) {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, w.next()).await {
+            Ok(Some(_)) => {}
+            _ => return Err(VbdError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Connects to the frontend at `fe` (domain `domid`) once it is Initialised and
+/// serves every queue until `stop` turns true or a ring halts. A halted ring
+/// puts its reason in the backend's `error` node and the device in Closing.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
+    xs: &Client,
+    be: &str,
+    fe: &str,
+    domid: DomId,
+    grants: Arc<G>,
+    evtchn: &EC,
+    disk: Arc<D>,
+    offer: &Offer,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<(QueueEnd, QueueStats)>, VbdError> {
+    wait_frontend_ready(xs, fe, Duration::from_secs(30)).await?;
+    let cfg = frontend::read(xs, fe, offer.max_ring_order, offer.max_queues).await?;
+    let limits = limits(&*disk, offer);
+    let pages = 1usize << cfg.order;
+    let mut queues = Vec::with_capacity(cfg.queues.len());
+    for (i, q) in cfg.queues.iter().enumerate() {
+        let err = |source| VbdError::Connect { queue: i, source };
+        let mem = grants.map(domid, &q.refs, true).map_err(err)?;
+        let ring = BackRing::new(mem, pages, cfg.abi)
+            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        let ev = evtchn.bind_interdomain(domid, q.port).map_err(err)?;
+        queues.push(Queue::new(
+            ring,
+            ev,
+            grants.clone(),
+            disk.clone(),
+            domid,
+            limits.clone(),
+        ));
+    }
+    xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())
+        .await?;
+    tracing::info!(
+        %domid, queues = queues.len(), order = cfg.order, abi = cfg.abi.protocol(),
+        "vbd connected"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for q in queues {
+        tasks.spawn(q.run(stop.clone()));
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap_or_else(|e| {
+            let why = format!("queue task failed: {e}");
+            (
+                QueueEnd::Halted(crate::ring::RingError::Protocol(why)),
+                QueueStats::default(),
+            )
+        });
+        // A halted ring takes the device to Closing at once, reason in `error`.
+        if let QueueEnd::Halted(e) = &r.0 {
+            tracing::debug!(%domid, "ring halted: {e}");
+            let _ = xs.write(&format!("{be}/error"), e.to_string()).await;
+            let _ = xs
+                .write(&format!("{be}/state"), XenbusState::Closing.as_str())
+                .await;
+        }
+        out.push(r);
+    }
+    Ok(out)
+}

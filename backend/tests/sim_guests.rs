@@ -1,0 +1,266 @@
+//! The ring engine against simulated guests in separate processes, over the
+//! simulated Xen: data verified byte for byte, and each misbehaviour mode
+//! affecting only the misbehaving guest's ring while another guest is served.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blkbackd::io::{Disk, MemDisk};
+use blkbackd::sim::guest::Mode;
+use blkbackd::sim::toolstack;
+use blkbackd::vbd::queue::{QueueEnd, QueueStats};
+use blkbackd::vbd::{self, Offer, VbdError};
+use blkbackd::xen::sim::{SimEvtchn, SimGrants};
+use tokio::sync::watch;
+use xenstore::{Client, DomId, Endpoint, Server};
+
+const DEVID: u32 = 51712;
+const DISK_SECTORS: u64 = 16 * 2048; // 16 MiB
+
+struct Sim {
+    dir: tempfile::TempDir,
+    server: Server,
+    listening: xenstore::server::Listening,
+    dom0: Client,
+    grants: Arc<SimGrants>,
+}
+
+type Served = tokio::task::JoinHandle<Result<Vec<(QueueEnd, QueueStats)>, VbdError>>;
+
+struct Backend {
+    served: Served,
+    stop: watch::Sender<bool>,
+    disk: Arc<MemDisk>,
+}
+
+async fn sim() -> Sim {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::default();
+    let listening = server
+        .listen(dir.path().join("xenstore.sock"))
+        .await
+        .unwrap();
+    let dom0 = Client::connect_to(&Endpoint::Socket(listening.path().into()))
+        .await
+        .unwrap();
+    let grants = Arc::new(SimGrants::new(dir.path(), DomId::DOM0));
+    Sim {
+        dir,
+        server,
+        listening,
+        dom0,
+        grants,
+    }
+}
+
+impl Sim {
+    /// Does what the toolstack and the daemon do for one vbd of `domid`.
+    async fn backend(&self, domid: DomId, read_only: bool) -> Backend {
+        self.server.introduce(domid);
+        toolstack::create_domain_home(&self.dom0, domid)
+            .await
+            .unwrap();
+        let mode = if read_only { "r" } else { "w" };
+        let paths = toolstack::create_vbd(&self.dom0, domid, DEVID, "mem", mode)
+            .await
+            .unwrap();
+        let disk = Arc::new(MemDisk::new(DISK_SECTORS, read_only));
+        let offer = Offer::default();
+        vbd::publish(&self.dom0, &paths.backend, &*disk, &offer)
+            .await
+            .unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let (xs, grants, d) = (self.dom0.clone(), self.grants.clone(), disk.clone());
+        let evtchn = SimEvtchn::new(self.dir.path(), DomId::DOM0);
+        let served = tokio::spawn(async move {
+            vbd::serve_frontend(
+                &xs,
+                &paths.backend,
+                &paths.frontend,
+                domid,
+                grants,
+                &evtchn,
+                d,
+                &offer,
+                stop_rx,
+            )
+            .await
+        });
+        Backend { served, stop, disk }
+    }
+
+    /// Runs `blkbackd sim-guest` for `domid` as a separate process.
+    async fn guest(&self, domid: DomId, mode: &str, extra: &[&str]) -> (bool, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+                .args(["sim-guest", "--mode", mode, "--domid", &domid.0.to_string()])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .arg("--xenstore")
+                .arg(self.listening.path())
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .output(),
+        )
+        .await
+        .expect("sim-guest hung")
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), format!("{stdout}{stderr}"))
+    }
+}
+
+impl Backend {
+    async fn finish(self) -> Vec<(QueueEnd, QueueStats)> {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.served)
+            .await
+            .expect("backend did not stop")
+            .unwrap()
+            .expect("backend failed to connect")
+    }
+}
+
+fn halted(ends: &[(QueueEnd, QueueStats)]) -> usize {
+    ends.iter()
+        .filter(|(e, _)| matches!(e, QueueEnd::Halted(_)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_in_another_process_gets_its_data_back_byte_for_byte() {
+    let s = sim().await;
+    let b = s.backend(DomId(2), false).await;
+    let (ok, out) = s.guest(DomId(2), "verify", &["--ios", "40"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("queues=2 order=2 indirect=32"), "{out}");
+    let ends = b.finish().await;
+    assert_eq!(halted(&ends), 0);
+    let bytes: u64 = ends.iter().map(|(_, st)| st.bytes).sum();
+    assert!(bytes > 1 << 20, "only {bytes} bytes moved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_32_bit_guest_with_one_page_ring_and_no_indirect_across_the_index_wrap() {
+    let s = sim().await;
+    let b = s.backend(DomId(2), false).await;
+    let (ok, out) = s
+        .guest(
+            DomId(2),
+            "verify",
+            &[
+                "--protocol",
+                "x86_32-abi",
+                "--ring-order",
+                "0",
+                "--queues",
+                "1",
+                "--indirect",
+                "0",
+                "--start-index",
+                "4294967200",
+                "--ios",
+                "40",
+            ],
+        )
+        .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("queues=1 order=0 indirect=0"), "{out}");
+    assert_eq!(halted(&b.finish().await), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_guest_wrote_is_on_the_backend_disk() {
+    let s = sim().await;
+    let b = s.backend(DomId(2), false).await;
+    let disk = b.disk.clone();
+    // Dom0 writes a marker the guest's discard must clear (sectors 0..64) and
+    // one it must leave alone (the last sector).
+    let last = (DISK_SECTORS - 1) * 512;
+    disk.write_at(last, &[0x5A; 512]).unwrap();
+    disk.write_at(0, &[0xA5; 512]).unwrap();
+    let (ok, out) = s.guest(DomId(2), "verify", &["--ios", "10"]).await;
+    assert!(ok, "{out}");
+    b.finish().await;
+    let snap = disk.snapshot();
+    assert!(snap[..64 * 512].iter().all(|&x| x == 0), "discarded range");
+    assert!(
+        snap[last as usize..].iter().all(|&x| x == 0x5A),
+        "untouched sector"
+    );
+    assert!(
+        snap[64 * 512..].iter().any(|&x| x != 0),
+        "the guest's writes landed"
+    );
+}
+
+/// One hostile guest (domain 2) next to a well-behaved one (domain 3).
+async fn hostile(mode: &str) {
+    let m: Mode = mode.parse().unwrap();
+    let s = sim().await;
+    let hostile = s.backend(DomId(2), m == Mode::WriteReadOnly).await;
+    let good = s.backend(DomId(3), false).await;
+    let (h, g) = tokio::join!(
+        s.guest(DomId(2), mode, &[]),
+        s.guest(DomId(3), "verify", &["--ios", "30", "--seed", "7"])
+    );
+    assert!(g.0, "the well-behaved guest was affected: {}", g.1);
+    if m != Mode::Rewrite {
+        assert!(h.0, "the hostile guest did not see what it should: {}", h.1);
+    }
+    let h_ends = hostile.finish().await;
+    let g_ends = good.finish().await;
+    assert_eq!(halted(&g_ends), 0, "the well-behaved guest's rings");
+    match m {
+        Mode::Rewrite => assert!(halted(&h_ends) <= 1, "{h_ends:?}"),
+        m if m.halts() => assert_eq!(halted(&h_ends), 1, "exactly one halted ring: {h_ends:?}"),
+        _ => assert_eq!(halted(&h_ends), 0, "refused, not halted: {h_ends:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_producer_index_halts_only_that_ring() {
+    hostile("bogus-prod").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_segments_halts_only_that_ring() {
+    hostile("too-many-segments").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_first_last_sector_halts_only_that_ring() {
+    hostile("bad-sector").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sectors_past_the_end_are_refused_and_the_ring_serves_on() {
+    hostile("past-end").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_read_only_disk_are_refused() {
+    hostile("write-read-only").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_operations_get_eopnotsupp() {
+    hostile("unknown-op").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_never_granted_reference_fails_only_its_request() {
+    hostile("bad-grant").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_fails_only_its_request() {
+    hostile("revoked-grant").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_rewriting_its_ring_during_the_copy_hurts_only_itself() {
+    hostile("rewrite").await;
+}
