@@ -1,12 +1,12 @@
 //! `blkbackd demo`: the embedded default in one command.
 //!
-//! What it runs today: the embedded Xenstore on a unix socket, a toolstack that
-//! creates a vbd the way libxl does (backend and frontend nodes with their
-//! permissions in one transaction), a backend side that follows the vbd through
-//! the xenbus states by watching Xenstore, and a guest (domain 1, on its own
-//! unprivileged connection) that plays blkfront's part of the handshake. The
-//! ring and the disk I/O join in as the data path lands; each step prints what
-//! it did so a newcomer can follow the protocol.
+//! What it runs: the embedded Xenstore and the simulated hypervisor in one
+//! directory; dom0's side (toolstack and backend) in this process; two guests,
+//! each a separate `blkbackd sim-guest` process with its own memory and grant
+//! table. Guest 1 is a well-behaved blkfront doing verified I/O; guest 2
+//! corrupts its ring's producer index. The backend serves guest 1 to the last
+//! byte and halts only guest 2's ring, with the reason in its `error` node.
+//! Each step prints what it did so a newcomer can follow the protocol.
 
 #![forbid(unsafe_code)]
 
@@ -14,226 +14,170 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use xenstore::{Access, Client, DomId, Perm, Server, Watch, Xs};
+use xenstore::{DomId, Xs};
 
-const GUEST: DomId = DomId(1);
+use crate::abi::sys::XenbusState;
+use crate::sim::world::SimWorld;
+use crate::vbd::queue::QueueEnd;
+
 const DEVID: u32 = 51712; // xvda
+const GOOD: DomId = DomId(1);
+const HOSTILE: DomId = DomId(2);
 
 fn say(who: &str, what: impl AsRef<str>) {
     println!("[{who:<9}] {}", what.as_ref());
 }
 
-/// Runs the demo; `dir` holds the socket (a temporary directory if `None`).
-pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let tmp;
+/// Runs the demo in `dir` (a temporary directory if `None`); `exe` is the
+/// blkbackd binary to start the guests with (this one if `None`).
+pub async fn run(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::Result<()> {
+    let _tmp;
     let dir = match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-            d
-        }
+        Some(d) => d,
         None => {
-            tmp = tempdir()?;
-            tmp.0.clone()
+            let t = TempDir::new()?;
+            let p = t.0.clone();
+            _tmp = t;
+            p
         }
     };
-    let server = Server::default();
-    let listening = server.listen(dir.join("xenstore.sock")).await?;
+    let exe = match exe {
+        Some(e) => e,
+        None => std::env::current_exe().context("finding the blkbackd binary")?,
+    };
+    let world = SimWorld::start(&dir).await?;
     say(
         "xenstore",
         format!(
-            "embedded Xenstore listening at {} (XENSTORED_PATH=... xenstore-ls works against it)",
-            listening.path().display()
+            "embedded Xenstore at {} (XENSTORED_PATH=<that> xenstore-ls works against it)",
+            world.xenstore_socket().display()
         ),
     );
-    let ep = xenstore::Endpoint::Socket(listening.path().to_path_buf());
-    let toolstack = Client::connect_to(&ep).await?;
-    let backend = Client::connect_to(&ep).await?;
-
-    let be = format!("/local/domain/0/backend/vbd/{}/{DEVID}", GUEST.0);
-    let fe = format!("/local/domain/{}/device/vbd/{DEVID}", GUEST.0);
-
-    // The backend watches for vbds before any exist, as the daemon does.
-    let mut vbds = backend.watch("/local/domain/0/backend/vbd").await?;
-    next(&mut vbds).await?; // the initial event
-
-    // Toolstack: introduce the guest, give it a home, create the vbd.
-    toolstack.introduce(GUEST, 0, 0).await?;
-    toolstack
-        .transaction(|tx| {
-            let (be, fe) = (be.clone(), fe.clone());
-            async move {
-                let home = format!("/local/domain/{}", GUEST.0);
-                tx.mkdir(&home).await?;
-                tx.set_perms(&home, &[Perm::new(Access::None, GUEST.0)])
-                    .await?;
-                let be_perms = [Perm::new(Access::None, 0), Perm::new(Access::Read, GUEST.0)];
-                let fe_perms = [Perm::new(Access::None, GUEST.0), Perm::new(Access::Read, 0)];
-                for (k, v) in [
-                    ("frontend", fe.as_str()),
-                    ("frontend-id", "1"),
-                    ("online", "1"),
-                    ("state", "1"),
-                    ("mode", "w"),
-                    ("device-type", "disk"),
-                    ("params", "/srv/disks/guest1.img"),
-                ] {
-                    tx.write(&format!("{be}/{k}"), v).await?;
-                }
-                for (k, v) in [
-                    ("backend", be.as_str()),
-                    ("backend-id", "0"),
-                    ("state", "1"),
-                    ("virtual-device", "51712"),
-                    ("device-type", "disk"),
-                ] {
-                    tx.write(&format!("{fe}/{k}"), v).await?;
-                }
-                set_tree_perms(&tx, &be, &be_perms).await?;
-                set_tree_perms(&tx, &fe, &fe_perms).await?;
-                Ok(())
-            }
-        })
-        .await?;
     say(
-        "toolstack",
-        format!("introduced domain 1 and wrote {be} and {fe} in one transaction (backend n0 r1, frontend n1 r0)"),
-    );
-
-    // Backend: a new vbd appeared; publish features and go to InitWait at once.
-    let ev = next(&mut vbds).await?;
-    say("backend", format!("watch fired for {}", ev));
-    let mode = backend.read_string(&format!("{be}/mode")).await?;
-    let params = backend.read_string(&format!("{be}/params")).await?;
-    for (k, v) in [
-        ("feature-flush-cache", "1"),
-        ("feature-barrier", "1"),
-        ("feature-discard", "1"),
-        ("feature-max-indirect-segments", "256"),
-        ("feature-persistent", "1"),
-        ("max-ring-page-order", "4"),
-        ("multi-queue-max-queues", "4"),
-        ("state", "2"),
-    ] {
-        backend.write(&format!("{be}/{k}"), v).await?;
-    }
-    say(
-        "backend",
+        "xen",
         format!(
-            "vbd 1/{DEVID} mode={mode} params={params}: published features, state 2 (InitWait)"
+            "simulated hypervisor in {}: guest memory and grant tables in files, event channels as unix sockets",
+            dir.display()
         ),
     );
 
-    // Guest: a separate, unprivileged connection speaking for domain 1.
-    let guest = Client::connect_to(&ep).await?;
-    guest
-        .control(&[xenstore::server::SIM_AS_DOMAIN, "1"])
+    let good = world.serve_mem_disk(GOOD, DEVID, 64 * 2048, false).await?;
+    let hostile = world
+        .serve_mem_disk(HOSTILE, DEVID, 16 * 2048, false)
         .await?;
-    let be_state = guest.read_string(&format!("{be}/state")).await?;
-    let order = guest
-        .read_string(&format!("{be}/max-ring-page-order"))
-        .await?;
-    say(
-        "guest d1",
-        format!("reads backend state {be_state}, max-ring-page-order {order}"),
-    );
-    match guest.write(&format!("{be}/state"), "4").await {
-        Err(e) => say(
-            "guest d1",
-            format!("tries to write the backend's state: refused ({e})"),
-        ),
-        Ok(()) => bail!("the guest could write the backend directory"),
+    for (d, s, mib) in [(GOOD, &good, 64), (HOSTILE, &hostile, 16)] {
+        say(
+            "toolstack",
+            format!(
+                "domain {d}: created vbd {DEVID} in one transaction ({}, {mib} MiB in-memory disk)",
+                s.paths.backend
+            ),
+        );
     }
-    let mut be_watch = guest.watch(&format!("{be}/state")).await?;
-    next(&mut be_watch).await?;
-    guest
-        .transaction(|tx| async move {
-            tx.write("device/vbd/51712/ring-ref", "8").await?;
-            tx.write("device/vbd/51712/event-channel", "5").await?;
-            tx.write("device/vbd/51712/protocol", "x86_64-abi").await?;
-            tx.write("device/vbd/51712/state", "3").await
-        })
-        .await?;
-    say(
-        "guest d1",
-        "wrote ring-ref 8, event-channel 5, protocol x86_64-abi; state 3 (Initialised)",
-    );
-
-    // Backend: follow the frontend; it reads what the guest wrote, checks it,
-    // and connects (the ring mapping arrives with the data path).
-    let mut fe_watch = backend.watch(&format!("{fe}/state")).await?;
-    wait_state(&backend, &mut fe_watch, &format!("{fe}/state"), "3").await?;
-    let ring = backend.read_string(&format!("{fe}/ring-ref")).await?;
-    let port = backend.read_string(&format!("{fe}/event-channel")).await?;
-    let ring: u32 = ring.parse().context("guest wrote a bad ring-ref")?;
-    let port: u32 = port.parse().context("guest wrote a bad event-channel")?;
-    backend.write(&format!("{be}/sectors"), "2097152").await?;
-    backend.write(&format!("{be}/sector-size"), "512").await?;
-    backend.write(&format!("{be}/state"), "4").await?;
     say(
         "backend",
-        format!("frontend Initialised: ring-ref {ring}, event-channel {port}; published 2097152 sectors; state 4 (Connected)"),
+        "published features and geometry; both vbds in state 2 (InitWait)",
     );
-    wait_state(&guest, &mut be_watch, &format!("{be}/state"), "4").await?;
-    guest.write("device/vbd/51712/state", "4").await?;
+
+    let guest = |d: DomId, mode: &str, extra: &[&str]| {
+        let mut c = world.guest_command(&exe, d, mode);
+        c.args(extra).env("RUST_LOG", "warn");
+        c.output()
+    };
     say(
         "guest d1",
-        "sees the backend Connected; state 4 (Connected)",
+        format!(
+            "starting `{} sim-guest --mode verify` (a separate process)",
+            exe.display()
+        ),
     );
-
-    // Toolstack tears it down: Closing, the backend answers Closed, then remove.
-    wait_state(&backend, &mut fe_watch, &format!("{fe}/state"), "4").await?;
-    toolstack.write(&format!("{be}/online"), "0").await?;
-    toolstack.write(&format!("{be}/state"), "5").await?;
-    say("toolstack", "detach: online=0, backend state 5 (Closing)");
-    backend.write(&format!("{be}/state"), "6").await?;
-    say("backend", "nothing in flight; state 6 (Closed)");
-    toolstack.rm(&be).await?;
-    toolstack.rm(&fe).await?;
-    toolstack.release(GUEST).await?;
     say(
-        "toolstack",
-        "removed both directories and released domain 1",
+        "guest d2",
+        "starting `sim-guest --mode bogus-prod`: it will claim more requests than its ring holds",
     );
-    println!("demo complete: the xenbus handshake ran over the embedded Xenstore with xenstored's permissions.");
-    Ok(())
-}
-
-async fn set_tree_perms(
-    tx: &xenstore::Transaction,
-    dir: &str,
-    perms: &[Perm],
-) -> xenstore::client::Result<()> {
-    tx.set_perms(dir, perms).await?;
-    for child in tx.directory(dir).await? {
-        tx.set_perms(&format!("{dir}/{child}"), perms).await?;
-    }
-    Ok(())
-}
-
-async fn next(w: &mut Watch) -> anyhow::Result<String> {
-    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
-        Ok(Some(ev)) => Ok(ev.path),
-        Ok(None) => bail!("the Xenstore connection closed"),
-        Err(_) => bail!("no watch event on {} within 10 s", w.path()),
-    }
-}
-
-/// Waits (by watch) until the node at `path` reads `want`.
-async fn wait_state(c: &Client, w: &mut Watch, path: &str, want: &str) -> anyhow::Result<()> {
-    loop {
-        if c.try_read(path).await?.as_deref() == Some(want.as_bytes()) {
-            return Ok(());
+    let (g1, g2) = tokio::join!(
+        guest(GOOD, "verify", &["--ios", "100"]),
+        guest(HOSTILE, "bogus-prod", &[])
+    );
+    let (g1, g2) = (
+        g1.context("running guest 1")?,
+        g2.context("running guest 2")?,
+    );
+    for (name, out) in [("guest d1", &g1), ("guest d2", &g2)] {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            say(name, line);
         }
-        next(w).await?;
     }
+    if !g1.status.success() {
+        bail!("guest 1 failed: {}", String::from_utf8_lossy(&g1.stderr));
+    }
+    if !g2.status.success() {
+        bail!(
+            "guest 2 did not see its ring halted: {}",
+            String::from_utf8_lossy(&g2.stderr)
+        );
+    }
+    let err = world
+        .dom0
+        .try_read(&format!("{}/error", hostile.paths.backend))
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    say(
+        "backend",
+        format!("domain 2's vbd: error node says \"{err}\"; state 5 (Closing)"),
+    );
+
+    for (d, served) in [(GOOD, good), (HOSTILE, hostile)] {
+        let be = served.paths.backend.clone();
+        let fe = served.paths.frontend.clone();
+        world.dom0.write(&format!("{be}/online"), "0").await?;
+        world
+            .dom0
+            .write(&format!("{be}/state"), XenbusState::Closing.as_str())
+            .await?;
+        let ends = tokio::time::timeout(Duration::from_secs(10), served.finish())
+            .await
+            .context("the backend did not close within libxl's 10 s")??;
+        world
+            .dom0
+            .write(&format!("{be}/state"), XenbusState::Closed.as_str())
+            .await?;
+        let (mut ok, mut errors, mut bytes, mut notes, mut halted) = (0, 0, 0, 0, 0);
+        for (end, st) in &ends {
+            ok += st.ok;
+            errors += st.errors;
+            bytes += st.bytes;
+            notes += st.notifications;
+            halted += usize::from(matches!(end, QueueEnd::Halted(_)));
+        }
+        say(
+            "backend",
+            format!(
+                "domain {d}: {} queue(s), {halted} halted; {ok} requests OK, {errors} refused, {} KiB moved, {notes} notifications; state 6 (Closed)",
+                ends.len(),
+                bytes / 1024
+            ),
+        );
+        world.dom0.rm(&be).await?;
+        world.dom0.rm(&fe).await?;
+        world.dom0.release(d).await?;
+    }
+    say("toolstack", "removed both vbds and released both domains");
+    println!(
+        "demo complete: guest 1's data verified byte for byte; only guest 2's ring was halted."
+    );
+    Ok(())
 }
 
 struct TempDir(PathBuf);
 
-fn tempdir() -> anyhow::Result<TempDir> {
-    let base = std::env::temp_dir().join(format!("blkbackd-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base)?;
-    Ok(TempDir(base))
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let base = std::env::temp_dir().join(format!("blkbackd-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&base)?;
+        Ok(TempDir(base))
+    }
 }
 
 impl Drop for TempDir {

@@ -14,10 +14,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the embedded default: an embedded Xenstore and a simulated toolstack
-    /// and guest going through the vbd handshake, printing what happens.
+    /// Run the embedded default: the embedded Xenstore and a simulated Xen,
+    /// dom0's backend serving two guests that run as separate processes, one
+    /// well-behaved (verified I/O) and one hostile (its ring is halted).
     Demo {
-        /// Where to put the Xenstore socket (a temporary directory by default).
+        /// The simulation directory (a temporary one by default).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -81,21 +82,27 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo prints its own story; its logs stay quiet unless asked for.
+    let default = if matches!(cli.cmd, Cmd::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Demo { dir } => blkbackd::demo::run(dir).await,
+            Cmd::Demo { dir } => blkbackd::demo::run(dir, None).await,
             Cmd::Xenstored { socket } => xenstored(socket).await,
             Cmd::XenstoreCheck { endpoint, scratch } => xenstore_check(endpoint, &scratch).await,
             Cmd::SimGuest {

@@ -2,103 +2,44 @@
 //! simulated Xen: data verified byte for byte, and each misbehaviour mode
 //! affecting only the misbehaving guest's ring while another guest is served.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use blkbackd::io::{Disk, MemDisk};
+use blkbackd::io::Disk;
 use blkbackd::sim::guest::Mode;
-use blkbackd::sim::toolstack;
+use blkbackd::sim::world::{Served, SimWorld};
 use blkbackd::vbd::queue::{QueueEnd, QueueStats};
-use blkbackd::vbd::{self, Offer, VbdError};
-use blkbackd::xen::sim::{SimEvtchn, SimGrants};
-use tokio::sync::watch;
-use xenstore::{Client, DomId, Endpoint, Server};
+use xenstore::DomId;
 
 const DEVID: u32 = 51712;
 const DISK_SECTORS: u64 = 16 * 2048; // 16 MiB
 
 struct Sim {
-    dir: tempfile::TempDir,
-    server: Server,
-    listening: xenstore::server::Listening,
-    dom0: Client,
-    grants: Arc<SimGrants>,
-}
-
-type Served = tokio::task::JoinHandle<Result<Vec<(QueueEnd, QueueStats)>, VbdError>>;
-
-struct Backend {
-    served: Served,
-    stop: watch::Sender<bool>,
-    disk: Arc<MemDisk>,
+    _dir: tempfile::TempDir,
+    world: SimWorld,
 }
 
 async fn sim() -> Sim {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::default();
-    let listening = server
-        .listen(dir.path().join("xenstore.sock"))
-        .await
-        .unwrap();
-    let dom0 = Client::connect_to(&Endpoint::Socket(listening.path().into()))
-        .await
-        .unwrap();
-    let grants = Arc::new(SimGrants::new(dir.path(), DomId::DOM0));
-    Sim {
-        dir,
-        server,
-        listening,
-        dom0,
-        grants,
-    }
+    let world = SimWorld::start(dir.path()).await.unwrap();
+    Sim { _dir: dir, world }
 }
 
 impl Sim {
     /// Does what the toolstack and the daemon do for one vbd of `domid`.
-    async fn backend(&self, domid: DomId, read_only: bool) -> Backend {
-        self.server.introduce(domid);
-        toolstack::create_domain_home(&self.dom0, domid)
+    async fn backend(&self, domid: DomId, read_only: bool) -> Served {
+        self.world
+            .serve_mem_disk(domid, DEVID, DISK_SECTORS, read_only)
             .await
-            .unwrap();
-        let mode = if read_only { "r" } else { "w" };
-        let paths = toolstack::create_vbd(&self.dom0, domid, DEVID, "mem", mode)
-            .await
-            .unwrap();
-        let disk = Arc::new(MemDisk::new(DISK_SECTORS, read_only));
-        let offer = Offer::default();
-        vbd::publish(&self.dom0, &paths.backend, &*disk, &offer)
-            .await
-            .unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let (xs, grants, d) = (self.dom0.clone(), self.grants.clone(), disk.clone());
-        let evtchn = SimEvtchn::new(self.dir.path(), DomId::DOM0);
-        let served = tokio::spawn(async move {
-            vbd::serve_frontend(
-                &xs,
-                &paths.backend,
-                &paths.frontend,
-                domid,
-                grants,
-                &evtchn,
-                d,
-                &offer,
-                stop_rx,
-            )
-            .await
-        });
-        Backend { served, stop, disk }
+            .unwrap()
     }
 
     /// Runs `blkbackd sim-guest` for `domid` as a separate process.
     async fn guest(&self, domid: DomId, mode: &str, extra: &[&str]) -> (bool, String) {
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_blkbackd"));
         let out = tokio::time::timeout(
             Duration::from_secs(120),
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
-                .args(["sim-guest", "--mode", mode, "--domid", &domid.0.to_string()])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .arg("--xenstore")
-                .arg(self.listening.path())
+            self.world
+                .guest_command(exe, domid, mode)
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 .output(),
@@ -112,15 +53,11 @@ impl Sim {
     }
 }
 
-impl Backend {
-    async fn finish(self) -> Vec<(QueueEnd, QueueStats)> {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(Duration::from_secs(30), self.served)
-            .await
-            .expect("backend did not stop")
-            .unwrap()
-            .expect("backend failed to connect")
-    }
+async fn finish(b: Served) -> Vec<(QueueEnd, QueueStats)> {
+    tokio::time::timeout(Duration::from_secs(30), b.finish())
+        .await
+        .expect("backend did not stop")
+        .expect("backend failed to connect")
 }
 
 fn halted(ends: &[(QueueEnd, QueueStats)]) -> usize {
@@ -136,7 +73,7 @@ async fn a_guest_in_another_process_gets_its_data_back_byte_for_byte() {
     let (ok, out) = s.guest(DomId(2), "verify", &["--ios", "40"]).await;
     assert!(ok, "{out}");
     assert!(out.contains("queues=2 order=2 indirect=32"), "{out}");
-    let ends = b.finish().await;
+    let ends = finish(b).await;
     assert_eq!(halted(&ends), 0);
     let bytes: u64 = ends.iter().map(|(_, st)| st.bytes).sum();
     assert!(bytes > 1 << 20, "only {bytes} bytes moved");
@@ -168,7 +105,7 @@ async fn a_32_bit_guest_with_one_page_ring_and_no_indirect_across_the_index_wrap
         .await;
     assert!(ok, "{out}");
     assert!(out.contains("queues=1 order=0 indirect=0"), "{out}");
-    assert_eq!(halted(&b.finish().await), 0);
+    assert_eq!(halted(&finish(b).await), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +120,7 @@ async fn what_the_guest_wrote_is_on_the_backend_disk() {
     disk.write_at(0, &[0xA5; 512]).unwrap();
     let (ok, out) = s.guest(DomId(2), "verify", &["--ios", "10"]).await;
     assert!(ok, "{out}");
-    b.finish().await;
+    finish(b).await;
     let snap = disk.snapshot();
     assert!(snap[..64 * 512].iter().all(|&x| x == 0), "discarded range");
     assert!(
@@ -210,8 +147,8 @@ async fn hostile(mode: &str) {
     if m != Mode::Rewrite {
         assert!(h.0, "the hostile guest did not see what it should: {}", h.1);
     }
-    let h_ends = hostile.finish().await;
-    let g_ends = good.finish().await;
+    let h_ends = finish(hostile).await;
+    let g_ends = finish(good).await;
     assert_eq!(halted(&g_ends), 0, "the well-behaved guest's rings");
     match m {
         Mode::Rewrite => assert!(halted(&h_ends) <= 1, "{h_ends:?}"),

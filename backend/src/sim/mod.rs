@@ -4,3 +4,4 @@
 pub mod blkfront;
 pub mod guest;
 pub mod toolstack;
+pub mod world;

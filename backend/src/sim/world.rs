@@ -1,0 +1,142 @@
+//! The embedded default assembled: an embedded Xenstore on a socket, a
+//! simulated hypervisor directory, and vbds served from dom0's side, ready for
+//! `blkbackd sim-guest` processes. Used by `blkbackd demo` and the tests.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use xenstore::{Client, DomId, Endpoint, Server};
+
+use super::toolstack::{self, VbdPaths};
+use crate::io::MemDisk;
+use crate::vbd::queue::{QueueEnd, QueueStats};
+use crate::vbd::{self, Offer, VbdError};
+use crate::xen::sim::{SimEvtchn, SimGrants};
+
+/// A running simulation.
+#[derive(Debug)]
+pub struct SimWorld {
+    dir: PathBuf,
+    /// The embedded Xenstore.
+    pub server: Server,
+    listening: xenstore::server::Listening,
+    /// Dom0's Xenstore connection (toolstack and backend).
+    pub dom0: Client,
+    grants: Arc<SimGrants>,
+}
+
+/// A vbd being served.
+#[derive(Debug)]
+pub struct Served {
+    /// Its Xenstore paths.
+    pub paths: VbdPaths,
+    /// Its disk.
+    pub disk: Arc<MemDisk>,
+    task: tokio::task::JoinHandle<Result<Vec<(QueueEnd, QueueStats)>, VbdError>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Served {
+    /// Stops serving and returns how each queue ended.
+    pub async fn finish(self) -> Result<Vec<(QueueEnd, QueueStats)>, VbdError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(VbdError::Connect {
+                queue: 0,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+}
+
+impl SimWorld {
+    /// Starts the embedded Xenstore at `dir/xenstore.sock`; `dir` is also the
+    /// simulated hypervisor's directory.
+    pub async fn start(dir: &Path) -> std::io::Result<SimWorld> {
+        std::fs::create_dir_all(dir)?;
+        let server = Server::default();
+        let listening = server.listen(dir.join("xenstore.sock")).await?;
+        let dom0 = Client::connect_to(&Endpoint::Socket(listening.path().into()))
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(SimWorld {
+            dir: dir.to_owned(),
+            grants: Arc::new(SimGrants::new(dir, DomId::DOM0)),
+            server,
+            listening,
+            dom0,
+        })
+    }
+
+    /// The simulation directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The Xenstore socket.
+    pub fn xenstore_socket(&self) -> &Path {
+        self.listening.path()
+    }
+
+    /// What the toolstack and the backend do for a vbd of `domid` backed by an
+    /// in-memory disk: introduce the domain, create the nodes, publish the
+    /// features (InitWait), and serve the frontend once it is ready.
+    pub async fn serve_mem_disk(
+        &self,
+        domid: DomId,
+        devid: u32,
+        sectors: u64,
+        read_only: bool,
+    ) -> Result<Served, VbdError> {
+        self.server.introduce(domid);
+        toolstack::create_domain_home(&self.dom0, domid).await?;
+        let mode = if read_only { "r" } else { "w" };
+        let paths = toolstack::create_vbd(&self.dom0, domid, devid, "memory", mode).await?;
+        let disk = Arc::new(MemDisk::new(sectors, read_only));
+        let offer = Offer::default();
+        vbd::publish(&self.dom0, &paths.backend, &*disk, &offer).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (xs, grants, d, p) = (
+            self.dom0.clone(),
+            self.grants.clone(),
+            disk.clone(),
+            paths.clone(),
+        );
+        let evtchn = SimEvtchn::new(&self.dir, DomId::DOM0);
+        let task = tokio::spawn(async move {
+            vbd::serve_frontend(
+                &xs,
+                &p.backend,
+                &p.frontend,
+                domid,
+                grants,
+                &evtchn,
+                d,
+                &offer,
+                stop_rx,
+            )
+            .await
+        });
+        Ok(Served {
+            paths,
+            disk,
+            task,
+            stop,
+        })
+    }
+
+    /// The command line of a `sim-guest` process for `domid` (run `exe`, the
+    /// blkbackd binary), before mode-specific arguments.
+    pub fn guest_command(&self, exe: &Path, domid: DomId, mode: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(exe);
+        c.args(["sim-guest", "--mode", mode, "--domid", &domid.0.to_string()])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--xenstore")
+            .arg(self.listening.path());
+        c
+    }
+}
