@@ -61,6 +61,45 @@ macro_rules! off {
     };
 }
 
+/// The request, discard, indirect and response entries of one ABI.
+macro_rules! request_layouts {
+    ($abi:expr, $req:ty, $dis:ty, $ind:ty, $rsp:ty) => {{
+        let l = $abi.layout();
+        vec![
+            ("size.blkif_request", sz!($req)),
+            ("off.blkif_request.handle", off!($req, handle)),
+            ("off.blkif_request.id", l.id as i64),
+            ("off.blkif_request.sector_number", l.sector as i64),
+            ("off.blkif_request.seg", l.seg as i64),
+            ("size.blkif_request_discard", sz!($dis)),
+            ("off.blkif_request_discard.id", off!($dis, id)),
+            (
+                "off.blkif_request_discard.sector_number",
+                off!($dis, sector_number),
+            ),
+            (
+                "off.blkif_request_discard.nr_sectors",
+                l.discard_nr_sectors as i64,
+            ),
+            ("size.blkif_request_indirect", sz!($ind)),
+            ("off.blkif_request_indirect.id", l.ind_id as i64),
+            (
+                "off.blkif_request_indirect.sector_number",
+                l.ind_sector as i64,
+            ),
+            ("off.blkif_request_indirect.handle", off!($ind, handle)),
+            (
+                "off.blkif_request_indirect.indirect_grefs",
+                l.ind_grefs as i64,
+            ),
+            ("size.blkif_response", l.rsp as i64),
+            ("off.blkif_response.id", off!($rsp, id)),
+            ("off.blkif_response.operation", l.rsp_op as i64),
+            ("off.blkif_response.status", l.rsp_status as i64),
+        ]
+    }};
+}
+
 fn common(entries_1: u32, entries_16: u32) -> Vec<(&'static str, i64)> {
     vec![
         ("size.blkif_request_segment", sz!(BlkifRequestSegment)),
@@ -148,42 +187,15 @@ fn common(entries_1: u32, entries_16: u32) -> Vec<(&'static str, i64)> {
 #[test]
 fn x86_64_layouts_match_libxen_dev() {
     let c = c_values(false);
-    let l = Abi::X86_64.layout();
     let mut ours = common(Abi::X86_64.ring_entries(1), Abi::X86_64.ring_entries(16));
+    ours.extend(request_layouts!(
+        Abi::X86_64,
+        RequestX86_64,
+        DiscardX86_64,
+        IndirectX86_64,
+        ResponseX86_64
+    ));
     ours.extend([
-        ("size.blkif_request", sz!(RequestX86_64)),
-        ("off.blkif_request.handle", off!(RequestX86_64, handle)),
-        ("off.blkif_request.id", l.id as i64),
-        ("off.blkif_request.sector_number", l.sector as i64),
-        ("off.blkif_request.seg", l.seg as i64),
-        ("size.blkif_request_discard", sz!(DiscardX86_64)),
-        ("off.blkif_request_discard.id", off!(DiscardX86_64, id)),
-        (
-            "off.blkif_request_discard.sector_number",
-            off!(DiscardX86_64, sector_number),
-        ),
-        (
-            "off.blkif_request_discard.nr_sectors",
-            l.discard_nr_sectors as i64,
-        ),
-        ("size.blkif_request_indirect", sz!(IndirectX86_64)),
-        ("off.blkif_request_indirect.id", l.ind_id as i64),
-        (
-            "off.blkif_request_indirect.sector_number",
-            l.ind_sector as i64,
-        ),
-        (
-            "off.blkif_request_indirect.handle",
-            off!(IndirectX86_64, handle),
-        ),
-        (
-            "off.blkif_request_indirect.indirect_grefs",
-            l.ind_grefs as i64,
-        ),
-        ("size.blkif_response", l.rsp as i64),
-        ("off.blkif_response.id", off!(ResponseX86_64, id)),
-        ("off.blkif_response.operation", l.rsp_op as i64),
-        ("off.blkif_response.status", l.rsp_status as i64),
         ("size.ioctl_gntdev_map_grant_ref", sz!(GntdevMapGrantRef)),
         (
             "off.ioctl_gntdev_map_grant_ref.index",
@@ -267,42 +279,13 @@ fn x86_64_layouts_match_libxen_dev() {
 #[test]
 fn i386_layouts_match_libxen_dev() {
     let c = c_values(true);
-    let l = Abi::X86_32.layout();
     let mut ours = common(Abi::X86_32.ring_entries(1), Abi::X86_32.ring_entries(16));
-    ours.extend([
-        ("size.blkif_request", sz!(RequestX86_32)),
-        ("off.blkif_request.handle", off!(RequestX86_32, handle)),
-        ("off.blkif_request.id", l.id as i64),
-        ("off.blkif_request.sector_number", l.sector as i64),
-        ("off.blkif_request.seg", l.seg as i64),
-        ("size.blkif_request_discard", sz!(DiscardX86_32)),
-        ("off.blkif_request_discard.id", off!(DiscardX86_32, id)),
-        (
-            "off.blkif_request_discard.sector_number",
-            off!(DiscardX86_32, sector_number),
-        ),
-        (
-            "off.blkif_request_discard.nr_sectors",
-            l.discard_nr_sectors as i64,
-        ),
-        ("size.blkif_request_indirect", sz!(IndirectX86_32)),
-        ("off.blkif_request_indirect.id", l.ind_id as i64),
-        (
-            "off.blkif_request_indirect.sector_number",
-            l.ind_sector as i64,
-        ),
-        (
-            "off.blkif_request_indirect.handle",
-            off!(IndirectX86_32, handle),
-        ),
-        (
-            "off.blkif_request_indirect.indirect_grefs",
-            l.ind_grefs as i64,
-        ),
-        ("size.blkif_response", l.rsp as i64),
-        ("off.blkif_response.id", off!(ResponseX86_32, id)),
-        ("off.blkif_response.operation", l.rsp_op as i64),
-        ("off.blkif_response.status", l.rsp_status as i64),
-    ]);
+    ours.extend(request_layouts!(
+        Abi::X86_32,
+        RequestX86_32,
+        DiscardX86_32,
+        IndirectX86_32,
+        ResponseX86_32
+    ));
     check(&c, &ours);
 }

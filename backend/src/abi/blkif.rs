@@ -75,151 +75,103 @@ pub struct BlkifRequestSegment {
     pub _pad: [u8; 2],
 }
 
-/// `struct blkif_request` as laid out by a 64-bit (x86_64 or ARM) frontend.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct RequestX86_64 {
-    /// `operation`.
-    pub operation: u8,
-    /// `nr_segments`.
-    pub nr_segments: u8,
-    /// `handle`.
-    pub handle: u16,
-    /// `id`, echoed in the response.
-    pub id: u64,
-    /// `sector_number`, in 512-byte units.
-    pub sector_number: u64,
-    /// `seg`.
-    pub seg: [BlkifRequestSegment; BLKIF_MAX_SEGMENTS_PER_REQUEST],
+/// Defines a blkif struct twice, with one field list: `$x64` in the 64-bit
+/// layout (x86_64 and ARM frontends) and `$x32` in the i386 layout, where
+/// `uint64_t` is aligned to 4 (`packed(4)`).
+/// Fields after `i386_only` exist in the i386 layout alone (blkif.h's
+/// `#ifdef __i386__` padding).
+macro_rules! two_layouts {
+    ($c:literal, $x64:ident, $x32:ident { $($(#[$fd:meta])* $f:ident: $t:ty,)* }
+     $(i386_only { $($(#[$xd:meta])* $xf:ident: $xt:ty,)* })?) => {
+        #[doc = concat!("`struct ", $c, "`, 64-bit layout.")]
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug)]
+        pub struct $x64 { $($(#[$fd])* pub $f: $t,)* }
+
+        #[doc = concat!("`struct ", $c, "`, i386 layout.")]
+        #[repr(C, packed(4))]
+        #[derive(Clone, Copy, Debug)]
+        pub struct $x32 {
+            $($(#[$fd])* pub $f: $t,)*
+            $($($(#[$xd])* pub $xf: $xt,)*)?
+        }
+    };
 }
 
-/// `struct blkif_request` as laid out by a 32-bit x86 frontend (u64 aligned to 4).
-#[repr(C, packed(4))]
-#[derive(Clone, Copy, Debug)]
-pub struct RequestX86_32 {
-    /// `operation`.
-    pub operation: u8,
-    /// `nr_segments`.
-    pub nr_segments: u8,
-    /// `handle`.
-    pub handle: u16,
-    /// `id`.
-    pub id: u64,
-    /// `sector_number`.
-    pub sector_number: u64,
-    /// `seg`.
-    pub seg: [BlkifRequestSegment; BLKIF_MAX_SEGMENTS_PER_REQUEST],
-}
+two_layouts!(
+    "blkif_request",
+    RequestX86_64,
+    RequestX86_32 {
+        /// `operation`.
+        operation: u8,
+        /// `nr_segments`.
+        nr_segments: u8,
+        /// `handle`.
+        handle: u16,
+        /// `id`, echoed in the response.
+        id: u64,
+        /// `sector_number`, in 512-byte units.
+        sector_number: u64,
+        /// `seg`.
+        seg: [BlkifRequestSegment; BLKIF_MAX_SEGMENTS_PER_REQUEST],
+    }
+);
 
-/// `struct blkif_request_discard`, 64-bit layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct DiscardX86_64 {
-    /// `operation` (`BLKIF_OP_DISCARD`).
-    pub operation: u8,
-    /// `flag` ([`BLKIF_DISCARD_SECURE`] or 0).
-    pub flag: u8,
-    /// `handle`.
-    pub handle: u16,
-    /// `id`.
-    pub id: u64,
-    /// `sector_number`.
-    pub sector_number: u64,
-    /// `nr_sectors`.
-    pub nr_sectors: u64,
-}
+two_layouts!(
+    "blkif_request_discard",
+    DiscardX86_64,
+    DiscardX86_32 {
+        /// `operation` (`BLKIF_OP_DISCARD`).
+        operation: u8,
+        /// `flag` ([`BLKIF_DISCARD_SECURE`] or 0).
+        flag: u8,
+        /// `handle`.
+        handle: u16,
+        /// `id`.
+        id: u64,
+        /// `sector_number`.
+        sector_number: u64,
+        /// `nr_sectors`.
+        nr_sectors: u64,
+    }
+);
 
-/// `struct blkif_request_discard`, 32-bit layout.
-#[repr(C, packed(4))]
-#[derive(Clone, Copy, Debug)]
-pub struct DiscardX86_32 {
-    /// `operation`.
-    pub operation: u8,
-    /// `flag`.
-    pub flag: u8,
-    /// `handle`.
-    pub handle: u16,
-    /// `id`.
-    pub id: u64,
-    /// `sector_number`.
-    pub sector_number: u64,
-    /// `nr_sectors`.
-    pub nr_sectors: u64,
-}
-
-/// `struct blkif_request_indirect`, 64-bit layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct IndirectX86_64 {
+two_layouts!("blkif_request_indirect", IndirectX86_64, IndirectX86_32 {
     /// `operation` (`BLKIF_OP_INDIRECT`).
-    pub operation: u8,
+    operation: u8,
     /// `indirect_op`: the real operation, READ or WRITE.
-    pub indirect_op: u8,
+    indirect_op: u8,
     /// `nr_segments`.
-    pub nr_segments: u16,
+    nr_segments: u16,
     /// `id`.
-    pub id: u64,
+    id: u64,
     /// `sector_number`.
-    pub sector_number: u64,
+    sector_number: u64,
     /// `handle`.
-    pub handle: u16,
+    handle: u16,
     /// Padding.
-    pub _pad1: u16,
+    _pad1: u16,
     /// `indirect_grefs`: pages holding the segment array.
-    pub indirect_grefs: [GrantRef; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
-}
-
-/// `struct blkif_request_indirect`, 32-bit layout (padded to 64 bytes on i386).
-#[repr(C, packed(4))]
-#[derive(Clone, Copy, Debug)]
-pub struct IndirectX86_32 {
-    /// `operation`.
-    pub operation: u8,
-    /// `indirect_op`.
-    pub indirect_op: u8,
-    /// `nr_segments`.
-    pub nr_segments: u16,
-    /// `id`.
-    pub id: u64,
-    /// `sector_number`.
-    pub sector_number: u64,
-    /// `handle`.
-    pub handle: u16,
-    /// Padding.
-    pub _pad1: u16,
-    /// `indirect_grefs`.
-    pub indirect_grefs: [GrantRef; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
+    indirect_grefs: [GrantRef; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
+} i386_only {
     /// `pad`: makes it 64 bytes on i386.
-    pub _pad2: u64,
-}
+    _pad2: u64,
+});
 
-/// `struct blkif_response`, 64-bit layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct ResponseX86_64 {
-    /// `id`, copied from the request.
-    pub id: u64,
-    /// `operation`, copied from the request.
-    pub operation: u8,
-    /// Padding.
-    pub _pad: u8,
-    /// `status`: a `BLKIF_RSP_*`.
-    pub status: i16,
-}
-
-/// `struct blkif_response`, 32-bit layout.
-#[repr(C, packed(4))]
-#[derive(Clone, Copy, Debug)]
-pub struct ResponseX86_32 {
-    /// `id`.
-    pub id: u64,
-    /// `operation`.
-    pub operation: u8,
-    /// Padding.
-    pub _pad: u8,
-    /// `status`.
-    pub status: i16,
-}
+two_layouts!(
+    "blkif_response",
+    ResponseX86_64,
+    ResponseX86_32 {
+        /// `id`, copied from the request.
+        id: u64,
+        /// `operation`, copied from the request.
+        operation: u8,
+        /// Padding.
+        _pad: u8,
+        /// `status`: a `BLKIF_RSP_*`.
+        status: i16,
+    }
+);
 
 /// The header of a shared ring (`DEFINE_RING_TYPES`' `struct blkif_sring`
 /// before `ring[]`).
