@@ -2,6 +2,7 @@
 //! simulated Xen: data verified byte for byte, and each misbehaviour mode
 //! affecting only the misbehaving guest's ring while another guest is served.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use blkbackd::io::Disk;
@@ -200,4 +201,34 @@ async fn a_revoked_grant_fails_only_its_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_rewriting_its_ring_during_the_copy_hurts_only_itself() {
     hostile("rewrite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_blkfront_also_runs_in_process() {
+    use blkbackd::sim::blkfront::{Blkfront, FrontOptions};
+    use blkbackd::xen::sim::SimDomain;
+    let s = sim().await;
+    let b = s.backend(DomId(4), false).await;
+    let xs = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
+        s.world.xenstore_socket().into(),
+    ))
+    .await
+    .unwrap();
+    xs.control(&[xenstore::server::SIM_AS_DOMAIN, "4"])
+        .await
+        .unwrap();
+    let dom = Arc::new(SimDomain::create(s.world.dir(), DomId(4), 1024, 1024).unwrap());
+    let front = Blkfront::connect(xs, dom, &b.paths.frontend, &FrontOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(front.sectors, DISK_SECTORS);
+    // 40 pages: more than 11 direct segments, so it goes indirect.
+    let data: Vec<u8> = (0..40 * 4096).map(|i| (i % 251) as u8).collect();
+    front.write(100, &data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    front.read(100, &mut back).await.unwrap();
+    assert_eq!(back, data);
+    let on_disk = b.disk.snapshot();
+    assert_eq!(&on_disk[100 * 512..100 * 512 + data.len()], &data[..]);
+    assert_eq!(halted(&finish(b).await), 0);
 }

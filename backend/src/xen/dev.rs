@@ -101,35 +101,37 @@ impl Gntdev {
     }
 }
 
-impl Grants for Gntdev {
-    fn copy(&self, segs: &mut [CopySeg<'_>]) -> io::Result<()> {
-        if segs.is_empty() {
-            return Ok(());
+impl Gntdev {
+    /// Maps grants like [`Grants::map`] and arms `IOCTL_GNTDEV_SET_UNMAP_NOTIFY`
+    /// on the mapping: if this process dies without unmapping, the kernel
+    /// clears the byte at `clear_byte` (an offset in the mapping) and/or
+    /// notifies `port`, so the frontend learns its backend is gone.
+    pub fn map_with_unmap_notify(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+        clear_byte: Option<u64>,
+        port: Option<Port>,
+    ) -> io::Result<SharedMem> {
+        let (mem, index) = self.map_indexed(domid, refs, writable)?;
+        let mut arg = unmap_notify(index, clear_byte, port);
+        if arg.action != 0 {
+            ioctl(
+                self.file.as_raw_fd(),
+                IOCTL_GNTDEV_SET_UNMAP_NOTIFY,
+                (&mut arg as *mut GntdevUnmapNotify).cast(),
+            )?;
         }
-        for s in segs.iter() {
-            if usize::from(s.offset) + s.dir.len() > XEN_PAGE_SIZE {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
-        }
-        let mut wire = encode_copy(segs);
-        let mut arg = GntdevGrantCopy {
-            count: u32::try_from(wire.len())
-                .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
-            segments: wire.as_mut_ptr() as u64,
-        };
-        // The local buffers named in `wire` are borrowed by `segs` for this call.
-        ioctl(
-            self.file.as_raw_fd(),
-            IOCTL_GNTDEV_GRANT_COPY,
-            (&mut arg as *mut GntdevGrantCopy).cast(),
-        )?;
-        for (s, w) in segs.iter_mut().zip(&wire) {
-            s.status = w.status;
-        }
-        Ok(())
+        Ok(mem)
     }
 
-    fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> io::Result<SharedMem> {
+    fn map_indexed(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+    ) -> io::Result<(SharedMem, u64)> {
         if refs.is_empty() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -160,12 +162,61 @@ impl Grants for Gntdev {
             }
         };
         match SharedMem::map_fd(&*self.file, index, len, writable) {
-            Ok(m) => Ok(m.with_on_drop(unmap)),
+            Ok(m) => Ok((m.with_on_drop(unmap), index)),
             Err(e) => {
                 unmap();
                 Err(e)
             }
         }
+    }
+}
+
+/// The argument of `IOCTL_GNTDEV_SET_UNMAP_NOTIFY` for a mapping at `index`.
+pub fn unmap_notify(index: u64, clear_byte: Option<u64>, port: Option<Port>) -> GntdevUnmapNotify {
+    let mut action = 0;
+    if clear_byte.is_some() {
+        action |= UNMAP_NOTIFY_CLEAR_BYTE;
+    }
+    if port.is_some() {
+        action |= UNMAP_NOTIFY_SEND_EVENT;
+    }
+    GntdevUnmapNotify {
+        index: index + clear_byte.unwrap_or(0),
+        action,
+        event_channel_port: port.unwrap_or(0),
+    }
+}
+
+impl Grants for Gntdev {
+    fn copy(&self, segs: &mut [CopySeg<'_>]) -> io::Result<()> {
+        if segs.is_empty() {
+            return Ok(());
+        }
+        for s in segs.iter() {
+            if usize::from(s.offset) + s.dir.len() > XEN_PAGE_SIZE {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+        }
+        let mut wire = encode_copy(segs);
+        let mut arg = GntdevGrantCopy {
+            count: u32::try_from(wire.len())
+                .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+            segments: wire.as_mut_ptr() as u64,
+        };
+        // The local buffers named in `wire` are borrowed by `segs` for this call.
+        ioctl(
+            self.file.as_raw_fd(),
+            IOCTL_GNTDEV_GRANT_COPY,
+            (&mut arg as *mut GntdevGrantCopy).cast(),
+        )?;
+        for (s, w) in segs.iter_mut().zip(&wire) {
+            s.status = w.status;
+        }
+        Ok(())
+    }
+
+    fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> io::Result<SharedMem> {
+        self.map_indexed(domid, refs, writable).map(|(m, _)| m)
     }
 }
 
@@ -305,6 +356,18 @@ mod tests {
         // SAFETY: as above.
         let dst = unsafe { w[1].dest.foreign };
         assert_eq!((dst.gref, dst.offset, dst.domid), (10, 8, 4));
+    }
+
+    #[test]
+    fn unmap_notify_names_the_byte_and_the_port() {
+        let a = unmap_notify(0x1000, Some(8), Some(5));
+        assert_eq!(
+            (a.index, a.action, a.event_channel_port),
+            (0x1008, UNMAP_NOTIFY_CLEAR_BYTE | UNMAP_NOTIFY_SEND_EVENT, 5)
+        );
+        let b = unmap_notify(0x2000, None, Some(9));
+        assert_eq!((b.index, b.action), (0x2000, UNMAP_NOTIFY_SEND_EVENT));
+        assert_eq!(unmap_notify(0, None, None).action, 0);
     }
 
     #[test]
