@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod demo;
+pub mod disk;
 pub mod io;
 pub mod ring;
 pub mod signals;

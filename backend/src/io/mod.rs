@@ -1,11 +1,17 @@
 //! I/O engines behind the [`Disk`] trait.
 //!
-//! Today: [`MemDisk`], an in-memory disk for the ring tests and the demo. The
-//! io_uring engine and its blocking fallback implement the same trait next.
+//! Today: [`MemDisk`], an in-memory disk for the ring tests and the demo, and
+//! [`FileDisk`], positioned blocking I/O on a file or a block device opened by
+//! diskseq. The io_uring engine implements the same trait next.
 #![forbid(unsafe_code)]
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Mutex;
+
+use crate::disk::{sys, OpenedDisk};
 
 /// A disk the queue workers serve. Offsets and lengths are in bytes.
 pub trait Disk: Send + Sync + 'static {
@@ -17,6 +23,10 @@ pub trait Disk: Send + Sync + 'static {
     }
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// Whether [`Disk::discard`] works.
+    fn can_discard(&self) -> bool {
+        !self.read_only()
+    }
     /// Reads `buf.len()` bytes at `off`.
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `buf` at `off`.
@@ -96,5 +106,109 @@ impl Disk for MemDisk {
         let r = self.range(off, len)?;
         self.lock()[r].fill(0);
         Ok(())
+    }
+}
+
+/// How a [`FileDisk`] discards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Discard {
+    /// `fallocate(PUNCH_HOLE)` on a regular file.
+    PunchHole,
+    /// `BLKDISCARD` on a block device.
+    Block,
+    /// Not supported.
+    None,
+}
+
+/// A regular file or a block device, with positioned blocking I/O.
+#[derive(Debug)]
+pub struct FileDisk {
+    file: File,
+    sectors: u64,
+    lbs: u32,
+    read_only: bool,
+    discard: Discard,
+    _pin: Option<crate::disk::loopdev::LoopDevice>,
+}
+
+impl FileDisk {
+    /// A block device opened and verified by diskseq.
+    pub fn from_opened(d: OpenedDisk) -> FileDisk {
+        FileDisk {
+            sectors: d.size / 512,
+            lbs: d.logical_block_size.max(512),
+            read_only: d.read_only,
+            discard: if d.discard {
+                Discard::Block
+            } else {
+                Discard::None
+            },
+            file: d.file,
+            _pin: None,
+        }
+    }
+
+    /// Keeps a loop device alive (and released on drop) for as long as the disk.
+    pub fn pinning(mut self, dev: crate::disk::loopdev::LoopDevice) -> FileDisk {
+        self._pin = Some(dev);
+        self
+    }
+
+    /// A regular file served directly (no loop device).
+    pub fn open_file(path: &Path, read_only: bool) -> io::Result<FileDisk> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        Ok(FileDisk {
+            file,
+            sectors: len / 512,
+            lbs: 512,
+            read_only,
+            discard: Discard::PunchHole,
+            _pin: None,
+        })
+    }
+}
+
+impl Disk for FileDisk {
+    fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn logical_block_size(&self) -> u32 {
+        self.lbs
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn can_discard(&self) -> bool {
+        !self.read_only && self.discard != Discard::None
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, off)
+    }
+
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        self.file.write_all_at(buf, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        match self.discard {
+            Discard::PunchHole => sys::punch_hole(&self.file, off, len),
+            Discard::Block => sys::blk_discard(&self.file, off, len, false),
+            Discard::None => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
     }
 }

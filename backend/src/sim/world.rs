@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use xenstore::{Client, DomId, Endpoint, Server};
 
 use super::toolstack::{self, VbdPaths};
-use crate::io::MemDisk;
+use crate::io::{Disk, MemDisk};
 use crate::vbd::queue::{QueueEnd, QueueStats};
 use crate::vbd::{self, Offer, VbdError};
 use crate::xen::sim::{SimEvtchn, SimGrants};
@@ -29,16 +29,16 @@ pub struct SimWorld {
 
 /// A vbd being served.
 #[derive(Debug)]
-pub struct Served {
+pub struct Served<D = MemDisk> {
     /// Its Xenstore paths.
     pub paths: VbdPaths,
     /// Its disk.
-    pub disk: Arc<MemDisk>,
+    pub disk: Arc<D>,
     task: tokio::task::JoinHandle<Result<Vec<(QueueEnd, QueueStats)>, VbdError>>,
     stop: watch::Sender<bool>,
 }
 
-impl Served {
+impl<D> Served<D> {
     /// Stops serving and returns how each queue ended.
     pub async fn finish(self) -> Result<Vec<(QueueEnd, QueueStats)>, VbdError> {
         let _ = self.stop.send(true);
@@ -81,9 +81,7 @@ impl SimWorld {
         self.listening.path()
     }
 
-    /// What the toolstack and the backend do for a vbd of `domid` backed by an
-    /// in-memory disk: introduce the domain, create the nodes, publish the
-    /// features (InitWait), and serve the frontend once it is ready.
+    /// A vbd of `domid` backed by an in-memory disk (see [`SimWorld::serve`]).
     pub async fn serve_mem_disk(
         &self,
         domid: DomId,
@@ -91,11 +89,24 @@ impl SimWorld {
         sectors: u64,
         read_only: bool,
     ) -> Result<Served, VbdError> {
+        let disk = Arc::new(MemDisk::new(sectors, read_only));
+        self.serve(domid, devid, "memory", disk).await
+    }
+
+    /// What the toolstack and the backend do for a vbd of `domid` backed by
+    /// `disk`: introduce the domain, create the nodes, publish the features
+    /// (InitWait), and serve the frontend once it is ready.
+    pub async fn serve<D: Disk>(
+        &self,
+        domid: DomId,
+        devid: u32,
+        params: &str,
+        disk: Arc<D>,
+    ) -> Result<Served<D>, VbdError> {
         self.server.introduce(domid);
         toolstack::create_domain_home(&self.dom0, domid).await?;
-        let mode = if read_only { "r" } else { "w" };
-        let paths = toolstack::create_vbd(&self.dom0, domid, devid, "memory", mode).await?;
-        let disk = Arc::new(MemDisk::new(sectors, read_only));
+        let mode = if disk.read_only() { "r" } else { "w" };
+        let paths = toolstack::create_vbd(&self.dom0, domid, devid, params, mode).await?;
         let offer = Offer::default();
         vbd::publish(&self.dom0, &paths.backend, &*disk, &offer).await?;
         let (stop, stop_rx) = watch::channel(false);

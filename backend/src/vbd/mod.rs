@@ -76,7 +76,7 @@ pub fn limits<D: Disk>(disk: &D, offer: &Offer) -> Limits {
         max_indirect_segments: offer.max_indirect_segments,
         flush: true,
         barrier: true,
-        discard: !disk.read_only(),
+        discard: disk.can_discard(),
         discard_secure: false,
     }
 }

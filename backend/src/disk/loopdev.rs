@@ -1,0 +1,232 @@
+//! Loop devices for file-backed disks, made and released so that a stale
+//! (dev_t, diskseq) can never reach the next user of the same loop minor.
+//!
+//! Attach: `LOOP_CTL_GET_FREE` (later tries: `LOOP_CTL_ADD`), open the device
+//! with `O_EXCL`, `LOOP_CONFIGURE` in one step with an explicit block size,
+//! read the diskseq on the same fd. Another process may win the free device
+//! between the two steps (`GET_FREE` can hand out one being configured), so a
+//! bounded number of retries follows. Release: `LOOP_CLR_FD`, close, then
+//! confirm the diskseq moved on (the kernel bumps it on the final detach).
+#![forbid(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{io_err, sys, DiskError, DiskId};
+
+/// The loop block major.
+pub const LOOP_MAJOR: u32 = 7;
+const CONTROL: &str = "/dev/loop-control";
+const ATTEMPTS: usize = 8;
+
+/// How to set a loop device up.
+#[derive(Clone, Debug)]
+pub struct LoopOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Logical block size, always given explicitly (with 0 and direct I/O the
+    /// kernel may pick 4096 behind the guest's back).
+    pub block_size: u32,
+    /// Bypass the page cache of the backing file.
+    pub direct_io: bool,
+    /// Detach by itself on the last close.
+    pub autoclear: bool,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        LoopOptions {
+            read_only: false,
+            block_size: 512,
+            direct_io: false,
+            autoclear: false,
+        }
+    }
+}
+
+/// A loop device we configured; the fd we hold keeps it ours.
+#[derive(Debug)]
+pub struct LoopDevice {
+    file: Option<File>,
+    /// Its identity at attach time.
+    pub id: DiskId,
+    /// Its node.
+    pub path: PathBuf,
+    /// The backing file.
+    pub backing: PathBuf,
+}
+
+static NO_BUMP_WARNED: AtomicBool = AtomicBool::new(false);
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBUSY | libc::ENXIO | libc::ENOENT | libc::EAGAIN)
+    )
+}
+
+fn open_loop(n: u32, writable: bool, excl: bool) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC | libc::O_NOCTTY;
+    if excl {
+        flags |= libc::O_EXCL;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(flags)
+        .open(format!("/dev/loop{n}"))
+}
+
+/// Attaches `backing` to a free loop device.
+pub fn attach(backing: &Path, opts: &LoopOptions) -> Result<LoopDevice, DiskError> {
+    let writable = !opts.read_only;
+    let back = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(backing)
+        .map_err(io_err(format!("opening {}", backing.display())))?;
+    let ctl = File::open(CONTROL).map_err(io_err(format!("opening {CONTROL}")))?;
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        let n = if attempt == 0 {
+            sys::ioctl_int(&ctl, sys::LOOP_CTL_GET_FREE, 0)
+        } else {
+            sys::ioctl_int(&ctl, sys::LOOP_CTL_ADD, libc::c_ulong::MAX)
+        }
+        .map_err(io_err("asking /dev/loop-control for a free loop device"))? as u32;
+        match configure(n, &back, backing, opts) {
+            Ok(dev) => return Ok(dev),
+            Err(e) if retryable(&e) => {
+                tracing::debug!(
+                    loop_dev = n,
+                    "loop device taken by another process, retrying: {e}"
+                );
+                last = Some(e);
+            }
+            Err(e) => return Err(io_err(format!("configuring /dev/loop{n}"))(e)),
+        }
+    }
+    Err(io_err(format!("no loop device after {ATTEMPTS} attempts"))(
+        last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY)),
+    ))
+}
+
+/// Attaches `backing` to loop device `n` exactly (for tests that need a given minor).
+pub fn attach_at(n: u32, backing: &Path, opts: &LoopOptions) -> Result<LoopDevice, DiskError> {
+    let back = OpenOptions::new()
+        .read(true)
+        .write(!opts.read_only)
+        .open(backing)
+        .map_err(io_err(format!("opening {}", backing.display())))?;
+    configure(n, &back, backing, opts).map_err(io_err(format!("configuring /dev/loop{n}")))
+}
+
+fn configure(n: u32, back: &File, backing: &Path, opts: &LoopOptions) -> io::Result<LoopDevice> {
+    let dev = open_loop(n, !opts.read_only, true)?;
+    let before = sys::diskseq(&dev)?;
+    let mut flags = 0;
+    if opts.read_only {
+        flags |= sys::LO_FLAGS_READ_ONLY;
+    }
+    if opts.autoclear {
+        flags |= sys::LO_FLAGS_AUTOCLEAR;
+    }
+    if opts.direct_io {
+        flags |= sys::LO_FLAGS_DIRECT_IO;
+    }
+    let mut cfg = sys::LoopConfig::new(back.as_raw_fd(), opts.block_size, flags, backing);
+    sys::loop_configure(&dev, &mut cfg)?;
+    let diskseq = sys::diskseq(&dev)?;
+    if diskseq == before && !NO_BUMP_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "this kernel does not change a loop device's diskseq on attach (Linux 6.5+ does); \
+             loop devices will not be reused by number"
+        );
+    }
+    Ok(LoopDevice {
+        file: Some(dev),
+        id: DiskId {
+            major: LOOP_MAJOR,
+            minor: n,
+            diskseq,
+        },
+        path: PathBuf::from(format!("/dev/loop{n}")),
+        backing: backing.to_owned(),
+    })
+}
+
+impl LoopDevice {
+    /// The open device (it pins this exact disk).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Tells the loop device its backing file changed size (`LOOP_SET_CAPACITY`).
+    pub fn refresh_capacity(&self) -> Result<(), DiskError> {
+        let f = self.file.as_ref().ok_or_else(|| {
+            io_err("refreshing a released loop device")(io::Error::from_raw_os_error(libc::EBADF))
+        })?;
+        sys::ioctl_int(f, sys::LOOP_SET_CAPACITY, 0)
+            .map(drop)
+            .map_err(io_err("LOOP_SET_CAPACITY"))
+    }
+
+    /// Detaches the device and confirms its diskseq moved on, so the old
+    /// (dev_t, diskseq) can never open the next user's disk. Returns the new
+    /// diskseq. Fails if someone else still holds the device open (the kernel
+    /// then detaches at their last close).
+    pub fn release(mut self) -> Result<u64, DiskError> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<u64, DiskError> {
+        let Some(f) = self.file.take() else {
+            return Ok(self.id.diskseq);
+        };
+        match sys::ioctl_int(&f, sys::LOOP_CLR_FD, 0) {
+            Ok(_) => {}
+            // Already detached (autoclear, or someone else cleared it).
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+            Err(e) => return Err(io_err(format!("LOOP_CLR_FD on {}", self.path.display()))(e)),
+        }
+        drop(f);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seq = open_loop(self.id.minor, false, false)
+                .and_then(|f| sys::diskseq(&f))
+                .map_err(io_err(format!(
+                    "re-reading the diskseq of {}",
+                    self.path.display()
+                )))?;
+            if seq != self.id.diskseq {
+                return Ok(seq);
+            }
+            if Instant::now() > deadline {
+                return Err(io_err(format!(
+                    "{} is still attached (diskseq {}): another process holds it open",
+                    self.path.display(),
+                    seq
+                ))(io::Error::from_raw_os_error(
+                    libc::EBUSY,
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            if let Err(e) = self.release_inner() {
+                tracing::warn!("releasing {}: {e}", self.path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Disks named race-free: (dev_t, diskseq).
+//!
+//! A `major:minor` pair is reused all the time (loop and dm minors are
+//! recycled); the kernel's disk sequence number never is while it runs. A disk
+//! is therefore opened by both: open a node for the dev_t, check with `fstat`
+//! that it is that block device, and check `BLKGETDISKSEQ` on the same fd. The
+//! open fd then pins that exact disk. [`loopdev`] makes loop devices for files.
+#![deny(unsafe_code)]
+
+pub mod loopdev;
+pub mod sys;
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// A disk's identity: its device number and its sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DiskId {
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+    /// `BLKGETDISKSEQ`.
+    pub diskseq: u64,
+}
+
+impl fmt::Display for DiskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{} (diskseq {})",
+            self.major, self.minor, self.diskseq
+        )
+    }
+}
+
+/// Why a disk could not be opened or named.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// A Xenstore value that is not in the expected format.
+    #[error("{key} = {value:?} is not {want}")]
+    Format {
+        /// The key.
+        key: &'static str,
+        /// Its value (truncated).
+        value: String,
+        /// What was expected.
+        want: &'static str,
+    },
+    /// The node is not the block device we asked for.
+    #[error("{path} is not block device {major}:{minor}")]
+    NotThatDevice {
+        /// The node opened.
+        path: PathBuf,
+        /// Wanted major.
+        major: u32,
+        /// Wanted minor.
+        minor: u32,
+    },
+    /// The device number now belongs to another disk: it was released and reused.
+    #[error("block device {major}:{minor} has diskseq {found}, not {wanted}: the disk was released and the number reused; refusing to serve it")]
+    Reused {
+        /// Major.
+        major: u32,
+        /// Minor.
+        minor: u32,
+        /// The diskseq asked for.
+        wanted: u64,
+        /// The diskseq found.
+        found: u64,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DiskError {
+    let what = what.into();
+    move |source| DiskError::Io { what, source }
+}
+
+/// Lower-case hex, no `0x`, no leading zeros (zero is "0"): the whole value.
+fn parse_hex(s: &str) -> Option<u64> {
+    let ok = !s.is_empty()
+        && s.len() <= 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && (s == "0" || !s.starts_with('0'));
+    ok.then(|| u64::from_str_radix(s, 16).ok()).flatten()
+}
+
+/// Parses `physical-device` as the stock and Qubes scripts write it: `%x:%x`.
+pub fn parse_physical_device(raw: &[u8]) -> Result<(u32, u32), DiskError> {
+    let bad = || DiskError::Format {
+        key: "physical-device",
+        value: String::from_utf8_lossy(&raw[..raw.len().min(40)]).into_owned(),
+        want: "hex major:minor (e.g. 7:1f)",
+    };
+    let s = std::str::from_utf8(raw).map_err(|_| bad())?;
+    let (a, b) = s.split_once(':').ok_or_else(bad)?;
+    let major = parse_hex(a)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(bad)?;
+    let minor = parse_hex(b)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(bad)?;
+    Ok((major, minor))
+}
+
+/// Parses `diskseq` as Qubes' script writes it: `%llx`.
+pub fn parse_diskseq(raw: &[u8]) -> Result<u64, DiskError> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(parse_hex)
+        .filter(|&v| v != 0)
+        .ok_or_else(|| DiskError::Format {
+            key: "diskseq",
+            value: String::from_utf8_lossy(&raw[..raw.len().min(40)]).into_owned(),
+            want: "a non-zero lower-case hex number without 0x or leading zeros",
+        })
+}
+
+impl DiskId {
+    /// `physical-device` as written to Xenstore.
+    pub fn physical_device(&self) -> String {
+        format!("{:x}:{:x}", self.major, self.minor)
+    }
+
+    /// `diskseq` as written to Xenstore.
+    pub fn diskseq_hex(&self) -> String {
+        format!("{:x}", self.diskseq)
+    }
+}
+
+/// A disk opened and verified: the fd pins it.
+#[derive(Debug)]
+pub struct OpenedDisk {
+    /// The open device.
+    pub file: File,
+    /// What it is.
+    pub id: DiskId,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size.
+    pub logical_block_size: u32,
+    /// Physical block size.
+    pub physical_block_size: u32,
+    /// Whether the device is read-only (or was opened so).
+    pub read_only: bool,
+    /// Whether the device accepts discard.
+    pub discard: bool,
+}
+
+/// A node for `major:minor`: the devtmpfs name from sysfs if it is there,
+/// else one made with `mknodat` in a private directory (no udev needed).
+fn node_for(major: u32, minor: u32) -> Result<(PathBuf, Option<tempfile::TempDir>), DiskError> {
+    let uevent = format!("/sys/dev/block/{major}:{minor}/uevent");
+    if let Ok(text) = std::fs::read_to_string(&uevent) {
+        if let Some(name) = text.lines().find_map(|l| l.strip_prefix("DEVNAME=")) {
+            let p = Path::new("/dev").join(name);
+            if p.exists() {
+                return Ok((p, None));
+            }
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("blkbackd-node-")
+        .tempdir()
+        .map_err(io_err("making a private directory for a device node"))?;
+    let d = File::open(dir.path()).map_err(io_err("opening the private directory"))?;
+    sys::mknod_block(&d, "disk", sys::makedev(major, minor))
+        .map_err(io_err(format!("mknod for {major}:{minor}")))?;
+    Ok((dir.path().join("disk"), Some(dir)))
+}
+
+/// Opens block device (major, minor) and checks it is the disk `diskseq` names.
+/// On any mismatch the fd is closed and the error names both numbers.
+pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
+    let (path, _private) = node_for(id.major, id.minor)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(io_err(format!("fstat of {}", path.display())))?;
+    if !meta.file_type().is_block_device() || sys::split_dev(meta.rdev()) != (id.major, id.minor) {
+        return Err(DiskError::NotThatDevice {
+            path,
+            major: id.major,
+            minor: id.minor,
+        });
+    }
+    let found = sys::diskseq(&file).map_err(io_err("BLKGETDISKSEQ"))?;
+    if found != id.diskseq {
+        return Err(DiskError::Reused {
+            major: id.major,
+            minor: id.minor,
+            wanted: id.diskseq,
+            found,
+        });
+    }
+    describe(file, id, writable)
+}
+
+fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
+    let size = sys::size_bytes(&file).map_err(io_err("BLKGETSIZE64"))?;
+    let lbs = sys::logical_block_size(&file).map_err(io_err("BLKSSZGET"))?;
+    let pbs = sys::physical_block_size(&file).map_err(io_err("BLKPBSZGET"))?;
+    let ro = sys::read_only(&file).map_err(io_err("BLKROGET"))? || !writable;
+    let discard = std::fs::read_to_string(format!(
+        "/sys/dev/block/{}:{}/queue/discard_max_bytes",
+        id.major, id.minor
+    ))
+    .ok()
+    .and_then(|s| s.trim().parse::<u64>().ok())
+    .is_some_and(|v| v > 0);
+    Ok(OpenedDisk {
+        file,
+        id,
+        size,
+        logical_block_size: lbs,
+        physical_block_size: pbs,
+        read_only: ro,
+        discard,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn physical_device_is_hex_major_colon_minor_and_nothing_else() {
+        assert_eq!(parse_physical_device(b"7:1f").unwrap(), (7, 31));
+        assert_eq!(parse_physical_device(b"fd:0").unwrap(), (253, 0));
+        assert_eq!(parse_physical_device(b"103:10000").unwrap(), (259, 65536));
+        for bad in [
+            &b""[..],
+            b"7",
+            b"7:",
+            b":1",
+            b"7:1f ",
+            b" 7:1f",
+            b"7:1F",
+            b"0x7:1",
+            b"07:1",
+            b"7:-1",
+            b"7:1:2",
+            b"100000000:0",
+            b"7:1\n",
+        ] {
+            assert!(
+                parse_physical_device(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn diskseq_is_lower_case_hex_without_prefix_or_leading_zeros() {
+        assert_eq!(parse_diskseq(b"1").unwrap(), 1);
+        assert_eq!(parse_diskseq(b"2a").unwrap(), 42);
+        assert_eq!(parse_diskseq(b"ffffffffffffffff").unwrap(), u64::MAX);
+        for bad in [
+            &b""[..],
+            b"0",
+            b"02a",
+            b"0x2a",
+            b"2A",
+            b"42 ",
+            b"-1",
+            b"10000000000000000",
+            b"g",
+        ] {
+            assert!(
+                parse_diskseq(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        let id = DiskId {
+            major: 259,
+            minor: 65536,
+            diskseq: 0x2a,
+        };
+        assert_eq!(id.physical_device(), "103:10000");
+        assert_eq!(id.diskseq_hex(), "2a");
+        assert_eq!(
+            parse_physical_device(id.physical_device().as_bytes()).unwrap(),
+            (259, 65536)
+        );
+        assert_eq!(parse_diskseq(id.diskseq_hex().as_bytes()).unwrap(), 42);
+    }
+}

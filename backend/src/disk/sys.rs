@@ -1,0 +1,252 @@
+//! Block-device, loop and mknod system calls (`linux/fs.h`, `linux/loop.h`).
+//! The only unsafe of the disk layer; each ioctl takes exactly the argument
+//! type its header declares.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `BLKGETDISKSEQ` = `_IOR(0x12, 128, __u64)`.
+pub const BLKGETDISKSEQ: u64 = 0x8008_1280;
+/// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`.
+pub const BLKGETSIZE64: u64 = 0x8008_1272;
+/// `BLKSSZGET` = `_IO(0x12, 104)`: logical block size (int).
+pub const BLKSSZGET: u64 = 0x1268;
+/// `BLKPBSZGET` = `_IO(0x12, 123)`: physical block size (unsigned int).
+pub const BLKPBSZGET: u64 = 0x127b;
+/// `BLKROGET` = `_IO(0x12, 94)`: read-only flag (int).
+pub const BLKROGET: u64 = 0x125e;
+/// `BLKDISCARD` = `_IO(0x12, 119)`: discard a byte range (u64[2]).
+pub const BLKDISCARD: u64 = 0x1277;
+/// `BLKSECDISCARD` = `_IO(0x12, 125)`.
+pub const BLKSECDISCARD: u64 = 0x127d;
+/// `BLKFLSBUF` = `_IO(0x12, 97)`.
+pub const BLKFLSBUF: u64 = 0x1261;
+
+/// `LOOP_CLR_FD`.
+pub const LOOP_CLR_FD: u64 = 0x4C01;
+/// `LOOP_GET_STATUS64`.
+pub const LOOP_GET_STATUS64: u64 = 0x4C05;
+/// `LOOP_SET_CAPACITY`.
+pub const LOOP_SET_CAPACITY: u64 = 0x4C07;
+/// `LOOP_CONFIGURE`.
+pub const LOOP_CONFIGURE: u64 = 0x4C0A;
+/// `LOOP_CTL_ADD` (on `/dev/loop-control`).
+pub const LOOP_CTL_ADD: u64 = 0x4C80;
+/// `LOOP_CTL_GET_FREE` (on `/dev/loop-control`).
+pub const LOOP_CTL_GET_FREE: u64 = 0x4C82;
+
+/// `LO_FLAGS_READ_ONLY`.
+pub const LO_FLAGS_READ_ONLY: u32 = 1;
+/// `LO_FLAGS_AUTOCLEAR`.
+pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
+/// `LO_FLAGS_DIRECT_IO`.
+pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+/// `struct loop_info64`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LoopInfo64 {
+    /// Backing file's `st_dev`.
+    pub lo_device: u64,
+    /// Backing file's inode.
+    pub lo_inode: u64,
+    /// `lo_rdevice`.
+    pub lo_rdevice: u64,
+    /// Offset into the backing file.
+    pub lo_offset: u64,
+    /// Size limit (0: the whole file).
+    pub lo_sizelimit: u64,
+    /// The loop device's number.
+    pub lo_number: u32,
+    /// Obsolete.
+    pub lo_encrypt_type: u32,
+    /// Obsolete.
+    pub lo_encrypt_key_size: u32,
+    /// `LO_FLAGS_*`.
+    pub lo_flags: u32,
+    /// Backing file name (informational).
+    pub lo_file_name: [u8; 64],
+    /// Obsolete.
+    pub lo_crypt_name: [u8; 64],
+    /// Obsolete.
+    pub lo_encrypt_key: [u8; 32],
+    /// Obsolete.
+    pub lo_init: [u64; 2],
+}
+
+/// `struct loop_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LoopConfig {
+    /// The backing file's descriptor.
+    pub fd: u32,
+    /// Logical block size (0: let the kernel pick, which we never do).
+    pub block_size: u32,
+    /// Status to set.
+    pub info: LoopInfo64,
+    /// Reserved.
+    pub reserved: [u64; 8],
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<LoopInfo64>() == 232);
+    assert!(std::mem::offset_of!(LoopInfo64, lo_flags) == 52);
+    assert!(std::mem::offset_of!(LoopInfo64, lo_file_name) == 56);
+    assert!(std::mem::size_of::<LoopConfig>() == 304);
+    assert!(std::mem::offset_of!(LoopConfig, info) == 8);
+};
+
+impl LoopConfig {
+    /// A configuration for `fd` with `block_size` and `flags`.
+    pub fn new(fd: RawFd, block_size: u32, flags: u32, name: &Path) -> LoopConfig {
+        let mut info = LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: flags,
+            lo_file_name: [0; 64],
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        };
+        let n = name.as_os_str().as_bytes();
+        let k = n.len().min(63);
+        info.lo_file_name[..k].copy_from_slice(&n[..k]);
+        LoopConfig {
+            fd: fd as u32,
+            block_size,
+            info,
+            reserved: [0; 8],
+        }
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// An ioctl whose argument is a plain integer (or nothing).
+pub fn ioctl_int(f: &impl AsRawFd, req: u64, arg: libc::c_ulong) -> io::Result<libc::c_int> {
+    // SAFETY: `req` is one of the constants above whose argument is passed by
+    // value (an int or nothing), so the kernel reads no memory of ours.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), req as libc::c_ulong, arg) })
+}
+
+/// An ioctl that reads or writes one `T` at the pointer.
+///
+/// # Safety
+/// `req` must be an ioctl whose argument is a pointer to exactly a `T`.
+pub unsafe fn ioctl_ptr<T>(f: &impl AsRawFd, req: u64, arg: &mut T) -> io::Result<libc::c_int> {
+    // SAFETY: the caller guarantees `req` takes a `*mut T`; `arg` is a live,
+    // exclusive reference for the duration of the call.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), req as libc::c_ulong, arg as *mut T) })
+}
+
+/// `BLKGETDISKSEQ`.
+pub fn diskseq(f: &File) -> io::Result<u64> {
+    let mut v = 0u64;
+    // SAFETY: BLKGETDISKSEQ writes one __u64.
+    unsafe { ioctl_ptr(f, BLKGETDISKSEQ, &mut v) }?;
+    Ok(v)
+}
+
+/// `BLKGETSIZE64`: size in bytes.
+pub fn size_bytes(f: &File) -> io::Result<u64> {
+    let mut v = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one size_t (u64 on 64-bit Linux).
+    unsafe { ioctl_ptr(f, BLKGETSIZE64, &mut v) }?;
+    Ok(v)
+}
+
+/// `BLKSSZGET`: logical block size.
+pub fn logical_block_size(f: &File) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int.
+    unsafe { ioctl_ptr(f, BLKSSZGET, &mut v) }?;
+    Ok(v as u32)
+}
+
+/// `BLKPBSZGET`: physical block size.
+pub fn physical_block_size(f: &File) -> io::Result<u32> {
+    let mut v: libc::c_uint = 0;
+    // SAFETY: BLKPBSZGET writes one unsigned int.
+    unsafe { ioctl_ptr(f, BLKPBSZGET, &mut v) }?;
+    Ok(v)
+}
+
+/// `BLKROGET`.
+pub fn read_only(f: &File) -> io::Result<bool> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int.
+    unsafe { ioctl_ptr(f, BLKROGET, &mut v) }?;
+    Ok(v != 0)
+}
+
+/// `BLKDISCARD` or `BLKSECDISCARD` of `len` bytes at `off`.
+pub fn blk_discard(f: &File, off: u64, len: u64, secure: bool) -> io::Result<()> {
+    let mut range = [off, len];
+    let req = if secure { BLKSECDISCARD } else { BLKDISCARD };
+    // SAFETY: both ioctls read a u64[2] {start, length}.
+    unsafe { ioctl_ptr(f, req, &mut range) }.map(drop)
+}
+
+/// `LOOP_CONFIGURE`.
+pub fn loop_configure(f: &File, cfg: &mut LoopConfig) -> io::Result<()> {
+    // SAFETY: LOOP_CONFIGURE reads one struct loop_config.
+    unsafe { ioctl_ptr(f, LOOP_CONFIGURE, cfg) }.map(drop)
+}
+
+/// `LOOP_GET_STATUS64`.
+pub fn loop_status(f: &File) -> io::Result<LoopInfo64> {
+    let mut info = LoopConfig::new(-1, 0, 0, Path::new("")).info;
+    // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64.
+    unsafe { ioctl_ptr(f, LOOP_GET_STATUS64, &mut info) }?;
+    Ok(info)
+}
+
+/// `mknodat(dirfd, name, S_IFBLK | 0600, dev)`.
+pub fn mknod_block(dir: &File, name: &str, dev: libc::dev_t) -> io::Result<()> {
+    let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated name relative to the open `dir`.
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), libc::S_IFBLK | 0o600, dev) })
+        .map(drop)
+}
+
+/// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`: discard in a file.
+pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off as libc::off_t, len as libc::off_t);
+    // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+    check(unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    })
+    .map(drop)
+}
+
+/// `makedev(major, minor)`.
+pub fn makedev(major: u32, minor: u32) -> libc::dev_t {
+    libc::makedev(major, minor)
+}
+
+/// `major(dev)`, `minor(dev)`.
+pub fn split_dev(dev: u64) -> (u32, u32) {
+    (libc::major(dev), libc::minor(dev))
+}
