@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod demo;
 pub mod disk;
+pub mod hotplug;
 pub mod io;
 pub mod ring;
 pub mod signals;

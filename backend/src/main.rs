@@ -28,6 +28,17 @@ enum Cmd {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// The libxl block script (`/etc/xen/scripts/block-blkbackd` execs this):
+    /// `add` builds the disk named by `params` and publishes it by
+    /// identity; `remove` undoes it. Uses XENBUS_PATH and XENSTORED_PATH.
+    Hotplug {
+        /// add or remove.
+        #[arg(value_parser = ["add", "remove"])]
+        action: String,
+        /// The vbd's backend directory (default: $XENBUS_PATH).
+        #[arg(long)]
+        xenbus_path: Option<String>,
+    },
     /// Run a simulated guest domain (used by the tests and the demo): it
     /// connects its blkfront to the vbd `--devid` and then does `--mode`.
     SimGuest {
@@ -105,6 +116,21 @@ fn main() -> anyhow::Result<()> {
             Cmd::Demo { dir } => blkbackd::demo::run(dir, None).await,
             Cmd::Xenstored { socket } => xenstored(socket).await,
             Cmd::XenstoreCheck { endpoint, scratch } => xenstore_check(endpoint, &scratch).await,
+            Cmd::Hotplug {
+                action,
+                xenbus_path,
+            } => {
+                let be = xenbus_path
+                    .or_else(|| std::env::var("XENBUS_PATH").ok())
+                    .ok_or(blkbackd::hotplug::HotplugError::NoPath)?;
+                let xs = xenstore::Client::connect().await?;
+                if action == "add" {
+                    blkbackd::hotplug::add(&xs, &be).await.map(drop)?;
+                } else {
+                    blkbackd::hotplug::remove(&xs, &be).await?;
+                }
+                Ok(())
+            }
             Cmd::SimGuest {
                 dir,
                 xenstore,

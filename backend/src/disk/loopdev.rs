@@ -167,6 +167,14 @@ impl LoopDevice {
         self.file.as_ref()
     }
 
+    /// Gives up our fd without releasing the device: it stays attached (with
+    /// nothing pinning it) until someone releases it by identity
+    /// ([`release_by_id`]), as `hotplug remove` does.
+    pub fn keep(mut self) -> DiskId {
+        self.file = None;
+        self.id
+    }
+
     /// Tells the loop device its backing file changed size (`LOOP_SET_CAPACITY`).
     pub fn refresh_capacity(&self) -> Result<(), DiskError> {
         let f = self.file.as_ref().ok_or_else(|| {
@@ -189,35 +197,51 @@ impl LoopDevice {
         let Some(f) = self.file.take() else {
             return Ok(self.id.diskseq);
         };
-        match sys::ioctl_int(&f, sys::LOOP_CLR_FD, 0) {
-            Ok(_) => {}
-            // Already detached (autoclear, or someone else cleared it).
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
-            Err(e) => return Err(io_err(format!("LOOP_CLR_FD on {}", self.path.display()))(e)),
+        clear_and_confirm(f, self.id)
+    }
+}
+
+/// Releases the loop device `id` names, if it still is that device: `None`
+/// if it was already released (its diskseq moved on), else the new diskseq.
+/// What `hotplug remove` uses: it can never detach someone else's device.
+pub fn release_by_id(id: DiskId) -> Result<Option<u64>, DiskError> {
+    let path = format!("/dev/loop{}", id.minor);
+    let f = match open_loop(id.minor, false, false) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(io_err(format!("opening {path}"))(e)),
+    };
+    let seq = sys::diskseq(&f).map_err(io_err(format!("BLKGETDISKSEQ on {path}")))?;
+    if seq != id.diskseq || id.major != LOOP_MAJOR {
+        return Ok(None);
+    }
+    clear_and_confirm(f, id).map(Some)
+}
+
+/// `LOOP_CLR_FD` on `f`, close it, and wait (bounded) for the diskseq to move.
+fn clear_and_confirm(f: File, id: DiskId) -> Result<u64, DiskError> {
+    let path = format!("/dev/loop{}", id.minor);
+    match sys::ioctl_int(&f, sys::LOOP_CLR_FD, 0) {
+        Ok(_) => {}
+        // Already detached (autoclear, or someone else cleared it).
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+        Err(e) => return Err(io_err(format!("LOOP_CLR_FD on {path}"))(e)),
+    }
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seq = open_loop(id.minor, false, false)
+            .and_then(|f| sys::diskseq(&f))
+            .map_err(io_err(format!("re-reading the diskseq of {path}")))?;
+        if seq != id.diskseq {
+            return Ok(seq);
         }
-        drop(f);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let seq = open_loop(self.id.minor, false, false)
-                .and_then(|f| sys::diskseq(&f))
-                .map_err(io_err(format!(
-                    "re-reading the diskseq of {}",
-                    self.path.display()
-                )))?;
-            if seq != self.id.diskseq {
-                return Ok(seq);
-            }
-            if Instant::now() > deadline {
-                return Err(io_err(format!(
-                    "{} is still attached (diskseq {}): another process holds it open",
-                    self.path.display(),
-                    seq
-                ))(io::Error::from_raw_os_error(
-                    libc::EBUSY,
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if Instant::now() > deadline {
+            return Err(io_err(format!(
+                "{path} is still attached (diskseq {seq}): another process holds it open"
+            ))(io::Error::from_raw_os_error(libc::EBUSY)));
         }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

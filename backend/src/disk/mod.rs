@@ -213,6 +213,38 @@ pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskErr
     describe(file, id, writable)
 }
 
+/// Opens a block device by path and reads its identity from the same fd
+/// (what a hotplug script publishes for a `params` naming a block device).
+pub fn identify(path: &Path, writable: bool) -> Result<OpenedDisk, DiskError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(io_err(format!("fstat of {}", path.display())))?;
+    if !meta.file_type().is_block_device() {
+        return Err(DiskError::Format {
+            key: "params",
+            value: path.display().to_string(),
+            want: "a block device",
+        });
+    }
+    let (major, minor) = sys::split_dev(meta.rdev());
+    let diskseq = sys::diskseq(&file).map_err(io_err("BLKGETDISKSEQ"))?;
+    describe(
+        file,
+        DiskId {
+            major,
+            minor,
+            diskseq,
+        },
+        writable,
+    )
+}
+
 fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
     let size = sys::size_bytes(&file).map_err(io_err("BLKGETSIZE64"))?;
     let lbs = sys::logical_block_size(&file).map_err(io_err("BLKSSZGET"))?;

@@ -1,0 +1,335 @@
+//! The libxl block-script contract: `blkbackd hotplug add|remove`, run as
+//! `/etc/xen/scripts/block-blkbackd` with `XENBUS_PATH` set to the vbd's
+//! backend directory (relative to dom0's home, as libxl passes it).
+//!
+//! `add` turns `params` into a block device, publishes it by identity
+//! (`physical-device` as `%x:%x`, `diskseq` as `%llx`, `physical-device-path`)
+//! and then `hotplug-status = connected`; on any failure it undoes what it made,
+//! writes `hotplug-error` and `hotplug-status = error`, and exits non-zero
+//! (libxl judges by the exit status alone). `remove` undoes exactly what `add`
+//! made, is idempotent, and is safe when `add` never finished.
+//!
+//! `params` grammar:
+//! - `/dev/...` or `phy:/dev/...`: an existing block device, served as is;
+//! - `file:/path/to/image`: a regular file, attached to a loop device;
+//! - `snapshot:TEMPLATE`, `thin:POOL/VOLUME`: device-mapper disks (need the
+//!   device-mapper layer, refused with a clear error until it lands).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use xenstore::{Client, Xs};
+
+use crate::disk::loopdev::{self, LoopOptions};
+use crate::disk::{self, DiskId};
+
+/// What `params` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Params {
+    /// An existing block device.
+    Block(PathBuf),
+    /// A file, through a loop device.
+    File(PathBuf),
+    /// A copy-on-write snapshot of a template (device-mapper).
+    Snapshot(String),
+    /// A thin volume (device-mapper).
+    Thin {
+        /// The pool.
+        pool: String,
+        /// The volume.
+        volume: String,
+    },
+}
+
+/// A hotplug failure, written to `hotplug-error`.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// `params` does not follow the grammar.
+    #[error("params {0:?} is not understood: {1}")]
+    Params(String, &'static str),
+    /// `mode` is neither `r` nor `w`.
+    #[error("mode {0:?} is neither r nor w")]
+    Mode(String),
+    /// Another domain uses the disk in a conflicting mode.
+    #[error("{what} is already in use by domain {domid} (mode {mode}); refusing {want} access")]
+    Shared {
+        /// The disk.
+        what: String,
+        /// Who has it.
+        domid: String,
+        /// Their mode.
+        mode: String,
+        /// Our mode.
+        want: String,
+    },
+    /// Not available yet.
+    #[error("{0} disks need the device-mapper layer, which this build does not have yet")]
+    Unsupported(&'static str),
+    /// The disk layer failed.
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    /// Xenstore failed.
+    #[error(transparent)]
+    Xenstore(#[from] xenstore::Error),
+    /// No `XENBUS_PATH`.
+    #[error("XENBUS_PATH is not set (libxl sets it for block scripts)")]
+    NoPath,
+}
+
+fn absolute(p: &str, raw: &str) -> Result<PathBuf, HotplugError> {
+    let path = Path::new(p);
+    let ok = path.is_absolute()
+        && !p.contains(['\0', '\n'])
+        && !path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+    if ok {
+        Ok(path.to_owned())
+    } else {
+        Err(HotplugError::Params(
+            raw.to_owned(),
+            "the path must be absolute, without `..`",
+        ))
+    }
+}
+
+impl Params {
+    /// Parses `params` strictly.
+    pub fn parse(raw: &str) -> Result<Params, HotplugError> {
+        let bad = |why| HotplugError::Params(raw.to_owned(), why);
+        if raw.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if let Some(p) = raw.strip_prefix("file:") {
+            return Ok(Params::File(absolute(p, raw)?));
+        }
+        if let Some(p) = raw.strip_prefix("phy:") {
+            return Ok(Params::Block(absolute(p, raw)?));
+        }
+        if let Some(t) = raw.strip_prefix("snapshot:") {
+            if t.is_empty() || t.contains(['/', '\0', '\n']) {
+                return Err(bad(
+                    "a snapshot names its template, e.g. snapshot:debian-12",
+                ));
+            }
+            return Ok(Params::Snapshot(t.to_owned()));
+        }
+        if let Some(t) = raw.strip_prefix("thin:") {
+            let (pool, volume) = t
+                .split_once('/')
+                .filter(|(p, v)| !p.is_empty() && !v.is_empty() && !v.contains('/'))
+                .ok_or_else(|| bad("a thin volume is thin:POOL/VOLUME"))?;
+            return Ok(Params::Thin {
+                pool: pool.to_owned(),
+                volume: volume.to_owned(),
+            });
+        }
+        if raw.starts_with('/') {
+            return Ok(Params::Block(absolute(raw, raw)?));
+        }
+        Err(bad(
+            "expected /dev/..., phy:..., file:..., snapshot:... or thin:...",
+        ))
+    }
+}
+
+async fn read_opt(xs: &Client, path: &str) -> Result<Option<String>, HotplugError> {
+    Ok(xs
+        .try_read(path)
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Refuses the disk if another vbd already uses it in a conflicting mode, as the
+/// stock block script does: a writer excludes everyone else, readers share.
+async fn check_sharing(
+    xs: &Client,
+    be: &str,
+    params: &str,
+    writable: bool,
+) -> Result<(), HotplugError> {
+    let root = "/local/domain/0/backend/vbd";
+    let me = xs.get_domain_path(xenstore::DomId::DOM0).await? + "/" + be;
+    for domid in xs.directory(root).await.unwrap_or_default() {
+        for devid in xs
+            .directory(&format!("{root}/{domid}"))
+            .await
+            .unwrap_or_default()
+        {
+            let other = format!("{root}/{domid}/{devid}");
+            if other == me || other == be {
+                continue;
+            }
+            let Some(p) = read_opt(xs, &format!("{other}/params")).await? else {
+                continue;
+            };
+            let mode = read_opt(xs, &format!("{other}/mode"))
+                .await?
+                .unwrap_or_default();
+            let status = read_opt(xs, &format!("{other}/hotplug-status")).await?;
+            if p == params && status.as_deref() == Some("connected") && (writable || mode == "w") {
+                return Err(HotplugError::Shared {
+                    what: params.to_owned(),
+                    domid,
+                    mode,
+                    want: if writable { "write" } else { "read" }.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `add`: builds the disk and publishes it. On failure, reports it in
+/// Xenstore and returns the error (the caller exits non-zero).
+pub async fn add(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
+    let made = add_inner(xs, be).await;
+    match &made {
+        Ok(id) => {
+            xs.write(&format!("{be}/hotplug-status"), "connected")
+                .await?;
+            tracing::info!(%id, backend = be, "hotplug add: disk published");
+        }
+        Err(e) => {
+            let _ = xs
+                .write(&format!("{be}/hotplug-error"), e.to_string())
+                .await;
+            let _ = xs.write(&format!("{be}/hotplug-status"), "error").await;
+        }
+    }
+    made
+}
+
+async fn add_inner(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
+    let raw = xs.read_string(&format!("{be}/params")).await?;
+    let mode = read_opt(xs, &format!("{be}/mode"))
+        .await?
+        .unwrap_or_else(|| "w".into());
+    let writable = match mode.as_str() {
+        "w" => true,
+        "r" => false,
+        _ => return Err(HotplugError::Mode(mode)),
+    };
+    let params = Params::parse(&raw)?;
+    check_sharing(xs, be, &raw, writable).await?;
+    let (id, path, made_loop) = match &params {
+        Params::Block(p) => {
+            let d = disk::identify(p, writable)?;
+            (d.id, p.clone(), None)
+        }
+        Params::File(p) => {
+            let opts = LoopOptions {
+                read_only: !writable,
+                ..LoopOptions::default()
+            };
+            let dev = loopdev::attach(p, &opts)?;
+            let path = dev.path.clone();
+            // The loop device stays attached after we exit; `remove` releases it.
+            (dev.keep(), path, Some(()))
+        }
+        Params::Snapshot(_) => return Err(HotplugError::Unsupported("snapshot:")),
+        Params::Thin { .. } => return Err(HotplugError::Unsupported("thin:")),
+    };
+    let publish = xs
+        .transaction(|tx| {
+            let (be, path) = (be.to_owned(), path.display().to_string());
+            async move {
+                tx.write(&format!("{be}/physical-device"), id.physical_device())
+                    .await?;
+                tx.write(&format!("{be}/physical-device-path"), &path)
+                    .await?;
+                tx.write(&format!("{be}/diskseq"), id.diskseq_hex()).await
+            }
+        })
+        .await;
+    if let Err(e) = publish {
+        if made_loop.is_some() {
+            let _ = loopdev::release_by_id(id);
+        }
+        return Err(e.into());
+    }
+    Ok(id)
+}
+
+/// `remove`: releases what `add` made (a loop device, if it is still the one
+/// `add` published); nothing for a block device we did not make.
+pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
+    let Some(raw) = read_opt(xs, &format!("{be}/params")).await? else {
+        return Ok(());
+    };
+    if !matches!(Params::parse(&raw), Ok(Params::File(_))) {
+        return Ok(());
+    }
+    let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
+    let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
+    let (Some(phys), Some(seq)) = (phys, seq) else {
+        return Ok(()); // add never got as far as publishing
+    };
+    let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
+    let diskseq = disk::parse_diskseq(seq.as_bytes())?;
+    match loopdev::release_by_id(DiskId {
+        major,
+        minor,
+        diskseq,
+    })? {
+        Some(new) => tracing::info!(
+            backend = be,
+            "hotplug remove: released /dev/loop{minor} (diskseq now {new:x})"
+        ),
+        None => tracing::info!(
+            backend = be,
+            "hotplug remove: /dev/loop{minor} was already released"
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_grammar() {
+        assert_eq!(
+            Params::parse("/dev/sdb").unwrap(),
+            Params::Block("/dev/sdb".into())
+        );
+        assert_eq!(
+            Params::parse("phy:/dev/vg/lv").unwrap(),
+            Params::Block("/dev/vg/lv".into())
+        );
+        assert_eq!(
+            Params::parse("file:/srv/a.img").unwrap(),
+            Params::File("/srv/a.img".into())
+        );
+        assert_eq!(
+            Params::parse("snapshot:debian-12").unwrap(),
+            Params::Snapshot("debian-12".into())
+        );
+        assert_eq!(
+            Params::parse("thin:pool0/vm1").unwrap(),
+            Params::Thin {
+                pool: "pool0".into(),
+                volume: "vm1".into()
+            }
+        );
+        for bad in [
+            "",
+            "sdb",
+            "file:",
+            "file:rel/a.img",
+            "file:/srv/../etc/shadow",
+            "phy:dev/sdb",
+            "snapshot:",
+            "snapshot:a/b",
+            "thin:pool",
+            "thin:/vol",
+            "thin:pool/",
+            "thin:p/v/w",
+            "iscsi:whatever",
+            "/dev/sdb\n",
+        ] {
+            assert!(Params::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! `blkbackd hotplug add|remove` as libxl runs it: XENBUS_PATH relative to
+//! dom0's home, the embedded Xenstore via XENSTORED_PATH, judged by exit status.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
+
+use blkbackd::disk::{open_by_diskseq, parse_diskseq, parse_physical_device, DiskId};
+use blkbackd::sim::{toolstack, world::SimWorld};
+use xenstore::{DomId, Xs};
+
+struct Env {
+    dir: tempfile::TempDir,
+    world: SimWorld,
+}
+
+async fn env() -> Env {
+    assert!(
+        Path::new("/dev/loop-control").exists(),
+        "needs loop devices and root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let world = SimWorld::start(&dir.path().join("sim")).await.unwrap();
+    Env { dir, world }
+}
+
+impl Env {
+    fn image(&self, name: &str) -> String {
+        let p = self.dir.path().join(name);
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&vec![0x11; 2 << 20]).unwrap();
+        p.display().to_string()
+    }
+
+    async fn vbd(&self, domid: u16, params: &str, mode: &str) -> String {
+        toolstack::create_vbd(&self.world.dom0, DomId(domid), 51712, params, mode)
+            .await
+            .unwrap();
+        // libxl passes the backend path relative to dom0's home.
+        format!("backend/vbd/{domid}/51712")
+    }
+
+    async fn hotplug(&self, action: &str, xenbus_path: &str) -> Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+            .args(["hotplug", action])
+            .env("XENBUS_PATH", xenbus_path)
+            .env("XENSTORED_PATH", self.world.xenstore_socket())
+            .output()
+            .await
+            .unwrap()
+    }
+
+    async fn read(&self, be: &str, key: &str) -> Option<String> {
+        self.world
+            .dom0
+            .try_read(&format!("/local/domain/0/{be}/{key}"))
+            .await
+            .unwrap()
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    async fn published(&self, be: &str) -> DiskId {
+        let (major, minor) =
+            parse_physical_device(self.read(be, "physical-device").await.unwrap().as_bytes())
+                .unwrap();
+        let diskseq = parse_diskseq(self.read(be, "diskseq").await.unwrap().as_bytes()).unwrap();
+        DiskId {
+            major,
+            minor,
+            diskseq,
+        }
+    }
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_makes_a_loop_device_publishes_it_by_diskseq_and_remove_releases_it() {
+    let e = env().await;
+    let img = e.image("a.img");
+    let be = e.vbd(3, &format!("file:{img}"), "w").await;
+    ok(&e.hotplug("add", &be).await);
+    assert_eq!(
+        e.read(&be, "hotplug-status").await.as_deref(),
+        Some("connected")
+    );
+    let id = e.published(&be).await;
+    assert_eq!(id.major, 7, "a loop device");
+    assert_eq!(
+        e.read(&be, "physical-device-path").await,
+        Some(format!("/dev/loop{}", id.minor))
+    );
+    let d = open_by_diskseq(id, true).expect("the published identity opens");
+    assert_eq!(d.size, 2 << 20);
+    drop(d);
+
+    ok(&e.hotplug("remove", &be).await);
+    assert!(
+        open_by_diskseq(id, false).is_err(),
+        "released: the old identity is dead"
+    );
+    // Idempotent.
+    ok(&e.hotplug("remove", &be).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_device_path_is_published_as_it_is() {
+    let e = env().await;
+    let img = e.image("b.img");
+    let dev = blkbackd::disk::loopdev::attach(Path::new(&img), &Default::default()).unwrap();
+    let be = e.vbd(4, dev.path.to_str().unwrap(), "r").await;
+    ok(&e.hotplug("add", &be).await);
+    assert_eq!(e.published(&be).await, dev.id);
+    ok(&e.hotplug("remove", &be).await);
+    // remove did not touch a device it did not make.
+    assert!(open_by_diskseq(dev.id, false).is_ok());
+    dev.release().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_params_fail_with_hotplug_error_and_a_non_zero_exit() {
+    let e = env().await;
+    for (domid, params) in [
+        (5, "relative/path.img"),
+        (6, "file:/nonexistent/blkbackd-test.img"),
+        (7, "snapshot:debian-12"),
+        (8, "/dev/null"),
+    ] {
+        let be = e.vbd(domid, params, "w").await;
+        let out = e.hotplug("add", &be).await;
+        assert!(!out.status.success(), "{params:?} was accepted");
+        assert_eq!(
+            e.read(&be, "hotplug-status").await.as_deref(),
+            Some("error")
+        );
+        let why = e.read(&be, "hotplug-error").await.unwrap();
+        assert!(!why.is_empty(), "{params:?}");
+        assert!(e.read(&be, "physical-device").await.is_none());
+        ok(&e.hotplug("remove", &be).await); // safe after a failed add
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_written_by_one_domain_is_refused_to_another() {
+    let e = env().await;
+    let img = e.image("shared.img");
+    let params = format!("file:{img}");
+    let first = e.vbd(9, &params, "w").await;
+    ok(&e.hotplug("add", &first).await);
+    let second = e.vbd(10, &params, "r").await;
+    let out = e.hotplug("add", &second).await;
+    assert!(!out.status.success());
+    let why = e.read(&second, "hotplug-error").await.unwrap();
+    assert!(why.contains("domain 9"), "{why}");
+    ok(&e.hotplug("remove", &first).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_xenbus_path_the_script_fails_clearly() {
+    let e = env().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+        .args(["hotplug", "add"])
+        .env_remove("XENBUS_PATH")
+        .env("XENSTORED_PATH", e.world.xenstore_socket())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("XENBUS_PATH"));
+}
