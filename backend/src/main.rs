@@ -22,6 +22,22 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which closes
+    /// every device cleanly. On real Xen by default; `--sim DIR` runs the
+    /// embedded default (its own Xenstore and the simulated hypervisor in DIR).
+    Serve {
+        /// Run on the embedded default in this directory.
+        #[arg(long)]
+        sim: Option<PathBuf>,
+        /// Xenstore socket or device (default: XENSTORED_PATH, then
+        /// /run/xenstored/socket, then /dev/xen/xenbus).
+        #[arg(long, conflicts_with = "sim")]
+        xenstore: Option<PathBuf>,
+        /// Serve a physical-device published without diskseq, by major:minor
+        /// alone. Unsafe: a released and reused device number could be served.
+        #[arg(long)]
+        allow_missing_diskseq: bool,
+    },
     /// Run the embedded Xenstore server on a unix socket until SIGINT/SIGTERM.
     Xenstored {
         /// The socket to listen on (point XENSTORED_PATH at it).
@@ -115,6 +131,11 @@ fn main() -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::Demo { dir } => blkbackd::demo::run(dir, None).await,
             Cmd::Xenstored { socket } => xenstored(socket).await,
+            Cmd::Serve {
+                sim,
+                xenstore,
+                allow_missing_diskseq,
+            } => serve(sim, xenstore, allow_missing_diskseq).await,
             Cmd::XenstoreCheck { endpoint, scratch } => xenstore_check(endpoint, &scratch).await,
             Cmd::Hotplug {
                 action,
@@ -179,6 +200,70 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+async fn serve(
+    sim: Option<PathBuf>,
+    endpoint: Option<PathBuf>,
+    allow_missing_diskseq: bool,
+) -> anyhow::Result<()> {
+    use blkbackd::vbd::{lifecycle::VbdCtx, Offer};
+    use std::sync::Arc;
+    if allow_missing_diskseq {
+        tracing::warn!(
+            "serving disks published without diskseq: a reused device number could be served"
+        );
+    }
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if blkbackd::signals::until_terminated().await.is_ok() {
+            tracing::info!("terminating: closing every device");
+            let _ = stop.send(true);
+        }
+    });
+    match sim {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let server = xenstore::Server::default();
+            let listening = server.listen(dir.join("xenstore.sock")).await?;
+            tracing::info!(dir = %dir.display(), "embedded default: Xenstore at {}", listening.path().display());
+            let xs =
+                xenstore::Client::connect_to(&xenstore::Endpoint::Socket(listening.path().into()))
+                    .await?;
+            let ctx = Arc::new(VbdCtx {
+                xs,
+                grants: Arc::new(blkbackd::xen::sim::SimGrants::new(
+                    &dir,
+                    xenstore::DomId::DOM0,
+                )),
+                evtchn: Arc::new(blkbackd::xen::sim::SimEvtchn::new(
+                    &dir,
+                    xenstore::DomId::DOM0,
+                )),
+                offer: Offer::default(),
+                allow_missing_diskseq,
+            });
+            blkbackd::daemon::run(ctx, stop_rx).await?;
+        }
+        None => {
+            let ep = match endpoint {
+                Some(p) => xenstore::Endpoint::for_path(p),
+                None => xenstore::Endpoint::from_env()?,
+            };
+            let xs = xenstore::Client::connect_to(&ep).await?;
+            let ctx = Arc::new(VbdCtx {
+                xs,
+                grants: Arc::new(
+                    blkbackd::xen::dev::Gntdev::open().context("opening /dev/xen/gntdev")?,
+                ),
+                evtchn: Arc::new(blkbackd::xen::dev::Evtchn),
+                offer: Offer::default(),
+                allow_missing_diskseq,
+            });
+            blkbackd::daemon::run(ctx, stop_rx).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn xenstored(socket: PathBuf) -> anyhow::Result<()> {

@@ -213,6 +213,14 @@ pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskErr
     describe(file, id, writable)
 }
 
+/// The diskseq the device `major:minor` carries now (for the explicitly
+/// allowed, unsafe case of a script that publishes no diskseq).
+pub fn current_diskseq(major: u32, minor: u32) -> Result<u64, DiskError> {
+    let (path, _private) = node_for(major, minor)?;
+    let f = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
+    sys::diskseq(&f).map_err(io_err("BLKGETDISKSEQ"))
+}
+
 /// Opens a block device by path and reads its identity from the same fd
 /// (what a hotplug script publishes for a `params` naming a block device).
 pub fn identify(path: &Path, writable: bool) -> Result<OpenedDisk, DiskError> {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frontend;
+pub mod lifecycle;
 pub mod queue;
 
 use std::sync::Arc;
@@ -81,47 +82,66 @@ pub fn limits<D: Disk>(disk: &D, offer: &Offer) -> Limits {
     }
 }
 
-/// Writes the backend's features and the disk's geometry, then InitWait.
-pub async fn publish<D: Disk>(
-    xs: &Client,
-    be: &str,
-    disk: &D,
-    offer: &Offer,
-) -> Result<(), VbdError> {
-    let l = limits(disk, offer);
-    let info = if l.read_only { VDISK_READONLY } else { 0 };
-    let lbs = disk.logical_block_size().to_string();
-    let kv: Vec<(&str, String)> = vec![
-        ("feature-flush-cache", "1".into()),
-        ("feature-barrier", "1".into()),
-        ("feature-discard", u8::from(l.discard).to_string()),
-        ("discard-granularity", lbs.clone()),
-        ("discard-alignment", "0".into()),
-        ("discard-secure", "0".into()),
-        (
-            "feature-max-indirect-segments",
-            offer.max_indirect_segments.to_string(),
-        ),
-        ("feature-persistent", "0".into()),
-        ("max-ring-page-order", offer.max_ring_order.to_string()),
-        ("multi-queue-max-queues", offer.max_queues.to_string()),
-        ("sectors", l.disk_sectors.to_string()),
-        ("sector-size", lbs.clone()),
-        ("physical-sector-size", lbs),
-        ("info", info.to_string()),
-        ("mode", if l.read_only { "r" } else { "w" }.into()),
-    ];
+async fn write_all(xs: &Client, be: &str, kv: Vec<(&'static str, String)>) -> Result<(), VbdError> {
     xs.transaction(|tx| {
         let kv = kv.clone();
         async move {
             for (k, v) in &kv {
                 tx.write(&format!("{be}/{k}"), v).await?;
             }
-            tx.write(&format!("{be}/state"), XenbusState::InitWait.as_str())
-                .await
+            Ok(())
         }
     })
     .await?;
+    Ok(())
+}
+
+/// Writes what the backend offers every frontend (before InitWait).
+pub async fn publish_features(xs: &Client, be: &str, offer: &Offer) -> Result<(), VbdError> {
+    let kv = vec![
+        ("feature-flush-cache", "1".to_owned()),
+        ("feature-barrier", "1".to_owned()),
+        (
+            "feature-max-indirect-segments",
+            offer.max_indirect_segments.to_string(),
+        ),
+        ("feature-persistent", "0".to_owned()),
+        ("max-ring-page-order", offer.max_ring_order.to_string()),
+        ("multi-queue-max-queues", offer.max_queues.to_string()),
+    ];
+    write_all(xs, be, kv).await
+}
+
+/// Writes the disk's geometry and what it supports (once it is open).
+pub async fn publish_geometry<D: Disk>(xs: &Client, be: &str, disk: &D) -> Result<(), VbdError> {
+    let l = limits(disk, &Offer::default());
+    let info = if l.read_only { VDISK_READONLY } else { 0 };
+    let lbs = disk.logical_block_size().to_string();
+    let kv = vec![
+        ("sectors", l.disk_sectors.to_string()),
+        ("sector-size", lbs.clone()),
+        ("physical-sector-size", lbs.clone()),
+        ("info", info.to_string()),
+        ("feature-discard", u8::from(l.discard).to_string()),
+        ("discard-granularity", lbs),
+        ("discard-alignment", "0".to_owned()),
+        ("discard-secure", "0".to_owned()),
+    ];
+    write_all(xs, be, kv).await
+}
+
+/// Features, geometry, then InitWait: what a backend whose disk is already
+/// known does at once (the simulation's vbds).
+pub async fn publish<D: Disk>(
+    xs: &Client,
+    be: &str,
+    disk: &D,
+    offer: &Offer,
+) -> Result<(), VbdError> {
+    publish_features(xs, be, offer).await?;
+    publish_geometry(xs, be, disk).await?;
+    xs.write(&format!("{be}/state"), XenbusState::InitWait.as_str())
+        .await?;
     Ok(())
 }
 

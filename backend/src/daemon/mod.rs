@@ -1,0 +1,145 @@
+//! The daemon: watches `backend/vbd`, runs one task per vbd, closes the
+//! devices of domains that are gone, and closes every device on shutdown.
+//!
+//! Watch events are treated as level-triggered: every burst is coalesced into
+//! one rescan of the directory, so a guest (or anyone) rewriting nodes fast
+//! cannot queue work without bound (XSA-349).
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use xenstore::{wire, Xs};
+
+use crate::vbd::lifecycle::{self, VbdCtx};
+use crate::xen::{DomId, EventChannels, Grants};
+
+/// Where libxl puts the vbds dom0 serves.
+pub const VBD_ROOT: &str = "/local/domain/0/backend/vbd";
+
+type Key = (DomId, u32);
+
+struct Task {
+    handle: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+/// The vbds that exist now: (domid, devid) pairs below [`VBD_ROOT`].
+async fn scan(xs: &xenstore::Client) -> Result<HashSet<Key>, xenstore::Error> {
+    let mut out = HashSet::new();
+    let domids = match xs.directory(VBD_ROOT).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for d in domids {
+        let Some(domid) = DomId::parse(&d) else {
+            tracing::debug!("ignoring {VBD_ROOT}/{d}: not a domid");
+            continue;
+        };
+        let devids = match xs.directory(&format!("{VBD_ROOT}/{d}")).await {
+            Ok(v) => v,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        for v in devids {
+            match wire::parse_decimal(&v).and_then(|n| u32::try_from(n).ok()) {
+                Some(devid) => {
+                    out.insert((domid, devid));
+                }
+                None => tracing::debug!("ignoring {VBD_ROOT}/{d}/{v}: not a device id"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs until `stop` turns true, then closes every device (within `grace`).
+pub async fn run<G: Grants, EC: EventChannels>(
+    ctx: Arc<VbdCtx<G, EC>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), xenstore::Error> {
+    let xs = ctx.xs.clone();
+    let mut vbds = xs.watch(VBD_ROOT).await?;
+    let mut released = xs.watch(wire::RELEASE_DOMAIN).await?;
+    let mut tasks: HashMap<Key, Task> = HashMap::new();
+    // Devices whose task ended while their directory stayed (failed, or
+    // closed with online=1): not restarted until the directory goes away.
+    let mut done: HashSet<Key> = HashSet::new();
+    tracing::info!("blkbackd serving {VBD_ROOT}");
+    loop {
+        let present = scan(&xs).await?;
+        tasks.retain(|k, t| {
+            if t.handle.is_finished() {
+                done.insert(*k);
+                false
+            } else {
+                true
+            }
+        });
+        done.retain(|k| present.contains(k));
+        for key in &present {
+            if tasks.contains_key(key) || done.contains(key) {
+                continue;
+            }
+            let (tx, rx) = watch::channel(false);
+            let handle = tokio::spawn(lifecycle::run(ctx.clone(), key.0, key.1, rx));
+            tracing::debug!(domid = %key.0, devid = key.1, "new vbd");
+            tasks.insert(*key, Task { handle, stop: tx });
+        }
+        tokio::select! {
+            e = vbds.next() => if e.is_none() { break },
+            e = released.next() => {
+                if e.is_none() { break }
+                reap_released(&xs, &mut tasks, &mut done).await;
+            }
+            _ = stop.changed() => break,
+        }
+        // Coalesce whatever else is already queued into this one rescan.
+        while vbds.try_next().is_some() {}
+    }
+    tracing::info!(devices = tasks.len(), "closing every device");
+    shutdown(tasks, Duration::from_secs(8)).await;
+    Ok(())
+}
+
+/// A domain went away: close its devices (state Closed, disks let go). The
+/// directories stay for the toolstack, whose block-script `remove` reads them
+/// to release what `add` made before it deletes them.
+async fn reap_released(
+    xs: &xenstore::Client,
+    tasks: &mut HashMap<Key, Task>,
+    done: &mut HashSet<Key>,
+) {
+    let domids: HashSet<DomId> = tasks.keys().map(|k| k.0).collect();
+    for d in domids {
+        if matches!(xs.is_domain_introduced(d).await, Ok(true)) {
+            continue;
+        }
+        tracing::info!(domid = %d, "domain released; closing its vbds");
+        let gone: Vec<Key> = tasks.keys().filter(|k| k.0 == d).copied().collect();
+        let mut stopped = HashMap::new();
+        for k in gone {
+            if let Some(t) = tasks.remove(&k) {
+                stopped.insert(k, t);
+            }
+            // Not to be restarted while its directory remains.
+            done.insert(k);
+        }
+        shutdown(stopped, Duration::from_secs(5)).await;
+    }
+}
+
+async fn shutdown(tasks: HashMap<Key, Task>, grace: Duration) {
+    for t in tasks.values() {
+        let _ = t.stop.send(true);
+    }
+    for ((d, v), t) in tasks {
+        if tokio::time::timeout(grace, t.handle).await.is_err() {
+            tracing::warn!(domid = %d, devid = v, "vbd did not close within {grace:?}");
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! One vbd's life, as Linux blkback's xenbus driver leads it:
+//!
+//! 1. check what the toolstack wrote, publish the features, `opened = 0`,
+//!    InitWait at once (libxl waits only 10 s for it);
+//! 2. when the hotplug script has written `physical-device` and `diskseq`,
+//!    open the disk by both (a mismatch is fatal, never served), write
+//!    `opened = 1` and the geometry;
+//! 3. when the frontend is Initialised (or Connected), map, bind, Connected;
+//! 4. frontend Closing: Closing; frontend Closed, or the toolstack's Closing:
+//!    stop the queues, unmap, Closed; a frontend that comes back
+//!    (Initialising) gets InitWait and a fresh connection;
+//! 5. `online = 0` and Closed, or the directory removed: done.
+//!
+//! Any fatal problem: the reason in `error`, Closing; this device only.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use xenstore::{Client, Xs};
+
+use super::{publish_features, publish_geometry, serve_frontend, Offer};
+use crate::abi::sys::XenbusState;
+use crate::disk::{self, DiskId};
+use crate::io::FileDisk;
+use crate::xen::{DomId, EventChannels, Grants};
+
+/// What a vbd task needs.
+#[derive(Debug)]
+pub struct VbdCtx<G, EC> {
+    /// Dom0's Xenstore connection.
+    pub xs: Client,
+    /// Grant access.
+    pub grants: Arc<G>,
+    /// Event channels.
+    pub evtchn: Arc<EC>,
+    /// What we offer frontends.
+    pub offer: Offer,
+    /// Serve a `physical-device` without `diskseq` (unsafe; off by default).
+    pub allow_missing_diskseq: bool,
+}
+
+/// Why a vbd stopped being served.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    /// Xenstore failed.
+    #[error(transparent)]
+    Xenstore(#[from] xenstore::Error),
+    /// The toolstack wrote something unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The disk could not be opened (or was not the one named).
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    /// Publishing or connecting failed.
+    #[error(transparent)]
+    Vbd(#[from] super::VbdError),
+}
+
+async fn read(xs: &Client, path: &str) -> Result<Option<String>, Fatal> {
+    Ok(xs
+        .try_read(path)
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+async fn state_of(xs: &Client, path: &str) -> Result<Option<XenbusState>, Fatal> {
+    Ok(read(xs, path)
+        .await?
+        .as_deref()
+        .and_then(XenbusState::parse))
+}
+
+async fn set_state(xs: &Client, be: &str, s: XenbusState) -> Result<(), Fatal> {
+    xs.write(&format!("{be}/state"), s.as_str()).await?;
+    Ok(())
+}
+
+/// Puts the reason in `error` and the device in Closing (`xenbus_dev_fatal`).
+pub async fn fail(xs: &Client, be: &str, why: &str) {
+    tracing::warn!(backend = be, "vbd failed: {why}");
+    let _ = xs.write(&format!("{be}/error"), why).await;
+    let _ = xs
+        .write(&format!("{be}/state"), XenbusState::Closing.as_str())
+        .await;
+}
+
+/// Runs one vbd until it is removed or `stop` turns true (daemon shutdown:
+/// the device is closed cleanly first).
+pub async fn run<G: Grants, EC: EventChannels>(
+    ctx: Arc<VbdCtx<G, EC>>,
+    domid: DomId,
+    devid: u32,
+    mut stop: watch::Receiver<bool>,
+) {
+    let be = format!("/local/domain/0/backend/vbd/{}/{devid}", domid.0);
+    match lifecycle(&ctx, domid, &be, &mut stop).await {
+        Ok(()) => tracing::debug!(%domid, devid, "vbd done"),
+        Err(e) => fail(&ctx.xs, &be, &e.to_string()).await,
+    }
+}
+
+struct Toolstack {
+    fe: String,
+    writable: bool,
+}
+
+async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstack, Fatal> {
+    let need = |k: &'static str, v: Option<String>| {
+        v.ok_or_else(|| Fatal::Config(format!("the toolstack did not write {k}")))
+    };
+    let fe = need("frontend", read(xs, &format!("{be}/frontend")).await?)?;
+    let fe_id = need("frontend-id", read(xs, &format!("{be}/frontend-id")).await?)?;
+    if fe_id != domid.0.to_string() {
+        return Err(Fatal::Config(format!(
+            "frontend-id {fe_id:?} does not match the domain {domid} of the backend path"
+        )));
+    }
+    if !fe.starts_with(&format!("/local/domain/{}/", domid.0)) {
+        return Err(Fatal::Config(format!(
+            "frontend {fe:?} is not below domain {domid}'s home"
+        )));
+    }
+    let writable = match read(xs, &format!("{be}/mode")).await?.as_deref() {
+        None | Some("w") => true,
+        Some("r") => false,
+        Some(m) => return Err(Fatal::Config(format!("mode {m:?} is neither r nor w"))),
+    };
+    match read(xs, &format!("{be}/device-type")).await?.as_deref() {
+        None | Some("disk") | Some("cdrom") => {}
+        Some(t) => {
+            return Err(Fatal::Config(format!(
+                "device-type {t:?} is neither disk nor cdrom"
+            )))
+        }
+    }
+    Ok(Toolstack { fe, writable })
+}
+
+/// Waits for any change below `be` or `fe` (or `stop`); false if stopping.
+async fn changed(
+    be_w: &mut xenstore::Watch,
+    fe_w: &mut xenstore::Watch,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    tokio::select! {
+        e = be_w.next() => e.is_some(),
+        e = fe_w.next() => e.is_some(),
+        _ = stop.changed() => false,
+    }
+}
+
+async fn lifecycle<G: Grants, EC: EventChannels>(
+    ctx: &VbdCtx<G, EC>,
+    domid: DomId,
+    be: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Fatal> {
+    let xs = &ctx.xs;
+    let ts = check_toolstack(xs, be, domid).await?;
+    let mut be_w = xs.watch(be).await?;
+    let mut fe_w = xs.watch(&format!("{}/state", ts.fe)).await?;
+    xs.write(&format!("{be}/opened"), "0").await?;
+    publish_features(xs, be, &ctx.offer).await?;
+    set_state(xs, be, XenbusState::InitWait).await?;
+    tracing::info!(%domid, backend = be, "vbd in InitWait, waiting for the hotplug script");
+
+    // The hotplug script's handshake: physical-device + diskseq.
+    let disk = loop {
+        if read(xs, be).await?.is_none() {
+            return Ok(()); // removed before it was used
+        }
+        if let Some(id) = published_disk(ctx, be).await? {
+            let opened = disk::open_by_diskseq(id, ts.writable)?;
+            tracing::info!(%domid, disk = %id, "disk opened by diskseq");
+            break Arc::new(FileDisk::from_opened(opened));
+        }
+        if !changed(&mut be_w, &mut fe_w, stop).await {
+            return Ok(());
+        }
+    };
+    publish_geometry(xs, be, &*disk).await?;
+    xs.write(&format!("{be}/opened"), "1").await?;
+
+    // Connect, serve, close; again if the frontend comes back.
+    loop {
+        // Wait for the frontend (or for the end).
+        loop {
+            if read(xs, be).await?.is_none() {
+                return Ok(());
+            }
+            let online = read(xs, &format!("{be}/online")).await?;
+            let be_state = state_of(xs, &format!("{be}/state")).await?;
+            if online.as_deref() == Some("0") || be_state == Some(XenbusState::Closing) {
+                // Being removed: let go of the disk first, so the hotplug
+                // script's remove (run once we are Closed) can release it.
+                drop(disk);
+                set_state(xs, be, XenbusState::Closed).await?;
+                return wait_removed(xs, be, &mut be_w, stop).await;
+            }
+            match state_of(xs, &format!("{}/state", ts.fe)).await? {
+                Some(XenbusState::Initialised | XenbusState::Connected) => break,
+                Some(XenbusState::Initialising) if be_state == Some(XenbusState::Closed) => {
+                    // blkfront recovering (migration, a backend restart): start over.
+                    set_state(xs, be, XenbusState::InitWait).await?;
+                }
+                _ => {}
+            }
+            if !changed(&mut be_w, &mut fe_w, stop).await {
+                set_state(xs, be, XenbusState::Closed).await?;
+                return Ok(());
+            }
+        }
+        let (qstop, qstop_rx) = watch::channel(false);
+        let serving = serve_frontend(
+            xs,
+            be,
+            &ts.fe,
+            domid,
+            ctx.grants.clone(),
+            &*ctx.evtchn,
+            disk.clone(),
+            &ctx.offer,
+            qstop_rx,
+        );
+        tokio::pin!(serving);
+        // Serve until the frontend or the toolstack closes, or we stop.
+        let outcome = loop {
+            tokio::select! {
+                r = &mut serving => break Some(r),
+                alive = changed(&mut be_w, &mut fe_w, stop) => {
+                    let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
+                    let be_state = state_of(xs, &format!("{be}/state")).await?;
+                    let online = read(xs, &format!("{be}/online")).await?;
+                    let closing = !alive
+                        || read(xs, be).await?.is_none()
+                        || matches!(fe_state, None | Some(XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown))
+                        || be_state == Some(XenbusState::Closing)
+                        || online.as_deref() == Some("0");
+                    if closing {
+                        if fe_state == Some(XenbusState::Closing) {
+                            set_state(xs, be, XenbusState::Closing).await?;
+                        }
+                        let _ = qstop.send(true);
+                        break None;
+                    }
+                }
+            }
+        };
+        let result = match outcome {
+            Some(r) => r,
+            None => tokio::time::timeout(Duration::from_secs(5), &mut serving)
+                .await
+                .unwrap_or_else(|_| Ok(Vec::new())),
+        };
+        if let Err(e) = result {
+            fail(xs, be, &e.to_string()).await;
+        }
+        // Queues stopped and rings unmapped. Closed once the frontend is
+        // Closed (Closing until then, as blkback answers a closing frontend),
+        // or at once when the toolstack removes the device.
+        let removing = loop {
+            if read(xs, be).await?.is_none() {
+                return Ok(());
+            }
+            let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
+            let online = read(xs, &format!("{be}/online")).await?;
+            if online.as_deref() == Some("0") {
+                break true;
+            }
+            if matches!(
+                fe_state,
+                None | Some(XenbusState::Closed | XenbusState::Unknown)
+            ) {
+                break false;
+            }
+            if fe_state == Some(XenbusState::Closing)
+                && state_of(xs, &format!("{be}/state")).await? != Some(XenbusState::Closing)
+            {
+                set_state(xs, be, XenbusState::Closing).await?;
+            }
+            if !changed(&mut be_w, &mut fe_w, stop).await {
+                break true;
+            }
+        };
+        if removing {
+            drop(disk);
+            set_state(xs, be, XenbusState::Closed).await?;
+            tracing::info!(%domid, backend = be, "vbd closed for removal");
+            return wait_removed(xs, be, &mut be_w, stop).await;
+        }
+        set_state(xs, be, XenbusState::Closed).await?;
+        tracing::info!(%domid, backend = be, "vbd closed");
+        if *stop.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+async fn wait_removed(
+    xs: &Client,
+    be: &str,
+    be_w: &mut xenstore::Watch,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Fatal> {
+    while read(xs, be).await?.is_some() {
+        tokio::select! {
+            e = be_w.next() => if e.is_none() { break },
+            _ = stop.changed() => break,
+        }
+    }
+    Ok(())
+}
+
+/// The disk the hotplug script published, if it has.
+async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<DiskId>, Fatal> {
+    let xs = &ctx.xs;
+    let Some(phys) = read(xs, &format!("{be}/physical-device")).await? else {
+        return Ok(None);
+    };
+    let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
+    let diskseq = match read(xs, &format!("{be}/diskseq")).await? {
+        Some(s) => disk::parse_diskseq(s.as_bytes())?,
+        None if ctx.allow_missing_diskseq => {
+            tracing::warn!(
+                backend = be,
+                "physical-device without diskseq: serving by major:minor alone, as configured"
+            );
+            disk::current_diskseq(major, minor)?
+        }
+        // The script may write diskseq right after physical-device: wait.
+        None => {
+            let status = read(xs, &format!("{be}/hotplug-status")).await?;
+            if status.as_deref() == Some("connected") {
+                return Err(Fatal::Config(
+                    "the hotplug script wrote physical-device without diskseq; refusing to serve a disk by major:minor alone".into(),
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(DiskId {
+        major,
+        minor,
+        diskseq,
+    }))
+}

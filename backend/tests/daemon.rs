@@ -1,0 +1,325 @@
+//! The daemon end to end on the embedded default, driven the way libxl drives
+//! a backend: nodes in one transaction, InitWait within 10 s, the hotplug
+//! script (the real binary), the guest in its own process, Closing answered
+//! with Closed within 10 s, then the script's remove.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blkbackd::disk::loopdev::{self, LoopOptions};
+use blkbackd::sim::toolstack;
+use blkbackd::vbd::{lifecycle::VbdCtx, Offer};
+use blkbackd::xen::sim::{SimEvtchn, SimGrants};
+use tokio::sync::watch;
+use xenstore::{Client, DomId, Endpoint, Server, Xs};
+
+struct World {
+    dir: tempfile::TempDir,
+    server: Server,
+    listening: xenstore::server::Listening,
+    xs: Client,
+    stop: watch::Sender<bool>,
+    daemon: tokio::task::JoinHandle<Result<(), xenstore::Error>>,
+}
+
+async fn world() -> World {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("blkbackd=debug")
+        .with_test_writer()
+        .try_init();
+    assert!(
+        Path::new("/dev/loop-control").exists(),
+        "needs loop devices and root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::default();
+    let listening = server
+        .listen(dir.path().join("xenstore.sock"))
+        .await
+        .unwrap();
+    let xs = Client::connect_to(&Endpoint::Socket(listening.path().into()))
+        .await
+        .unwrap();
+    let ctx = Arc::new(VbdCtx {
+        xs: xs.clone(),
+        grants: Arc::new(SimGrants::new(dir.path(), DomId::DOM0)),
+        evtchn: Arc::new(SimEvtchn::new(dir.path(), DomId::DOM0)),
+        offer: Offer::default(),
+        allow_missing_diskseq: false,
+    });
+    let (stop, rx) = watch::channel(false);
+    let daemon = tokio::spawn(blkbackd::daemon::run(ctx, rx));
+    World {
+        dir,
+        server,
+        listening,
+        xs,
+        stop,
+        daemon,
+    }
+}
+
+impl World {
+    fn image(&self, name: &str, mib: usize) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(&vec![0u8; mib << 20])
+            .unwrap();
+        p.display().to_string()
+    }
+
+    async fn vbd(&self, domid: u16, params: &str) -> toolstack::VbdPaths {
+        self.server.introduce(DomId(domid));
+        toolstack::create_domain_home(&self.xs, DomId(domid))
+            .await
+            .unwrap();
+        toolstack::create_vbd(&self.xs, DomId(domid), 51712, params, "w")
+            .await
+            .unwrap()
+    }
+
+    async fn read(&self, path: &str) -> Option<String> {
+        self.xs
+            .try_read(path)
+            .await
+            .unwrap()
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    /// Waits (by polling; bounded) until `path` reads `want`.
+    async fn wait_for(&self, path: &str, want: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.read(path).await.as_deref() == Some(want) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{path} is {:?}, not {want:?}, after {within:?} (error: {:?})",
+                    self.read(path).await,
+                    self.read(&format!("{}/error", path.rsplit_once('/').unwrap().0))
+                        .await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn hotplug(&self, action: &str, domid: u16) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+            .args(["hotplug", action])
+            .env("XENBUS_PATH", format!("backend/vbd/{domid}/51712"))
+            .env("XENSTORED_PATH", self.listening.path())
+            .output()
+            .await
+            .unwrap()
+    }
+
+    async fn guest(&self, domid: u16, mode: &str) -> (bool, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+                .args(["sim-guest", "--mode", mode, "--ios", "20"])
+                .args(["--domid", &domid.to_string()])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .arg("--xenstore")
+                .arg(self.listening.path())
+                .output(),
+        )
+        .await
+        .expect("guest hung")
+        .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// libxl's removal: online=0 and Closing in one transaction, then Closed
+    /// within 10 s, then the script's remove and the directories deleted.
+    async fn detach(&self, domid: u16, p: &toolstack::VbdPaths) {
+        let be = p.backend.clone();
+        self.xs
+            .transaction(|tx| {
+                let be = be.clone();
+                async move {
+                    tx.write(&format!("{be}/online"), "0").await?;
+                    tx.write(&format!("{be}/state"), "5").await
+                }
+            })
+            .await
+            .unwrap();
+        self.wait_for(&format!("{be}/state"), "6", Duration::from_secs(10))
+            .await;
+        let out = self.hotplug("remove", domid).await;
+        assert!(out.status.success(), "{out:?}");
+        self.xs.rm(&p.backend).await.unwrap();
+        self.xs.rm(&p.frontend).await.unwrap();
+    }
+
+    async fn finish(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(20), self.daemon)
+            .await
+            .expect("daemon did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vbd_goes_from_creation_to_removal_as_libxl_expects() {
+    let w = world().await;
+    let img = w.image("guest.img", 16);
+    let p = w.vbd(2, &format!("file:{img}")).await;
+    let be = &p.backend;
+    // InitWait at once (libxl gives 10 s), before any disk exists.
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    assert_eq!(w.read(&format!("{be}/opened")).await.as_deref(), Some("0"));
+    assert_eq!(
+        w.read(&format!("{be}/feature-max-indirect-segments"))
+            .await
+            .as_deref(),
+        Some("256")
+    );
+    // The hotplug script: the daemon opens the disk by diskseq, says so.
+    let out = w.hotplug("add", 2).await;
+    assert!(out.status.success(), "{out:?}");
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        w.read(&format!("{be}/sectors")).await.as_deref(),
+        Some("32768")
+    );
+    // The guest connects and gets its data back.
+    let (ok, text) = w.guest(2, "verify").await;
+    assert!(ok, "{text}");
+    assert_eq!(w.read(&format!("{be}/state")).await.as_deref(), Some("4"));
+    w.detach(2, &p).await;
+    assert!(
+        std::fs::read(&img).unwrap().iter().any(|&b| b != 0),
+        "the guest's writes are in the file"
+    );
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diskseq_that_does_not_match_is_refused_with_an_error_node() {
+    let w = world().await;
+    let img = w.image("other.img", 1);
+    let dev = loopdev::attach(Path::new(&img), &LoopOptions::default()).unwrap();
+    let p = w.vbd(3, "phy:/dev/whatever").await;
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    // A script publishing the right device number with a stale diskseq.
+    w.xs.transaction(|tx| {
+        let (be, phys) = (be.clone(), dev.id.physical_device());
+        let stale = format!("{:x}", dev.id.diskseq - 1);
+        async move {
+            tx.write(&format!("{be}/physical-device"), phys).await?;
+            tx.write(&format!("{be}/diskseq"), stale).await
+        }
+    })
+    .await
+    .unwrap();
+    w.wait_for(&format!("{be}/state"), "5", Duration::from_secs(10))
+        .await;
+    let err = w.read(&format!("{be}/error")).await.unwrap();
+    assert!(err.contains("released and the number reused"), "{err}");
+    assert_eq!(w.read(&format!("{be}/opened")).await.as_deref(), Some("0"));
+    dev.release().unwrap();
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_that_closes_and_comes_back_is_served_again() {
+    let w = world().await;
+    let img = w.image("re.img", 16);
+    let p = w.vbd(4, &format!("file:{img}")).await;
+    let (be, fe) = (&p.backend, &p.frontend);
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    assert!(w.hotplug("add", 4).await.status.success());
+    let (ok, text) = w.guest(4, "verify").await;
+    assert!(ok, "{text}");
+    // blkfront closing (e.g. before migration or a driver reload).
+    w.xs.write(&format!("{fe}/state"), "5").await.unwrap();
+    w.wait_for(&format!("{be}/state"), "5", Duration::from_secs(10))
+        .await;
+    w.xs.write(&format!("{fe}/state"), "6").await.unwrap();
+    w.wait_for(&format!("{be}/state"), "6", Duration::from_secs(10))
+        .await;
+    // It comes back: Initialising, then a fresh connection.
+    w.xs.write(&format!("{fe}/state"), "1").await.unwrap();
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    let (ok, text) = w.guest(4, "verify").await;
+    assert!(ok, "second connection: {text}");
+    w.detach(4, &p).await;
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_domains_vbds_are_closed_and_their_disks_let_go() {
+    let w = world().await;
+    let img = w.image("gone.img", 4);
+    let p = w.vbd(5, &format!("file:{img}")).await;
+    w.wait_for(
+        &format!("{}/state", p.backend),
+        "2",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(w.hotplug("add", 5).await.status.success());
+    w.wait_for(
+        &format!("{}/opened", p.backend),
+        "1",
+        Duration::from_secs(10),
+    )
+    .await;
+    w.server.release(DomId(5));
+    // Its device is closed and its disk let go at once...
+    w.wait_for(
+        &format!("{}/state", p.backend),
+        "6",
+        Duration::from_secs(10),
+    )
+    .await;
+    // ...so the toolstack's cleanup still works: the script releases the loop
+    // device it made (this fails if the daemon still held the disk).
+    let out = w.hotplug("remove", 5).await;
+    assert!(out.status.success(), "{out:?}");
+    let id = blkbackd::disk::DiskId {
+        major: 7,
+        minor: u32::from_str_radix(
+            w.read(&format!("{}/physical-device", p.backend))
+                .await
+                .unwrap()
+                .split(':')
+                .nth(1)
+                .unwrap(),
+            16,
+        )
+        .unwrap(),
+        diskseq: u64::from_str_radix(
+            &w.read(&format!("{}/diskseq", p.backend)).await.unwrap(),
+            16,
+        )
+        .unwrap(),
+    };
+    assert!(
+        blkbackd::disk::open_by_diskseq(id, false).is_err(),
+        "loop device released"
+    );
+    w.finish().await;
+}
