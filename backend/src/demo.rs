@@ -1,12 +1,16 @@
 //! `blkbackd demo`: the embedded default in one command.
 //!
 //! What it runs: the embedded Xenstore and the simulated hypervisor in one
-//! directory; dom0's side (toolstack and backend) in this process; two guests,
-//! each a separate `blkbackd sim-guest` process with its own memory and grant
+//! directory; the daemon (`blkbackd serve --sim`) in this process; a toolstack
+//! creating two vbds as libxl does, and the hotplug script attaching each
+//! guest's image file to a loop device published by diskseq; two guests, each
+//! a separate `blkbackd sim-guest` process with its own memory and grant
 //! table. Guest 1 is a well-behaved blkfront doing verified I/O; guest 2
-//! corrupts its ring's producer index. The backend serves guest 1 to the last
-//! byte and halts only guest 2's ring, with the reason in its `error` node.
-//! Each step prints what it did so a newcomer can follow the protocol.
+//! corrupts its ring's producer index. The daemon serves guest 1 to the last
+//! byte and halts only guest 2's ring, with the reason in its `error` node;
+//! then both are removed as libxl removes them. Without loop devices (no
+//! root) the same story runs on in-memory disks. Each step prints what it did
+//! so a newcomer can follow the protocol.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +35,24 @@ fn say(who: &str, what: impl AsRef<str>) {
 /// Runs the demo in `dir` (a temporary directory if `None`); `exe` is the
 /// blkbackd binary to start the guests with (this one if `None`).
 pub async fn run(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::Result<()> {
+    let loops = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .is_ok();
+    if loops {
+        run_daemon(dir, exe).await
+    } else {
+        say(
+            "demo",
+            "no loop devices here (not root?): running on in-memory disks instead",
+        );
+        run_memory(dir, exe).await
+    }
+}
+
+/// The in-memory variant: the backend's vbds without the daemon's disk layer.
+pub async fn run_memory(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::Result<()> {
     let _tmp;
     let dir = match dir {
         Some(d) => d,
@@ -183,5 +205,195 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The full variant: daemon, hotplug script, loop devices, diskseq.
+pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::Result<()> {
+    use crate::vbd::{lifecycle::VbdCtx, Offer};
+    use crate::xen::sim::{SimEvtchn, SimGrants};
+    use std::sync::Arc;
+
+    let _tmp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            let t = TempDir::new()?;
+            let p = t.0.clone();
+            _tmp = t;
+            p
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    let exe = match exe {
+        Some(e) => e,
+        None => std::env::current_exe().context("finding the blkbackd binary")?,
+    };
+    let server = xenstore::Server::default();
+    let listening = server.listen(dir.join("xenstore.sock")).await?;
+    let xs =
+        xenstore::Client::connect_to(&xenstore::Endpoint::Socket(listening.path().into())).await?;
+    say(
+        "xenstore",
+        format!("embedded Xenstore at {}", listening.path().display()),
+    );
+    say(
+        "xen",
+        format!(
+            "simulated hypervisor in {}: guest memory and grant tables in files, event channels as unix sockets",
+            dir.display()
+        ),
+    );
+    let ctx = Arc::new(VbdCtx {
+        xs: xs.clone(),
+        grants: Arc::new(SimGrants::new(&dir, DomId::DOM0)),
+        evtchn: Arc::new(SimEvtchn::new(&dir, DomId::DOM0)),
+        offer: Offer::default(),
+        allow_missing_diskseq: false,
+    });
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = tokio::spawn(crate::daemon::run(ctx, stop_rx));
+    say(
+        "daemon",
+        "blkbackd serve --sim: watching /local/domain/0/backend/vbd",
+    );
+
+    let mut vbds = Vec::new();
+    for (d, mib) in [(GOOD, 64u64), (HOSTILE, 16)] {
+        let img = dir.join(format!("guest{}.img", d.0));
+        std::fs::File::create(&img)?.set_len(mib << 20)?;
+        server.introduce(d);
+        crate::sim::toolstack::create_domain_home(&xs, d).await?;
+        let params = format!("file:{}", img.display());
+        let p = crate::sim::toolstack::create_vbd(&xs, d, DEVID, &params, "w").await?;
+        say(
+            "toolstack",
+            format!("domain {d}: vbd {DEVID} with params {params} (backend and frontend nodes in one transaction)"),
+        );
+        wait_value(&xs, &format!("{}/state", p.backend), "2").await?;
+        say(
+            "daemon",
+            format!("domain {d}: state 2 (InitWait), features published"),
+        );
+        let rel = format!("backend/vbd/{}/{DEVID}", d.0);
+        let id = crate::hotplug::add(&xs, &rel).await?;
+        say(
+            "hotplug",
+            format!(
+                "block-blkbackd add: /dev/loop{} published as physical-device {} diskseq {} (hex)",
+                id.minor,
+                id.physical_device(),
+                id.diskseq_hex()
+            ),
+        );
+        wait_value(&xs, &format!("{}/opened", p.backend), "1").await?;
+        let sectors = xs.read_string(&format!("{}/sectors", p.backend)).await?;
+        say(
+            "daemon",
+            format!("domain {d}: disk {id} opened by diskseq; opened=1, {sectors} sectors"),
+        );
+        vbds.push((d, p, rel));
+    }
+
+    let guest = |d: DomId, mode: &str, extra: &[&str]| {
+        let mut c = tokio::process::Command::new(&exe);
+        c.args(["sim-guest", "--mode", mode, "--domid", &d.0.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--xenstore")
+            .arg(listening.path())
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        c.output()
+    };
+    say(
+        "guest d1",
+        "starting `blkbackd sim-guest --mode verify` (a separate process)",
+    );
+    say(
+        "guest d2",
+        "starting `sim-guest --mode bogus-prod`: it will claim more requests than its ring holds",
+    );
+    let (g1, g2) = tokio::join!(
+        guest(GOOD, "verify", &["--ios", "100"]),
+        guest(HOSTILE, "bogus-prod", &[])
+    );
+    let (g1, g2) = (
+        g1.context("running guest 1")?,
+        g2.context("running guest 2")?,
+    );
+    for (name, out) in [("guest d1", &g1), ("guest d2", &g2)] {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            say(name, line);
+        }
+    }
+    if !g1.status.success() {
+        bail!("guest 1 failed: {}", String::from_utf8_lossy(&g1.stderr));
+    }
+    if !g2.status.success() {
+        bail!(
+            "guest 2 did not see its ring halted: {}",
+            String::from_utf8_lossy(&g2.stderr)
+        );
+    }
+    let err = xs
+        .try_read(&format!("{}/error", vbds[1].1.backend))
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    say(
+        "daemon",
+        format!("domain 2: error node says \"{err}\"; state 5 (Closing)"),
+    );
+
+    for (d, p, rel) in &vbds {
+        let be = p.backend.clone();
+        xs.transaction(|tx| {
+            let be = be.clone();
+            async move {
+                tx.write(&format!("{be}/online"), "0").await?;
+                tx.write(&format!("{be}/state"), XenbusState::Closing.as_str())
+                    .await
+            }
+        })
+        .await?;
+        let t0 = std::time::Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            wait_value(&xs, &format!("{be}/state"), "6"),
+        )
+        .await
+        .context("the daemon did not close within libxl's 10 s")??;
+        say(
+            "toolstack",
+            format!(
+                "domain {d}: online=0 + Closing; the daemon answered Closed in {} ms",
+                t0.elapsed().as_millis()
+            ),
+        );
+        crate::hotplug::remove(&xs, rel).await?;
+        xs.rm(&p.backend).await?;
+        xs.rm(&p.frontend).await?;
+        xs.release(*d).await?;
+        say("hotplug", format!("domain {d}: block-blkbackd remove released the loop device; nodes removed, domain released"));
+    }
+    let _ = stop.send(true);
+    daemon.await??;
+    println!("demo complete: guest 1's data verified byte for byte; only guest 2's ring was halted; nothing left behind.");
+    Ok(())
+}
+
+/// Waits (by watch, at most 10 s) until `path` reads `want`.
+async fn wait_value(xs: &xenstore::Client, path: &str, want: &str) -> anyhow::Result<()> {
+    let mut w = xs.watch(path).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if xs.try_read(path).await?.as_deref() == Some(want.as_bytes()) {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, w.next()).await {
+            Ok(Some(_)) => {}
+            _ => bail!("{path} did not become {want:?} within 10 s"),
+        }
     }
 }
