@@ -1,0 +1,24 @@
+#!/bin/sh
+# domU /init: the guest side. Linux xen-blkfront against whatever backend dom0
+# runs; reads the marker dom0 put on the disk, writes and re-reads 4 MiB of
+# random data with O_DIRECT, and reports everything as DOMU-MARK lines.
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+modprobe xen-blkfront
+for i in $(seq 1 300); do [ -b /dev/xvda ] && break; sleep 0.1; done
+if [ -b /dev/xvda ]; then
+  echo "DOMU-MARK xvda sectors=$(cat /sys/block/xvda/size) head=$(dd if=/dev/xvda bs=20 count=1 2>/dev/null)"
+  dmesg | grep -i -E 'blkfront|xvda' | sed 's/^/DOMU-MARK dmesg /'
+  echo "DOMU-MARK queues=$(ls /sys/block/xvda/mq | wc -l) max_segments=$(cat /sys/block/xvda/queue/max_segments) max_sectors_kb=$(cat /sys/block/xvda/queue/max_sectors_kb)"
+  dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null
+  dd if=/tmp/pat of=/dev/xvda bs=1M seek=1 conv=notrunc,fsync 2>/dev/null
+  echo 3 > /proc/sys/vm/drop_caches
+  dd if=/dev/xvda of=/tmp/back bs=1M skip=1 count=4 2>/dev/null
+  A=$(md5sum < /tmp/pat | cut -d' ' -f1); B=$(md5sum < /tmp/back | cut -d' ' -f1)
+  if [ "$A" = "$B" ]; then echo "DOMU-MARK rw-verify-ok md5=$A"; else echo "DOMU-MARK rw-verify-FAIL $A $B"; fi
+  echo domU-wrote-this | dd of=/dev/xvda bs=512 seek=8 conv=sync,notrunc,fsync 2>/dev/null
+  echo "DOMU-MARK xvda-rw-ok"
+else
+  echo "DOMU-MARK no-xvda"
+fi
+echo "DOMU-MARK done"
+exec /bin/sh
