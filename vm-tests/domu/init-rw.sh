@@ -3,7 +3,9 @@
 # runs; reads the marker dom0 put on the disk, writes and re-reads 4 MiB of
 # random data with O_DIRECT, and reports everything as DOMU-MARK lines.
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-modprobe xen-blkfront
+# xen_blkfront.* options on the kernel command line become module options.
+OPTS=""; for t in $(cat /proc/cmdline); do case $t in xen_blkfront.*) OPTS="$OPTS ${t#xen_blkfront.}";; esac; done
+modprobe xen-blkfront $OPTS
 for i in $(seq 1 300); do [ -b /dev/xvda ] && break; sleep 0.1; done
 if [ -b /dev/xvda ]; then
   echo "DOMU-MARK xvda sectors=$(cat /sys/block/xvda/size) head=$(dd if=/dev/xvda bs=20 count=1 2>/dev/null)"

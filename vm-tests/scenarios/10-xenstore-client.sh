@@ -1,17 +1,11 @@
 #!/bin/sh
-# Scenario 10 (dom0 side): blkbackd's Xenstore client against the real C
-# xenstored of a Xen dom0. The harness copies the blkbackd binary to
-# /usr/bin/blkbackd and runs this once xenstored is up; it judges by the
-# VMTEST-MARK lines on the serial console.
-#
-# The checks are the same ones the host test suite runs against the embedded
-# server (xenstore::conformance): reads and writes of arbitrary bytes, error
-# names, directories and DIRECTORY_PART, permissions, watches (initial event,
-# change, removal), transactions that commit, one with a forced conflict that
-# must answer EAGAIN, and the retrying transaction closure.
-set -u
+# Scenario 10: blkbackd's Xenstore client against the real C xenstored. The
+# checks are the ones the host suite runs against the embedded server
+# (xenstore::conformance): bytes, error names, directories and DIRECTORY_PART,
+# permissions, watches, transactions including a forced EAGAIN conflict.
+. /vmlib.sh
 if blkbackd xenstore-check --endpoint /run/xenstored/socket; then
-  echo "VMTEST-MARK xenstore-client PASS"
+  mark "xenstore-client PASS"
 else
-  echo "VMTEST-MARK xenstore-client FAIL"
+  mark "xenstore-client FAIL"
 fi
