@@ -1,7 +1,12 @@
 # Shared dom0 helpers for the scenarios (copied into dom0 as /vmlib.sh).
 mark() { echo "VMTEST-MARK $*"; }
 # fail NAME WHY: report, show the daemon's log, stop the scenario.
-fail() { mark "$1 FAIL $2"; echo "--- blkbackd log"; cat /tmp/blkbackd.log 2>/dev/null; exit 1; }
+fail() {
+  mark "$1 FAIL $2"
+  for g in /var/log/xen/console/guest-*.log; do echo "--- $g"; tail -n 40 "$g"; done
+  echo "--- blkbackd log"; tail -n 200 /tmp/blkbackd.log 2>/dev/null
+  exit 1
+}
 # Starts the daemon once per boot.
 start_blkbackd() {
   lsmod | grep -q xen_blkback && { echo "xen-blkback is loaded"; return 1; }

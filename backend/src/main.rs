@@ -95,6 +95,9 @@ enum Cmd {
         /// First ring index (near 4294967295 to exercise the 32-bit wrap).
         #[arg(long, default_value_t = 0)]
         start_index: u32,
+        /// Do not use persistent grants even if the backend offers them.
+        #[arg(long)]
+        no_persistent: bool,
     },
     /// Check a Xenstore (the real xenstored, or ours) against the behaviour
     /// blkbackd relies on; exits non-zero if any check fails.
@@ -165,6 +168,7 @@ fn main() -> anyhow::Result<()> {
                 indirect,
                 protocol,
                 start_index,
+                no_persistent,
             } => {
                 use blkbackd::sim::guest::{self, GuestArgs};
                 let mode: guest::Mode = mode.parse().map_err(anyhow::Error::msg)?;
@@ -182,7 +186,7 @@ fn main() -> anyhow::Result<()> {
                         ring_order,
                         queues,
                         indirect,
-                        persistent: true,
+                        persistent: !no_persistent,
                         abi,
                         start_index,
                     },

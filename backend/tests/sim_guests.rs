@@ -73,11 +73,19 @@ async fn a_guest_in_another_process_gets_its_data_back_byte_for_byte() {
     let b = s.backend(DomId(2), false).await;
     let (ok, out) = s.guest(DomId(2), "verify", &["--ios", "40"]).await;
     assert!(ok, "{out}");
-    assert!(out.contains("queues=2 order=2 indirect=32"), "{out}");
+    assert!(
+        out.contains("queues=2 order=2 indirect=32 persistent=true"),
+        "{out}"
+    );
     let ends = finish(b).await;
     assert_eq!(halted(&ends), 0);
     let bytes: u64 = ends.iter().map(|(_, st)| st.bytes).sum();
     assert!(bytes > 1 << 20, "only {bytes} bytes moved");
+    // Persistent grants: each page mapped once, then reused.
+    let maps: u64 = ends.iter().map(|(_, st)| st.persistent_maps).sum();
+    let hits: u64 = ends.iter().map(|(_, st)| st.persistent_hits).sum();
+    assert!(maps > 0 && hits > 10 * maps, "maps {maps}, hits {hits}");
+    assert!(maps as usize <= 2 * blkbackd::vbd::queue::MAX_PERSISTENT_GRANTS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,6 +115,22 @@ async fn a_32_bit_guest_with_one_page_ring_and_no_indirect_across_the_index_wrap
     assert!(ok, "{out}");
     assert!(out.contains("queues=1 order=0 indirect=0"), "{out}");
     assert_eq!(halted(&finish(b).await), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_persistent_grants_every_segment_is_a_grant_copy() {
+    let s = sim().await;
+    let b = s.backend(DomId(2), false).await;
+    let (ok, out) = s
+        .guest(DomId(2), "verify", &["--ios", "10", "--no-persistent"])
+        .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("persistent=false"), "{out}");
+    let ends = finish(b).await;
+    assert_eq!(
+        ends.iter().map(|(_, st)| st.persistent_maps).sum::<u64>(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Scenario 1: blkbackd is dom0's only block backend (no xen-blkback);
 # `xl create` with script=block-blkbackd and a file disk; the guest's Linux
-# blkfront reads dom0's marker and writes data that dom0 checks byte for byte;
+# blkfront (with persistent grants, which blkbackd offers) reads dom0's
+# marker and writes data that dom0 checks byte for byte;
 # `xl destroy` tears down within libxl's timeouts and leaves no loop device.
 . /vmlib.sh
 N=xl-file-disk
@@ -13,6 +14,7 @@ wait_guest domu || fail $N "the guest never finished"
 xenstore-ls -f /local/domain/0/backend/vbd | grep -E '/(state|opened|physical-device|diskseq|hotplug-status|sectors) ='
 grep -q "DOMU-MARK xvda sectors=65536 head=DISK-MAGIC-BLKBACKD" /var/log/xen/console/guest-domu.log \
   || fail $N "guest did not read dom0's marker"
+grep -q "persistent grants: enabled" /var/log/xen/console/guest-domu.log || fail $N "persistent grants not negotiated"
 MD5=$(guest_md5 domu); [ -n "$MD5" ] || fail $N "the guest's own read-back differed"
 xl destroy domu || fail $N "xl destroy"
 [ "$(file_md5 /tmp/disk1.img)" = "$MD5" ] || fail $N "dom0 reads other data than the guest wrote"

@@ -105,7 +105,7 @@ pub async fn publish_features(xs: &Client, be: &str, offer: &Offer) -> Result<()
             "feature-max-indirect-segments",
             offer.max_indirect_segments.to_string(),
         ),
-        ("feature-persistent", "0".to_owned()),
+        ("feature-persistent", "1".to_owned()),
         ("max-ring-page-order", offer.max_ring_order.to_string()),
         ("multi-queue-max-queues", offer.max_queues.to_string()),
     ];
@@ -190,14 +190,17 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         let ring = BackRing::new(mem, pages, cfg.abi)
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
         let ev = evtchn.bind_interdomain(domid, q.port).map_err(err)?;
-        queues.push(Queue::new(
-            ring,
-            ev,
-            grants.clone(),
-            disk.clone(),
-            domid,
-            limits.clone(),
-        ));
+        queues.push(
+            Queue::new(
+                ring,
+                ev,
+                grants.clone(),
+                disk.clone(),
+                domid,
+                limits.clone(),
+            )
+            .with_persistent_grants(cfg.persistent),
+        );
     }
     xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())
         .await?;

@@ -33,6 +33,24 @@ pub struct QueueStats {
     pub notifications: u64,
     /// Kicks received from the frontend.
     pub kicks: u64,
+    /// Grants mapped and kept (persistent grants).
+    pub persistent_maps: u64,
+    /// Segments served through a kept mapping instead of a grant copy.
+    pub persistent_hits: u64,
+}
+
+/// Persistent grants kept per ring, as Linux blkback keeps at most 1056: past
+/// this, further grants are served by grant copy (memory stays bounded).
+pub const MAX_PERSISTENT_GRANTS: usize = 1056;
+
+/// Grants the frontend promised to reuse, mapped once and kept until the ring
+/// is torn down (the mappings are dropped with the queue).
+#[derive(Debug, Default)]
+struct Persistent {
+    enabled: bool,
+    maps: std::collections::HashMap<crate::abi::blkif::GrantRef, SharedMem>,
+    /// Grants that could not be mapped (e.g. granted read-only): copied.
+    unmappable: std::collections::HashSet<crate::abi::blkif::GrantRef>,
 }
 
 /// How a queue ended.
@@ -53,6 +71,7 @@ pub struct Queue<G, E, D> {
     domid: DomId,
     limits: Limits,
     stats: QueueStats,
+    persistent: Persistent,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -82,7 +101,42 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             domid,
             limits,
             stats: QueueStats::default(),
+            persistent: Persistent::default(),
         }
+    }
+
+    /// Uses persistent grants (both ends said `feature-persistent = 1`).
+    pub fn with_persistent_grants(mut self, on: bool) -> Self {
+        self.persistent.enabled = on;
+        self
+    }
+
+    /// The kept mapping of `gref`, mapping it now if there is room.
+    fn persistent_page(&mut self, gref: crate::abi::blkif::GrantRef) -> Option<&SharedMem> {
+        let p = &mut self.persistent;
+        if !p.enabled || p.unmappable.contains(&gref) {
+            return None;
+        }
+        if !p.maps.contains_key(&gref) {
+            if p.maps.len() >= MAX_PERSISTENT_GRANTS {
+                return None;
+            }
+            match self.grants.map(self.domid, &[gref], true) {
+                Ok(m) => {
+                    p.maps.insert(gref, m);
+                    self.stats.persistent_maps += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(domid = %self.domid, gref, "persistent grant not mappable, copying: {e}");
+                    if p.unmappable.len() < MAX_PERSISTENT_GRANTS {
+                        p.unmappable.insert(gref);
+                    }
+                    return None;
+                }
+            }
+        }
+        self.stats.persistent_hits += 1;
+        self.persistent.maps.get(&gref)
     }
 
     /// Serves until stopped or halted.
@@ -231,34 +285,44 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         }
     }
 
-    fn copy_out(&self, req: &Request, data: &[u8]) -> Result<(), String> {
+    fn copy_out(&mut self, req: &Request, data: &[u8]) -> Result<(), String> {
         let mut at = 0;
-        let mut segs = Vec::with_capacity(req.segments.len());
+        let mut rest = Vec::new();
         for s in &req.segments {
-            segs.push(CopySeg::to_guest(
-                self.domid,
-                s.gref,
-                s.offset() as u16,
-                &data[at..at + s.len()],
-            ));
+            let chunk = &data[at..at + s.len()];
+            match self.persistent_page(s.gref) {
+                Some(page) => page.write(s.offset(), chunk),
+                None => rest.push((s.gref, s.offset() as u16, at, s.len())),
+            }
             at += s.len();
         }
+        let mut segs: Vec<CopySeg<'_>> = rest
+            .iter()
+            .map(|&(g, off, at, len)| CopySeg::to_guest(self.domid, g, off, &data[at..at + len]))
+            .collect();
         self.copy(&mut segs)
     }
 
-    fn copy_in(&self, req: &Request) -> Result<Vec<u8>, String> {
+    fn copy_in(&mut self, req: &Request) -> Result<Vec<u8>, String> {
         let mut buf = vec![0u8; req.nr_sectors as usize * SECTOR_SIZE as usize];
-        let mut rest = &mut buf[..];
-        let mut segs = Vec::with_capacity(req.segments.len());
+        let mut at = 0;
+        let mut rest = Vec::new();
         for s in &req.segments {
-            let (head, tail) = rest.split_at_mut(s.len());
-            segs.push(CopySeg::from_guest(
-                self.domid,
-                s.gref,
-                s.offset() as u16,
-                head,
-            ));
-            rest = tail;
+            match self.persistent_page(s.gref) {
+                Some(page) => page.read(s.offset(), &mut buf[at..at + s.len()]),
+                None => rest.push((s.gref, s.offset() as u16, at, s.len())),
+            }
+            at += s.len();
+        }
+        let mut tail = &mut buf[..];
+        let mut consumed = 0;
+        let mut segs = Vec::with_capacity(rest.len());
+        for &(g, off, at, len) in &rest {
+            let (_, t) = tail.split_at_mut(at - consumed);
+            let (head, t) = t.split_at_mut(len);
+            segs.push(CopySeg::from_guest(self.domid, g, off, head));
+            tail = t;
+            consumed = at + len;
         }
         self.copy(&mut segs)?;
         Ok(buf)
