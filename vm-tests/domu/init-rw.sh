@@ -22,5 +22,10 @@ if [ -b /dev/xvda ]; then
 else
   echo "DOMU-MARK no-xvda"
 fi
+# blkbackd_busy on the command line: keep writing to xvda until destroyed.
+if grep -q blkbackd_busy /proc/cmdline && [ -b /dev/xvda ]; then
+  ( while :; do dd if=/dev/urandom of=/dev/xvda bs=64k count=64 seek=32 conv=notrunc,fsync 2>/dev/null; done ) &
+  echo "DOMU-MARK busy-writing"
+fi
 echo "DOMU-MARK done"
 exec /bin/sh
