@@ -323,3 +323,73 @@ async fn a_released_domains_vbds_are_closed_and_their_disks_let_go() {
     );
     w.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_disk_is_announced_to_the_connected_guest() {
+    let w = world().await;
+    let img = w.image("grow.img", 16);
+    let p = w.vbd(6, &format!("file:{img}")).await;
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    assert!(w.hotplug("add", 6).await.status.success());
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    let guest = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+        .args(["sim-guest", "--mode", "resize", "--domid", "6"])
+        .arg("--dir")
+        .arg(w.dir.path())
+        .arg("--xenstore")
+        .arg(w.listening.path())
+        .output();
+    let grow = async {
+        w.wait_for(
+            &format!("{}/state", p.frontend),
+            "4",
+            Duration::from_secs(30),
+        )
+        .await;
+        // The operator grows the file and refreshes the loop device.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let (major, minor) = blkbackd::disk::parse_physical_device(
+            w.read(&format!("{be}/physical-device"))
+                .await
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        let diskseq = blkbackd::disk::parse_diskseq(
+            w.read(&format!("{be}/diskseq")).await.unwrap().as_bytes(),
+        )
+        .unwrap();
+        loopdev::refresh_capacity_of(blkbackd::disk::DiskId {
+            major,
+            minor,
+            diskseq,
+        })
+        .unwrap();
+    };
+    let (out, ()) = tokio::join!(guest, grow);
+    let out = out.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("resized from 32768 to 65536 sectors"),
+        "{text}"
+    );
+    assert_eq!(
+        w.read(&format!("{be}/sectors")).await.as_deref(),
+        Some("65536")
+    );
+    w.detach(6, &p).await;
+    w.finish().await;
+}

@@ -201,6 +201,25 @@ impl LoopDevice {
     }
 }
 
+/// Makes loop device `id` (checked by diskseq) pick up its backing file's new
+/// size (`LOOP_SET_CAPACITY`, what `losetup -c` does).
+pub fn refresh_capacity_of(id: DiskId) -> Result<(), DiskError> {
+    let f = open_loop(id.minor, false, false)
+        .map_err(io_err(format!("opening /dev/loop{}", id.minor)))?;
+    let seq = sys::diskseq(&f).map_err(io_err("BLKGETDISKSEQ"))?;
+    if seq != id.diskseq || id.major != LOOP_MAJOR {
+        return Err(DiskError::Reused {
+            major: id.major,
+            minor: id.minor,
+            wanted: id.diskseq,
+            found: seq,
+        });
+    }
+    sys::ioctl_int(&f, sys::LOOP_SET_CAPACITY, 0)
+        .map(drop)
+        .map_err(io_err("LOOP_SET_CAPACITY"))
+}
+
 /// Releases the loop device `id` names, if it still is that device: `None`
 /// if it was already released (its diskseq moved on), else the new diskseq.
 /// What `hotplug remove` uses: it can never detach someone else's device.

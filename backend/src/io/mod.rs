@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::disk::{sys, OpenedDisk};
@@ -23,6 +24,11 @@ pub trait Disk: Send + Sync + 'static {
     }
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// Re-reads the size (after a grown dm table or a refreshed loop device)
+    /// and returns it; [`Disk::sectors`] reports it from then on.
+    fn refresh_sectors(&self) -> io::Result<u64> {
+        Ok(self.sectors())
+    }
     /// Whether [`Disk::discard`] works.
     fn can_discard(&self) -> bool {
         !self.read_only()
@@ -124,7 +130,8 @@ enum Discard {
 #[derive(Debug)]
 pub struct FileDisk {
     file: File,
-    sectors: u64,
+    sectors: AtomicU64,
+    block_device: bool,
     lbs: u32,
     read_only: bool,
     discard: Discard,
@@ -135,7 +142,8 @@ impl FileDisk {
     /// A block device opened and verified by diskseq.
     pub fn from_opened(d: OpenedDisk) -> FileDisk {
         FileDisk {
-            sectors: d.size / 512,
+            sectors: AtomicU64::new(d.size / 512),
+            block_device: true,
             lbs: d.logical_block_size.max(512),
             read_only: d.read_only,
             discard: if d.discard {
@@ -163,7 +171,8 @@ impl FileDisk {
         let len = file.metadata()?.len();
         Ok(FileDisk {
             file,
-            sectors: len / 512,
+            sectors: AtomicU64::new(len / 512),
+            block_device: false,
             lbs: 512,
             read_only,
             discard: Discard::PunchHole,
@@ -174,7 +183,17 @@ impl FileDisk {
 
 impl Disk for FileDisk {
     fn sectors(&self) -> u64 {
-        self.sectors
+        self.sectors.load(Ordering::Relaxed)
+    }
+
+    fn refresh_sectors(&self) -> io::Result<u64> {
+        let bytes = if self.block_device {
+            sys::size_bytes(&self.file)?
+        } else {
+            self.file.metadata()?.len()
+        };
+        self.sectors.store(bytes / 512, Ordering::Relaxed);
+        Ok(bytes / 512)
     }
 
     fn logical_block_size(&self) -> u32 {

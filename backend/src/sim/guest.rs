@@ -40,11 +40,14 @@ pub enum Mode {
     RevokedGrant,
     /// A task rewriting ring slots while the backend reads them.
     Rewrite,
+    /// Stay connected until the backend announces a bigger disk, then use
+    /// the new end of it.
+    Resize,
 }
 
 impl Mode {
     /// Every mode, for tests and help text.
-    pub const ALL: [(&'static str, Mode); 10] = [
+    pub const ALL: [(&'static str, Mode); 11] = [
         ("verify", Mode::Verify),
         ("bogus-prod", Mode::BogusProd),
         ("too-many-segments", Mode::TooManySegments),
@@ -55,6 +58,7 @@ impl Mode {
         ("bad-grant", Mode::BadGrant),
         ("revoked-grant", Mode::RevokedGrant),
         ("rewrite", Mode::Rewrite),
+        ("resize", Mode::Resize),
     ];
 
     /// Whether a correct backend halts the ring for this misbehaviour.
@@ -217,6 +221,7 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
             still_serves(&front, args.seed).await?
         }
         Mode::Rewrite => rewrite(&front, args.seed).await?,
+        Mode::Resize => resized(&front).await?,
     };
     Ok(format!("{tag} {report}"))
 }
@@ -356,5 +361,41 @@ async fn rewrite(front: &Arc<Blkfront>, seed: u64) -> Result<String, FrontError>
     Ok(format!(
         "scribbles={scribbles} served={served} failed={failed} halted={}",
         err.is_some()
+    ))
+}
+
+/// Waits (as blkfront's state watch does) for the backend to publish a new
+/// `sectors`, then writes and reads back the last sector of the grown disk.
+async fn resized(front: &Blkfront) -> Result<String, FrontError> {
+    use xenstore::Xs;
+    let xs = front.xenstore();
+    let path = format!("{}/sectors", front.backend_path());
+    let mut w = xs.watch(&format!("{}/state", front.backend_path())).await?;
+    println!("SIM-GUEST connected sectors={}", front.sectors);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let now = loop {
+        let s: u64 = xs
+            .read_string(&path)
+            .await?
+            .parse()
+            .map_err(|_| fail("bad sectors"))?;
+        if s != front.sectors {
+            break s;
+        }
+        match tokio::time::timeout_at(deadline, w.next()).await {
+            Ok(Some(_)) => {}
+            _ => return Err(fail("the backend never announced a new size")),
+        }
+    };
+    let data = vec![0x5Au8; 4096];
+    front.write(now - 8, &data).await?;
+    let mut back = vec![0u8; 4096];
+    front.read(now - 8, &mut back).await?;
+    if back != data {
+        return Err(fail("the grown end of the disk does not read back"));
+    }
+    Ok(format!(
+        "resized from {} to {now} sectors; the new end reads back",
+        front.sectors
     ))
 }

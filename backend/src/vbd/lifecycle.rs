@@ -23,7 +23,7 @@ use xenstore::{Client, Xs};
 use super::{publish_features, publish_geometry, serve_frontend, Offer};
 use crate::abi::sys::XenbusState;
 use crate::disk::{self, DiskId};
-use crate::io::FileDisk;
+use crate::io::{Disk, FileDisk};
 use crate::xen::{DomId, EventChannels, Grants};
 
 /// What a vbd task needs.
@@ -228,10 +228,23 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             qstop_rx,
         );
         tokio::pin!(serving);
+        let mut size_check = tokio::time::interval(Duration::from_secs(1));
+        let mut published = disk.sectors();
         // Serve until the frontend or the toolstack closes, or we stop.
         let outcome = loop {
             tokio::select! {
                 r = &mut serving => break Some(r),
+                _ = size_check.tick() => {
+                    match disk.refresh_sectors() {
+                        Ok(now) if now != published => {
+                            publish_resize(xs, be, now).await?;
+                            tracing::info!(%domid, backend = be, from = published, to = now, "disk resized");
+                            published = now;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(%domid, "cannot re-read the disk size: {e}"),
+                    }
+                }
                 alive = changed(&mut be_w, &mut fe_w, stop) => {
                     let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
                     let be_state = state_of(xs, &format!("{be}/state")).await?;
@@ -299,6 +312,20 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             return Ok(());
         }
     }
+}
+
+/// Tells a connected frontend the disk's new size as blkback does: the new
+/// `sectors` and the state rewritten with its value, in one transaction, so
+/// blkfront's state watch fires and it re-reads the capacity.
+async fn publish_resize(xs: &Client, be: &str, sectors: u64) -> Result<(), Fatal> {
+    xs.transaction(|tx| async move {
+        tx.write(&format!("{be}/sectors"), sectors.to_string())
+            .await?;
+        tx.write(&format!("{be}/state"), XenbusState::Connected.as_str())
+            .await
+    })
+    .await?;
+    Ok(())
 }
 
 async fn wait_removed(

@@ -175,6 +175,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// One pass: at most a ring's worth of requests.
     fn sweep(&mut self) -> Result<(), RingError> {
         let raws = self.ring.take(self.ring.size())?;
+        // The disk may have grown (resize): check requests against its size now.
+        self.limits.disk_sectors = self.disk.sectors();
         let mut halt = None;
         for raw in raws {
             let (id, op, status) = match parse(&raw, self.ring.abi(), &self.limits) {
