@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod attach;
 pub mod daemon;
 pub mod demo;
 pub mod disk;

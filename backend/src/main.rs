@@ -44,6 +44,32 @@ enum Cmd {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Attach a disk to a domain as libxl would (nodes and permissions in one
+    /// transaction, InitWait, the block script); needs `blkbackd serve` running.
+    Attach {
+        /// The guest domain.
+        #[arg(long)]
+        domid: u16,
+        /// The guest's device name (xvda..xvdp) or Xen device number.
+        #[arg(long, default_value = "xvda")]
+        vdev: String,
+        /// What to serve (see the README's params grammar).
+        #[arg(long)]
+        params: String,
+        /// Serve read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Detach a disk as libxl would (online=0 + Closing, Closed within 10 s,
+    /// the block script's remove, nodes deleted).
+    Detach {
+        /// The guest domain.
+        #[arg(long)]
+        domid: u16,
+        /// The guest's device name (xvda..xvdp) or Xen device number.
+        #[arg(long, default_value = "xvda")]
+        vdev: String,
+    },
     /// The libxl block script (`/etc/xen/scripts/block-blkbackd` execs this):
     /// `add` builds the disk named by `params` and publishes it by
     /// identity; `remove` undoes it. Uses XENBUS_PATH and XENSTORED_PATH.
@@ -140,6 +166,35 @@ fn main() -> anyhow::Result<()> {
                 allow_missing_diskseq,
             } => serve(sim, xenstore, allow_missing_diskseq).await,
             Cmd::XenstoreCheck { endpoint, scratch } => xenstore_check(endpoint, &scratch).await,
+            Cmd::Attach {
+                domid,
+                vdev,
+                params,
+                read_only,
+            } => {
+                let devid = blkbackd::attach::devid_of(&vdev)?;
+                let xs = xenstore::Client::connect().await?;
+                let (paths, id) = blkbackd::attach::attach(
+                    &xs,
+                    xenstore::DomId(domid),
+                    devid,
+                    &params,
+                    !read_only,
+                )
+                .await?;
+                println!(
+                    "attached {params} as {vdev} of domain {domid}: {} ({id})",
+                    paths.backend
+                );
+                Ok(())
+            }
+            Cmd::Detach { domid, vdev } => {
+                let devid = blkbackd::attach::devid_of(&vdev)?;
+                let xs = xenstore::Client::connect().await?;
+                blkbackd::attach::detach(&xs, xenstore::DomId(domid), devid).await?;
+                println!("detached {vdev} of domain {domid}");
+                Ok(())
+            }
             Cmd::Hotplug {
                 action,
                 xenbus_path,

@@ -393,3 +393,55 @@ async fn a_grown_disk_is_announced_to_the_connected_guest() {
     w.detach(6, &p).await;
     w.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_and_detach_commands_do_what_libxl_does() {
+    let w = world().await;
+    let img = w.image("cli.img", 16);
+    w.server.introduce(DomId(7));
+    toolstack::create_domain_home(&w.xs, DomId(7))
+        .await
+        .unwrap();
+    let cli = |args: Vec<String>| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+            .args(args)
+            .env("XENSTORED_PATH", w.listening.path())
+            .output()
+    };
+    let out = cli(vec![
+        "attach".into(),
+        "--domid".into(),
+        "7".into(),
+        "--vdev".into(),
+        "xvdb".into(),
+        "--params".into(),
+        format!("file:{img}"),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let be = "/local/domain/0/backend/vbd/7/51728";
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    // Frontend nodes belong to the guest, backend nodes to dom0 (read for the guest).
+    let perms = w.xs.get_perms(be).await.unwrap();
+    assert_eq!(perms[0].domid, DomId(0));
+    let fe_perms =
+        w.xs.get_perms("/local/domain/7/device/vbd/51728")
+            .await
+            .unwrap();
+    assert_eq!(fe_perms[0].domid, DomId(7));
+    let out = cli(vec![
+        "detach".into(),
+        "--domid".into(),
+        "7".into(),
+        "--vdev".into(),
+        "xvdb".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(w.read(be).await.is_none());
+    assert!(w.read("/local/domain/7/device/vbd/51728").await.is_none());
+    w.finish().await;
+}
