@@ -31,11 +31,13 @@ vcpus=$3
 disk=["$2"]
 EOC
 }
-# wait_guest NAME: until the guest's init reports done (60 s).
+# wait_guest NAME: until the guest's init reports done (60 s); fails if
+# blkfront reported an operation blkbackd answered with an error.
 wait_guest() {
   i=0; until grep -q "DOMU-MARK done" /var/log/xen/console/guest-$1.log 2>/dev/null; do
     i=$((i+1)); [ $i -lt 600 ] || return 1; sleep 0.1; done
   grep DOMU-MARK /var/log/xen/console/guest-$1.log
+  ! grep -E "blkfront: .* op failed" /var/log/xen/console/guest-$1.log
 }
 # guest_md5 NAME: the md5 of what the guest wrote and read back itself.
 guest_md5() { sed -n 's/.*DOMU-MARK rw-verify-ok md5=\([0-9a-f]*\).*/\1/p' /var/log/xen/console/guest-$1.log; }

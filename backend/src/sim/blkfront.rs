@@ -497,9 +497,10 @@ impl Blkfront {
         self.rw(BLKIF_OP_WRITE, sector, &mut copy).await
     }
 
-    /// A flush without data.
+    /// A flush without data. Like Linux blkfront, it carries sector_number
+    /// (sector_t)-1, the block layer's value for a request with no sectors.
     pub async fn flush(&self) -> Result<()> {
-        let raw = encode::rw(self.abi, BLKIF_OP_FLUSH_DISKCACHE, 0, 0, &[]);
+        let raw = encode::rw(self.abi, BLKIF_OP_FLUSH_DISKCACHE, 0, u64::MAX, &[]);
         match self
             .submit_raw(self.pick_queue(), raw, Duration::from_secs(30))
             .await?

@@ -164,10 +164,14 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     let ts = check_toolstack(xs, be, domid).await?;
     let mut be_w = xs.watch(be).await?;
     let mut fe_w = xs.watch(&format!("{}/state", ts.fe)).await?;
-    xs.write(&format!("{be}/opened"), "0").await?;
-    publish_features(xs, be, &ctx.offer).await?;
-    set_state(xs, be, XenbusState::InitWait).await?;
-    tracing::info!(%domid, backend = be, "vbd in InitWait, waiting for the hotplug script");
+    if adopting(xs, be, &ts.fe).await? {
+        tracing::info!(%domid, backend = be, "adopting a connected device: re-attaching its rings at rsp_prod");
+    } else {
+        xs.write(&format!("{be}/opened"), "0").await?;
+        publish_features(xs, be, &ctx.offer).await?;
+        set_state(xs, be, XenbusState::InitWait).await?;
+        tracing::info!(%domid, backend = be, "vbd in InitWait, waiting for the hotplug script");
+    }
 
     // The hotplug script's handshake: physical-device + diskseq.
     let disk = loop {
@@ -326,6 +330,22 @@ async fn publish_resize(xs: &Client, be: &str, sectors: u64) -> Result<(), Fatal
     })
     .await?;
     Ok(())
+}
+
+/// Whether a previous daemon left this device connected (it crashed or was
+/// restarted). Its rings are then taken over where they stand: the queues
+/// answer requests strictly in ring order, so the published `rsp_prod` marks
+/// exactly what was answered; consumption resumes there (`BACK_RING_ATTACH`),
+/// requests that were taken but not answered are read again and re-executed,
+/// and nothing answered is answered twice. (Linux blkfront does not reconnect
+/// from Closed, so going through Closing would strand the guest.) An engine
+/// that completes out of order must keep responses in ring order to keep this
+/// safe.
+async fn adopting(xs: &Client, be: &str, fe: &str) -> Result<bool, Fatal> {
+    Ok(
+        state_of(xs, &format!("{be}/state")).await? == Some(XenbusState::Connected)
+            && state_of(xs, &format!("{fe}/state")).await? == Some(XenbusState::Connected),
+    )
 }
 
 async fn wait_removed(

@@ -172,12 +172,18 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         }
     }
 
-    /// One pass: at most a ring's worth of requests.
+    /// One pass: at most a ring's worth of requests. Answers are kept private
+    /// until the whole pass is done, then written and published together in
+    /// ring order: a request's slot is overwritten by its answer only just
+    /// before the answer is published, so a daemon killed mid-pass leaves
+    /// every unanswered request readable for the next one (see
+    /// `lifecycle::adopting`).
     fn sweep(&mut self) -> Result<(), RingError> {
         let raws = self.ring.take(self.ring.size())?;
         // The disk may have grown (resize): check requests against its size now.
         self.limits.disk_sectors = self.disk.sectors();
         let mut halt = None;
+        let mut answers = Vec::with_capacity(raws.len());
         for raw in raws {
             let (id, op, status) = match parse(&raw, self.ring.abi(), &self.limits) {
                 Ok(Parsed::Ready(req)) => (req.id, req.wire_op, self.execute(&req)),
@@ -203,10 +209,13 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             } else {
                 self.stats.errors += 1;
             }
-            self.ring.put_response(id, op, status);
+            answers.push((id, op, status));
             if halt.is_some() {
                 break;
             }
+        }
+        for (id, op, status) in answers {
+            self.ring.put_response(id, op, status);
         }
         if self.ring.push_responses() {
             self.stats.notifications += 1;
@@ -244,9 +253,18 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
 
     /// Runs a validated request against the disk; returns its status.
     fn execute(&mut self, req: &Request) -> i16 {
-        let off = req.sector.checked_mul(SECTOR_SIZE);
+        // A flush without data names no sectors: Linux sends sector_number
+        // (sector_t)-1 for it, which must not be taken for an offset.
+        let no_data =
+            req.segments.is_empty() && matches!(req.op, Operation::Flush | Operation::Barrier);
+        let off = if no_data {
+            Some(0)
+        } else {
+            req.sector.checked_mul(SECTOR_SIZE)
+        };
         let len = req.nr_sectors.checked_mul(SECTOR_SIZE);
         let (Some(off), Some(len)) = (off, len) else {
+            tracing::debug!(domid = %self.domid, id = req.id, "request range overflows");
             return BLKIF_RSP_ERROR;
         };
         let result = match req.op {
