@@ -29,8 +29,8 @@ pub enum AttachError {
     Timeout {
         /// The node.
         path: String,
-        /// The state wanted.
-        want: &'static str,
+        /// The value wanted.
+        want: String,
         /// How long we waited.
         secs: u64,
     },
@@ -56,17 +56,12 @@ pub fn devid_of(vdev: &str) -> Result<u32, AttachError> {
     }
 }
 
-async fn wait_state(
-    xs: &Client,
-    path: &str,
-    want: XenbusState,
-    name: &'static str,
-) -> Result<(), AttachError> {
+/// Waits by watch, at most [`LIBXL_TIMEOUT`], until `path` reads `want`.
+pub async fn wait_value(xs: &Client, path: &str, want: &str) -> Result<(), AttachError> {
     let mut w = xs.watch(path).await?;
     let deadline = tokio::time::Instant::now() + LIBXL_TIMEOUT;
     loop {
-        let v = xs.try_read(path).await?;
-        if v.as_deref() == Some(want.as_str().as_bytes()) {
+        if xs.try_read(path).await?.as_deref() == Some(want.as_bytes()) {
             return Ok(());
         }
         match tokio::time::timeout_at(deadline, w.next()).await {
@@ -74,7 +69,7 @@ async fn wait_state(
             _ => {
                 return Err(AttachError::Timeout {
                     path: path.to_owned(),
-                    want: name,
+                    want: want.to_owned(),
                     secs: LIBXL_TIMEOUT.as_secs(),
                 })
             }
@@ -93,11 +88,10 @@ pub async fn attach(
 ) -> Result<(VbdPaths, DiskId), AttachError> {
     let mode = if writable { "w" } else { "r" };
     let paths = toolstack::create_vbd(xs, domid, devid, params, mode).await?;
-    wait_state(
+    wait_value(
         xs,
         &format!("{}/state", paths.backend),
-        XenbusState::InitWait,
-        "InitWait",
+        XenbusState::InitWait.as_str(),
     )
     .await?;
     let rel = format!("backend/vbd/{}/{devid}", domid.0);
@@ -118,7 +112,7 @@ pub async fn detach(xs: &Client, domid: DomId, devid: u32) -> Result<(), AttachE
         }
     })
     .await?;
-    wait_state(xs, &format!("{be}/state"), XenbusState::Closed, "Closed").await?;
+    wait_value(xs, &format!("{be}/state"), XenbusState::Closed.as_str()).await?;
     hotplug::remove(xs, &format!("backend/vbd/{}/{devid}", domid.0)).await?;
     xs.rm(&paths.backend).await?;
     xs.rm(&paths.frontend).await?;

@@ -101,44 +101,7 @@ pub async fn run_memory(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
         "published features and geometry; both vbds in state 2 (InitWait)",
     );
 
-    let guest = |d: DomId, mode: &str, extra: &[&str]| {
-        let mut c = world.guest_command(&exe, d, mode);
-        c.args(extra).env("RUST_LOG", "warn");
-        c.output()
-    };
-    say(
-        "guest d1",
-        format!(
-            "starting `{} sim-guest --mode verify` (a separate process)",
-            exe.display()
-        ),
-    );
-    say(
-        "guest d2",
-        "starting `sim-guest --mode bogus-prod`: it will claim more requests than its ring holds",
-    );
-    let (g1, g2) = tokio::join!(
-        guest(GOOD, "verify", &["--ios", "100"]),
-        guest(HOSTILE, "bogus-prod", &[])
-    );
-    let (g1, g2) = (
-        g1.context("running guest 1")?,
-        g2.context("running guest 2")?,
-    );
-    for (name, out) in [("guest d1", &g1), ("guest d2", &g2)] {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            say(name, line);
-        }
-    }
-    if !g1.status.success() {
-        bail!("guest 1 failed: {}", String::from_utf8_lossy(&g1.stderr));
-    }
-    if !g2.status.success() {
-        bail!(
-            "guest 2 did not see its ring halted: {}",
-            String::from_utf8_lossy(&g2.stderr)
-        );
-    }
+    run_guests(&exe, |d, mode| world.guest_command(&exe, d, mode)).await?;
     let err = world
         .dom0
         .try_read(&format!("{}/error", hostile.paths.backend))
@@ -265,18 +228,15 @@ pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
         server.introduce(d);
         crate::sim::toolstack::create_domain_home(&xs, d).await?;
         let params = format!("file:{}", img.display());
-        let p = crate::sim::toolstack::create_vbd(&xs, d, DEVID, &params, "w").await?;
+        let (p, id) = crate::attach::attach(&xs, d, DEVID, &params, true).await?;
         say(
             "toolstack",
             format!("domain {d}: vbd {DEVID} with params {params} (backend and frontend nodes in one transaction)"),
         );
-        wait_value(&xs, &format!("{}/state", p.backend), "2").await?;
         say(
             "daemon",
             format!("domain {d}: state 2 (InitWait), features published"),
         );
-        let rel = format!("backend/vbd/{}/{DEVID}", d.0);
-        let id = crate::hotplug::add(&xs, &rel).await?;
         say(
             "hotplug",
             format!(
@@ -286,29 +246,71 @@ pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
                 id.diskseq_hex()
             ),
         );
-        wait_value(&xs, &format!("{}/opened", p.backend), "1").await?;
+        crate::attach::wait_value(&xs, &format!("{}/opened", p.backend), "1").await?;
         let sectors = xs.read_string(&format!("{}/sectors", p.backend)).await?;
         say(
             "daemon",
             format!("domain {d}: disk {id} opened by diskseq; opened=1, {sectors} sectors"),
         );
-        vbds.push((d, p, rel));
+        vbds.push((d, p));
     }
 
-    let guest = |d: DomId, mode: &str, extra: &[&str]| {
+    run_guests(&exe, |d, mode| {
         let mut c = tokio::process::Command::new(&exe);
         c.args(["sim-guest", "--mode", mode, "--domid", &d.0.to_string()])
             .arg("--dir")
             .arg(&dir)
             .arg("--xenstore")
-            .arg(listening.path())
-            .args(extra)
-            .env("RUST_LOG", "warn");
+            .arg(listening.path());
+        c
+    })
+    .await?;
+    let err = xs
+        .try_read(&format!("{}/error", vbds[1].1.backend))
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    say(
+        "daemon",
+        format!("domain 2: error node says \"{err}\"; state 5 (Closing)"),
+    );
+
+    for (d, _) in &vbds {
+        let t0 = std::time::Instant::now();
+        crate::attach::detach(&xs, *d, DEVID).await?;
+        say(
+            "toolstack",
+            format!(
+                "domain {d}: online=0 + Closing; the daemon answered Closed, block-blkbackd remove released the loop device, nodes removed ({} ms in all)",
+                t0.elapsed().as_millis()
+            ),
+        );
+        xs.release(*d).await?;
+    }
+    let _ = stop.send(true);
+    daemon.await??;
+    println!("demo complete: guest 1's data verified byte for byte; only guest 2's ring was halted; nothing left behind.");
+    Ok(())
+}
+
+/// Runs the two guests side by side (`command` builds a `sim-guest` command
+/// line for a domain and mode), prints what they report, and fails unless the
+/// good one verified its data and the hostile one saw its ring halted.
+async fn run_guests(
+    exe: &std::path::Path,
+    command: impl Fn(DomId, &str) -> tokio::process::Command,
+) -> anyhow::Result<()> {
+    let guest = |d: DomId, mode: &str, extra: &[&str]| {
+        let mut c = command(d, mode);
+        c.args(extra).env("RUST_LOG", "warn");
         c.output()
     };
     say(
         "guest d1",
-        "starting `blkbackd sim-guest --mode verify` (a separate process)",
+        format!(
+            "starting `{} sim-guest --mode verify` (a separate process)",
+            exe.display()
+        ),
     );
     say(
         "guest d2",
@@ -336,64 +338,5 @@ pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
             String::from_utf8_lossy(&g2.stderr)
         );
     }
-    let err = xs
-        .try_read(&format!("{}/error", vbds[1].1.backend))
-        .await?
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .unwrap_or_default();
-    say(
-        "daemon",
-        format!("domain 2: error node says \"{err}\"; state 5 (Closing)"),
-    );
-
-    for (d, p, rel) in &vbds {
-        let be = p.backend.clone();
-        xs.transaction(|tx| {
-            let be = be.clone();
-            async move {
-                tx.write(&format!("{be}/online"), "0").await?;
-                tx.write(&format!("{be}/state"), XenbusState::Closing.as_str())
-                    .await
-            }
-        })
-        .await?;
-        let t0 = std::time::Instant::now();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            wait_value(&xs, &format!("{be}/state"), "6"),
-        )
-        .await
-        .context("the daemon did not close within libxl's 10 s")??;
-        say(
-            "toolstack",
-            format!(
-                "domain {d}: online=0 + Closing; the daemon answered Closed in {} ms",
-                t0.elapsed().as_millis()
-            ),
-        );
-        crate::hotplug::remove(&xs, rel).await?;
-        xs.rm(&p.backend).await?;
-        xs.rm(&p.frontend).await?;
-        xs.release(*d).await?;
-        say("hotplug", format!("domain {d}: block-blkbackd remove released the loop device; nodes removed, domain released"));
-    }
-    let _ = stop.send(true);
-    daemon.await??;
-    println!("demo complete: guest 1's data verified byte for byte; only guest 2's ring was halted; nothing left behind.");
     Ok(())
-}
-
-/// Waits (by watch, at most 10 s) until `path` reads `want`.
-async fn wait_value(xs: &xenstore::Client, path: &str, want: &str) -> anyhow::Result<()> {
-    let mut w = xs.watch(path).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if xs.try_read(path).await?.as_deref() == Some(want.as_bytes()) {
-            return Ok(());
-        }
-        match tokio::time::timeout_at(deadline, w.next()).await {
-            Ok(Some(_)) => {}
-            _ => bail!("{path} did not become {want:?} within 10 s"),
-        }
-    }
 }

@@ -181,19 +181,25 @@ fn node_for(major: u32, minor: u32) -> Result<(PathBuf, Option<tempfile::TempDir
     Ok((dir.path().join("disk"), Some(dir)))
 }
 
-/// Opens block device (major, minor) and checks it is the disk `diskseq` names.
-/// On any mismatch the fd is closed and the error names both numbers.
-pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
-    let (path, _private) = node_for(id.major, id.minor)?;
+/// Opens a node for I/O and reads its metadata from the same fd.
+fn open_node(path: &Path, writable: bool) -> Result<(File, std::fs::Metadata), DiskError> {
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(&path)
+        .open(path)
         .map_err(io_err(format!("opening {}", path.display())))?;
     let meta = file
         .metadata()
         .map_err(io_err(format!("fstat of {}", path.display())))?;
+    Ok((file, meta))
+}
+
+/// Opens block device (major, minor) and checks it is the disk `diskseq` names.
+/// On any mismatch the fd is closed and the error names both numbers.
+pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
+    let (path, _private) = node_for(id.major, id.minor)?;
+    let (file, meta) = open_node(&path, writable)?;
     if !meta.file_type().is_block_device() || sys::split_dev(meta.rdev()) != (id.major, id.minor) {
         return Err(DiskError::NotThatDevice {
             path,
@@ -224,15 +230,7 @@ pub fn current_diskseq(major: u32, minor: u32) -> Result<u64, DiskError> {
 /// Opens a block device by path and reads its identity from the same fd
 /// (what a hotplug script publishes for a `params` naming a block device).
 pub fn identify(path: &Path, writable: bool) -> Result<OpenedDisk, DiskError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io_err(format!("opening {}", path.display())))?;
-    let meta = file
-        .metadata()
-        .map_err(io_err(format!("fstat of {}", path.display())))?;
+    let (file, meta) = open_node(path, writable)?;
     if !meta.file_type().is_block_device() {
         return Err(DiskError::Format {
             key: "params",
