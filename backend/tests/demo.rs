@@ -52,7 +52,7 @@ fn the_demo_command_prints_the_whole_story() {
         "SIM-GUEST PASS",
         "verified ios=",
         "ring halted: frontend provided bogus ring requests",
-        "answered Closed in",
+        "the daemon answered Closed",
         "demo complete",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
