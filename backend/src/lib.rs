@@ -17,5 +17,6 @@ pub mod io;
 pub mod ring;
 pub mod signals;
 pub mod sim;
+pub mod status;
 pub mod vbd;
 pub mod xen;

@@ -70,6 +70,12 @@ enum Cmd {
         #[arg(long, default_value = "xvda")]
         vdev: String,
     },
+    /// Show every vbd: state, disk and diskseq, what the frontend negotiated.
+    Status {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The libxl block script (`/etc/xen/scripts/block-blkbackd` execs this):
     /// `add` builds the disk named by `params` and publishes it by
     /// identity; `remove` undoes it. Uses XENBUS_PATH and XENSTORED_PATH.
@@ -193,6 +199,16 @@ fn main() -> anyhow::Result<()> {
                 let xs = xenstore::Client::connect().await?;
                 blkbackd::attach::detach(&xs, xenstore::DomId(domid), devid).await?;
                 println!("detached {vdev} of domain {domid}");
+                Ok(())
+            }
+            Cmd::Status { json } => {
+                let xs = xenstore::Client::connect().await?;
+                let vbds = blkbackd::status::collect(&xs).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&vbds)?);
+                } else {
+                    print!("{}", blkbackd::status::table(&vbds));
+                }
                 Ok(())
             }
             Cmd::Hotplug {

@@ -15,6 +15,8 @@ xenstore-ls -f /local/domain/0/backend/vbd | grep -E '/(state|opened|physical-de
 grep -q "DOMU-MARK xvda sectors=65536 head=DISK-MAGIC-BLKBACKD" /var/log/xen/console/guest-domu.log \
   || fail $N "guest did not read dom0's marker"
 grep -q "persistent grants: enabled" /var/log/xen/console/guest-domu.log || fail $N "persistent grants not negotiated"
+blkbackd status
+blkbackd status --json | grep -q '"state": "Connected"' || fail $N "status does not show the vbd Connected"
 MD5=$(guest_md5 domu); [ -n "$MD5" ] || fail $N "the guest's own read-back differed"
 xl destroy domu || fail $N "xl destroy"
 [ "$(file_md5 /tmp/disk1.img)" = "$MD5" ] || fail $N "dom0 reads other data than the guest wrote"
