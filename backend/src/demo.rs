@@ -211,7 +211,7 @@ pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
         xs: xs.clone(),
         grants: Arc::new(SimGrants::new(&dir, DomId::DOM0)),
         evtchn: Arc::new(SimEvtchn::new(&dir, DomId::DOM0)),
-        offer: Offer::default(),
+        offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq: false,
     });
     let (stop, stop_rx) = tokio::sync::watch::channel(false);

@@ -37,6 +37,10 @@ enum Cmd {
         /// alone. Unsafe: a released and reused device number could be served.
         #[arg(long)]
         allow_missing_diskseq: bool,
+        /// Configuration file (TOML; see the README). SIGHUP re-reads it for
+        /// devices created afterwards.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run the embedded Xenstore server on a unix socket until SIGINT/SIGTERM.
     Xenstored {
@@ -170,7 +174,8 @@ fn main() -> anyhow::Result<()> {
                 sim,
                 xenstore,
                 allow_missing_diskseq,
-            } => serve(sim, xenstore, allow_missing_diskseq).await,
+                config,
+            } => serve(sim, xenstore, allow_missing_diskseq, config).await,
             Cmd::XenstoreCheck { endpoint, scratch } => xenstore_check(endpoint, &scratch).await,
             Cmd::Attach {
                 domid,
@@ -281,9 +286,21 @@ async fn serve(
     sim: Option<PathBuf>,
     endpoint: Option<PathBuf>,
     allow_missing_diskseq: bool,
+    config: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use blkbackd::vbd::{lifecycle::VbdCtx, Offer};
-    use std::sync::Arc;
+    use blkbackd::config::Config;
+    use blkbackd::vbd::lifecycle::VbdCtx;
+    use std::sync::{Arc, RwLock};
+    let cfg = match &config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let offer = RwLock::new(
+        cfg.offer()
+            .map_err(|(k, v, r)| anyhow::anyhow!("offer.{k} = {v} is outside {r}"))?,
+    );
+    let allow_missing_diskseq = allow_missing_diskseq || cfg.allow_missing_diskseq;
+    let endpoint = endpoint.or(cfg.xenstore.clone());
     if allow_missing_diskseq {
         tracing::warn!(
             "serving disks published without diskseq: a reused device number could be served"
@@ -315,9 +332,10 @@ async fn serve(
                     &dir,
                     xenstore::DomId::DOM0,
                 )),
-                offer: Offer::default(),
+                offer,
                 allow_missing_diskseq,
             });
+            reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
         }
         None => {
@@ -332,13 +350,43 @@ async fn serve(
                     blkbackd::xen::dev::Gntdev::open().context("opening /dev/xen/gntdev")?,
                 ),
                 evtchn: Arc::new(blkbackd::xen::dev::Evtchn),
-                offer: Offer::default(),
+                offer,
                 allow_missing_diskseq,
             });
+            reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
         }
     }
     Ok(())
+}
+
+/// SIGHUP: re-read the configuration; a bad file keeps the old one (and says why).
+fn reload_on_sighup<G, E>(
+    ctx: std::sync::Arc<blkbackd::vbd::lifecycle::VbdCtx<G, E>>,
+    path: Option<PathBuf>,
+) where
+    G: Send + Sync + 'static,
+    E: Send + Sync + 'static,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let Some(path) = path else { return };
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match blkbackd::config::Config::load(&path).map(|c| c.offer()) {
+                Ok(Ok(o)) => {
+                    tracing::info!(?o, "configuration re-read; new devices get this offer");
+                    *ctx.offer.write().unwrap_or_else(|e| e.into_inner()) = o;
+                }
+                Ok(Err((k, v, r))) => {
+                    tracing::error!("keeping the old configuration: offer.{k} = {v} is outside {r}")
+                }
+                Err(e) => tracing::error!("keeping the old configuration: {e}"),
+            }
+        }
+    });
 }
 
 async fn xenstored(socket: PathBuf) -> anyhow::Result<()> {

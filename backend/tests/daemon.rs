@@ -46,7 +46,7 @@ async fn world() -> World {
         xs: xs.clone(),
         grants: Arc::new(SimGrants::new(dir.path(), DomId::DOM0)),
         evtchn: Arc::new(SimEvtchn::new(dir.path(), DomId::DOM0)),
-        offer: Offer::default(),
+        offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq: false,
     });
     let (stop, rx) = watch::channel(false);

@@ -35,8 +35,9 @@ pub struct VbdCtx<G, EC> {
     pub grants: Arc<G>,
     /// Event channels.
     pub evtchn: Arc<EC>,
-    /// What we offer frontends.
-    pub offer: Offer,
+    /// What we offer frontends (re-read on SIGHUP; a device keeps what it
+    /// was offered when it was created).
+    pub offer: std::sync::RwLock<Offer>,
     /// Serve a `physical-device` without `diskseq` (unsafe; off by default).
     pub allow_missing_diskseq: bool,
 }
@@ -161,6 +162,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Fatal> {
     let xs = &ctx.xs;
+    let offer = ctx.offer.read().unwrap_or_else(|e| e.into_inner()).clone();
     let ts = check_toolstack(xs, be, domid).await?;
     let mut be_w = xs.watch(be).await?;
     let mut fe_w = xs.watch(&format!("{}/state", ts.fe)).await?;
@@ -168,7 +170,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         tracing::info!(%domid, backend = be, "adopting a connected device: re-attaching its rings at rsp_prod");
     } else {
         xs.write(&format!("{be}/opened"), "0").await?;
-        publish_features(xs, be, &ctx.offer).await?;
+        publish_features(xs, be, &offer).await?;
         set_state(xs, be, XenbusState::InitWait).await?;
         tracing::info!(%domid, backend = be, "vbd in InitWait, waiting for the hotplug script");
     }
@@ -228,7 +230,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             ctx.grants.clone(),
             &*ctx.evtchn,
             disk.clone(),
-            &ctx.offer,
+            &offer,
             qstop_rx,
         );
         tokio::pin!(serving);

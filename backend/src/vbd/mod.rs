@@ -34,6 +34,8 @@ pub struct Offer {
     pub max_queues: u32,
     /// `feature-max-indirect-segments` (0: none).
     pub max_indirect_segments: u16,
+    /// `feature-persistent`.
+    pub persistent_grants: bool,
 }
 
 impl Default for Offer {
@@ -42,6 +44,7 @@ impl Default for Offer {
             max_ring_order: 4,
             max_queues: 4,
             max_indirect_segments: 256,
+            persistent_grants: true,
         }
     }
 }
@@ -105,7 +108,10 @@ pub async fn publish_features(xs: &Client, be: &str, offer: &Offer) -> Result<()
             "feature-max-indirect-segments",
             offer.max_indirect_segments.to_string(),
         ),
-        ("feature-persistent", "1".to_owned()),
+        (
+            "feature-persistent",
+            u8::from(offer.persistent_grants).to_string(),
+        ),
         ("max-ring-page-order", offer.max_ring_order.to_string()),
         ("multi-queue-max-queues", offer.max_queues.to_string()),
     ];
@@ -199,7 +205,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
                 domid,
                 limits.clone(),
             )
-            .with_persistent_grants(cfg.persistent),
+            .with_persistent_grants(cfg.persistent && offer.persistent_grants),
         );
     }
     xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())

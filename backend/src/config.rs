@@ -1,0 +1,218 @@
+//! The daemon's configuration file (TOML). Every key is optional; unknown keys
+//! and out-of-range values are refused with an error that names them.
+//!
+//! ```toml
+//! # Xenstore socket or device (default: XENSTORED_PATH, /run/xenstored/socket,
+//! # /dev/xen/xenbus).
+//! xenstore = "/run/xenstored/socket"
+//! # Serve a physical-device published without diskseq, by major:minor alone.
+//! # Unsafe: a released and reused device number could be served.
+//! allow_missing_diskseq = false
+//!
+//! [offer]                       # what frontends are offered
+//! max_ring_page_order = 4       # 0..=4: rings of up to 16 pages
+//! max_queues = 4                # 1..=32
+//! max_indirect_segments = 256   # 0 (none) or 12..=4096 (Linux blkback: 256)
+//! persistent_grants = true
+//! ```
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::vbd::Offer;
+
+/// The configuration file's contents.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Xenstore endpoint.
+    pub xenstore: Option<PathBuf>,
+    /// Serve disks published without `diskseq`.
+    #[serde(default)]
+    pub allow_missing_diskseq: bool,
+    /// What frontends are offered.
+    #[serde(default)]
+    pub offer: OfferConfig,
+}
+
+/// The `[offer]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfferConfig {
+    /// `max-ring-page-order`.
+    pub max_ring_page_order: u32,
+    /// `multi-queue-max-queues`.
+    pub max_queues: u32,
+    /// `feature-max-indirect-segments`.
+    pub max_indirect_segments: u32,
+    /// `feature-persistent`.
+    pub persistent_grants: bool,
+}
+
+impl Default for OfferConfig {
+    fn default() -> Self {
+        let o = Offer::default();
+        OfferConfig {
+            max_ring_page_order: o.max_ring_order,
+            max_queues: o.max_queues,
+            max_indirect_segments: u32::from(o.max_indirect_segments),
+            persistent_grants: o.persistent_grants,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, or a key we do not know, or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation (names the key and the line).
+        message: String,
+    },
+    /// A value outside its range.
+    #[error("{path}: offer.{key} = {value} is outside {range}")]
+    Range {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// Its value.
+        value: u32,
+        /// What is allowed.
+        range: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        c.offer()
+            .map_err(|(key, value, range)| ConfigError::Range {
+                path: path.to_owned(),
+                key,
+                value,
+                range,
+            })?;
+        Ok(c)
+    }
+
+    /// The offer, checked.
+    pub fn offer(&self) -> Result<Offer, (&'static str, u32, &'static str)> {
+        let o = &self.offer;
+        if o.max_ring_page_order > 4 {
+            return Err(("max_ring_page_order", o.max_ring_page_order, "0..=4"));
+        }
+        if !(1..=32).contains(&o.max_queues) {
+            return Err(("max_queues", o.max_queues, "1..=32"));
+        }
+        let ind = o.max_indirect_segments;
+        if ind != 0 && !(12..=4096).contains(&ind) {
+            return Err(("max_indirect_segments", ind, "0 or 12..=4096"));
+        }
+        Ok(Offer {
+            max_ring_order: o.max_ring_page_order,
+            max_queues: o.max_queues,
+            max_indirect_segments: ind as u16,
+            persistent_grants: o.persistent_grants,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.offer().unwrap(), Offer::default());
+    }
+
+    #[test]
+    fn every_documented_key_is_read() {
+        let c = parse(
+            r#"
+            xenstore = "/run/xenstored/socket"
+            allow_missing_diskseq = true
+            [offer]
+            max_ring_page_order = 2
+            max_queues = 8
+            max_indirect_segments = 0
+            persistent_grants = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.xenstore.as_deref(),
+            Some(Path::new("/run/xenstored/socket"))
+        );
+        assert!(c.allow_missing_diskseq);
+        let o = c.offer().unwrap();
+        assert_eq!(
+            (
+                o.max_ring_order,
+                o.max_queues,
+                o.max_indirect_segments,
+                o.persistent_grants
+            ),
+            (2, 8, 0, false)
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_what_is_wrong() {
+        for (text, wants) in [
+            ("max_queues = 4", "unknown field `max_queues`"),
+            ("[offer]\nmax_queue = 4", "unknown field `max_queue`"),
+            ("[offer]\nmax_queues = \"four\"", "invalid type"),
+            (
+                "[offer]\nmax_queues = 0",
+                "offer.max_queues = 0 is outside 1..=32",
+            ),
+            (
+                "[offer]\nmax_ring_page_order = 5",
+                "max_ring_page_order = 5",
+            ),
+            (
+                "[offer]\nmax_indirect_segments = 11",
+                "max_indirect_segments = 11",
+            ),
+            ("allow_missing_diskseq = 1", "invalid type"),
+            ("not toml at all", "test.toml"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(wants), "{text:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! `blkbackd serve --sim DIR --config FILE` as a process: the offer comes from
+//! the file, SIGHUP re-reads it for devices created afterwards, a bad file is
+//! refused at start with the key named, and SIGTERM stops the daemon.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use xenstore::{Client, Endpoint, Xs};
+
+fn blkbackd() -> tokio::process::Command {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+}
+
+async fn wait_socket(p: &Path) -> Client {
+    for _ in 0..200 {
+        if let Ok(c) = Client::connect_to(&Endpoint::Socket(p.into())).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the daemon's Xenstore never came up");
+}
+
+async fn offered(xs: &Client, domid: u16, key: &str) -> String {
+    let be = format!("/local/domain/0/backend/vbd/{domid}/51712");
+    for _ in 0..400 {
+        if xs
+            .try_read(&format!("{be}/state"))
+            .await
+            .unwrap()
+            .as_deref()
+            == Some(b"2")
+        {
+            return xs.read_string(&format!("{be}/{key}")).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("vbd of domain {domid} never reached InitWait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("blkbackd.toml");
+    std::fs::write(&cfg, "[offer]\nmax_queues = 1\npersistent_grants = false\n").unwrap();
+    let sim = dir.path().join("sim");
+    let mut daemon = blkbackd()
+        .args(["serve", "--sim"])
+        .arg(&sim)
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let xs = wait_socket(&sim.join("xenstore.sock")).await;
+    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(2), 51712, "file:/x", "w")
+        .await
+        .unwrap();
+    assert_eq!(offered(&xs, 2, "multi-queue-max-queues").await, "1");
+    assert_eq!(offered(&xs, 2, "feature-persistent").await, "0");
+
+    std::fs::write(&cfg, "[offer]\nmax_queues = 3\n").unwrap();
+    let pid = daemon.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/y", "w")
+        .await
+        .unwrap();
+    assert_eq!(offered(&xs, 3, "multi-queue-max-queues").await, "3");
+    assert_eq!(offered(&xs, 3, "feature-persistent").await, "1");
+    // The first device keeps what it was offered.
+    assert_eq!(offered(&xs, 2, "multi-queue-max-queues").await, "1");
+
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let st = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
+        .await
+        .expect("SIGTERM did not stop the daemon")
+        .unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test]
+async fn a_bad_config_file_is_refused_at_start_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[offer]\nmax_queus = 2\n").unwrap();
+    let out = blkbackd()
+        .args(["serve", "--sim"])
+        .arg(dir.path().join("sim"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_queus"), "{err}");
+}
