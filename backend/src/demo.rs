@@ -53,20 +53,7 @@ pub async fn run(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::Result<(
 
 /// The in-memory variant: the backend's vbds without the daemon's disk layer.
 pub async fn run_memory(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::Result<()> {
-    let _tmp;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            let t = TempDir::new()?;
-            let p = t.0.clone();
-            _tmp = t;
-            p
-        }
-    };
-    let exe = match exe {
-        Some(e) => e,
-        None => std::env::current_exe().context("finding the blkbackd binary")?,
-    };
+    let (_tmp, dir, exe) = workplace(dir, exe)?;
     let world = SimWorld::start(&dir).await?;
     say(
         "xenstore",
@@ -155,6 +142,26 @@ pub async fn run_memory(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
     Ok(())
 }
 
+/// The demo's directory (a temporary one, removed at the end, if `dir` is
+/// `None`) and the blkbackd binary to start guests with (this one if `None`).
+fn workplace(
+    dir: Option<PathBuf>,
+    exe: Option<PathBuf>,
+) -> anyhow::Result<(Option<TempDir>, PathBuf, PathBuf)> {
+    let exe = match exe {
+        Some(e) => e,
+        None => std::env::current_exe().context("finding the blkbackd binary")?,
+    };
+    Ok(match dir {
+        Some(d) => (None, d, exe),
+        None => {
+            let t = TempDir::new()?;
+            let d = t.0.clone();
+            (Some(t), d, exe)
+        }
+    })
+}
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -177,21 +184,8 @@ pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
     use crate::xen::sim::{SimEvtchn, SimGrants};
     use std::sync::Arc;
 
-    let _tmp;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            let t = TempDir::new()?;
-            let p = t.0.clone();
-            _tmp = t;
-            p
-        }
-    };
+    let (_tmp, dir, exe) = workplace(dir, exe)?;
     std::fs::create_dir_all(&dir)?;
-    let exe = match exe {
-        Some(e) => e,
-        None => std::env::current_exe().context("finding the blkbackd binary")?,
-    };
     let server = xenstore::Server::default();
     let listening = server.listen(dir.join("xenstore.sock")).await?;
     let xs =
