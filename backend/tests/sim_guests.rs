@@ -256,3 +256,42 @@ async fn the_simulated_blkfront_also_runs_in_process() {
     assert_eq!(&on_disk[100 * 512..100 * 512 + data.len()], &data[..]);
     assert_eq!(halted(&finish(b).await), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_error_fails_only_the_requests_that_touch_it() {
+    use blkbackd::sim::blkfront::{Blkfront, FrontError, FrontOptions};
+    use blkbackd::xen::sim::SimDomain;
+    let s = sim().await;
+    let b = s.backend(DomId(4), false).await;
+    b.disk.fail_sectors(1000, 8); // a bad stretch of medium
+    let xs = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
+        s.world.xenstore_socket().into(),
+    ))
+    .await
+    .unwrap();
+    xs.control(&[xenstore::server::SIM_AS_DOMAIN, "4"])
+        .await
+        .unwrap();
+    let dom = Arc::new(SimDomain::create(s.world.dir(), DomId(4), 1024, 1024).unwrap());
+    let front = Blkfront::connect(xs, dom, &b.paths.frontend, &FrontOptions::default())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 8 * 512];
+    for at in [996, 1000, 1007] {
+        let r = front.read(at, &mut buf).await;
+        assert!(
+            matches!(r, Err(FrontError::Status(-1))),
+            "read at {at}: {r:?}"
+        );
+    }
+    let w = front.write(1004, &buf).await;
+    assert!(matches!(w, Err(FrontError::Status(-1))), "{w:?}");
+    // Everything around it still works, and the ring was never halted.
+    front.write(1008, &[7u8; 4096]).await.unwrap();
+    front.read(1008, &mut buf).await.unwrap();
+    assert_eq!(buf, vec![7u8; 4096]);
+    front.read(0, &mut buf).await.unwrap();
+    let ends = finish(b).await;
+    assert_eq!(halted(&ends), 0);
+    assert_eq!(ends.iter().map(|(_, st)| st.errors).sum::<u64>(), 4);
+}

@@ -48,6 +48,8 @@ pub trait Disk: Send + Sync + 'static {
 pub struct MemDisk {
     data: Mutex<Vec<u8>>,
     read_only: bool,
+    /// Byte ranges whose reads and writes fail with EIO (fault injection).
+    failing: Mutex<Vec<std::ops::Range<u64>>>,
 }
 
 impl MemDisk {
@@ -56,7 +58,26 @@ impl MemDisk {
         MemDisk {
             data: Mutex::new(vec![0u8; (sectors * 512) as usize]),
             read_only,
+            failing: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Makes I/O touching sectors `first..first + count` fail with EIO, as a
+    /// failing medium does.
+    pub fn fail_sectors(&self, first: u64, count: u64) {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(first * 512..(first + count) * 512);
+    }
+
+    fn check_fault(&self, off: u64, len: u64) -> io::Result<()> {
+        let end = off.saturating_add(len);
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if failing.iter().any(|r| off < r.end && r.start < end) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
     }
 
     /// A copy of the contents (for checks).
@@ -90,6 +111,7 @@ impl Disk for MemDisk {
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_fault(off, buf.len() as u64)?;
         let r = self.range(off, buf.len() as u64)?;
         buf.copy_from_slice(&self.lock()[r]);
         Ok(())
@@ -99,6 +121,7 @@ impl Disk for MemDisk {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
+        self.check_fault(off, buf.len() as u64)?;
         let r = self.range(off, buf.len() as u64)?;
         self.lock()[r].copy_from_slice(buf);
         Ok(())
