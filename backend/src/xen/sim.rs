@@ -234,17 +234,29 @@ impl GuestPort {
     /// Kicks the backend (an error until the backend has bound).
     pub fn notify(&self) -> io::Result<()> {
         let peer = self.peer.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(peer) = peer else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "event channel not bound yet",
-            ));
+        let peer = match peer {
+            Some(p) => p,
+            None => self.peek_peer()?,
         };
         match self.tx.send_to(b"K", &peer) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Learns the backend's address from the link the bind recorded next to
+    /// our port (`<port>.peer`): the guest may notify before its waiter has
+    /// seen the bind announcement, as a real guest may notify as soon as the
+    /// backend has bound.
+    fn peek_peer(&self) -> io::Result<PathBuf> {
+        let p = std::fs::read_to_string(self.path.with_extension("peer"))
+            .map(PathBuf::from)
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::NotConnected, "event channel not bound yet")
+            })?;
+        *self.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        Ok(p)
     }
 
     /// Whether the backend has bound this port.
@@ -276,6 +288,7 @@ impl GuestPort {
 impl Drop for GuestPort {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.path.with_extension("peer"));
     }
 }
 
@@ -458,6 +471,11 @@ impl EventChannels for SimEvtchn {
                         let _ = std::fs::remove_file(&path);
                         return Err(e);
                     }
+                    // Xen links the two ports: record the link for the guest.
+                    std::fs::write(
+                        target.with_extension("peer"),
+                        path.as_os_str().as_encoded_bytes(),
+                    )?;
                     let ch = SimChannel {
                         port,
                         path,
@@ -612,11 +630,18 @@ mod tests {
         let ev = SimEvtchn::new(d.path(), DomId(0));
         assert!(ev.bind_interdomain(DomId(3), gp.port() + 100).is_err());
         let ch = ev.bind_interdomain(DomId(3), gp.port()).unwrap();
+        // The guest may kick before it has waited for anything: the bind
+        // announcement, still queued, tells it where the backend is.
+        gp.notify().unwrap();
+        assert!(gp.is_bound());
+        tokio::time::timeout(std::time::Duration::from_secs(5), ch.wait())
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), gp.wait())
             .await
-            .expect("the bind announcement")
+            .expect("the bind announcement is still there for the waiter")
             .unwrap();
-        assert!(gp.is_bound());
         gp.notify().unwrap();
         gp.notify().unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), ch.wait())
