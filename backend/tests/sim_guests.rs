@@ -227,24 +227,30 @@ async fn a_guest_rewriting_its_ring_during_the_copy_hurts_only_itself() {
     hostile("rewrite").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_simulated_blkfront_also_runs_in_process() {
+/// A simulated blkfront in this process, speaking for `domid` and connected
+/// to the vbd `b` serves.
+async fn in_process_guest(s: &Sim, b: &Served, domid: DomId) -> blkbackd::sim::blkfront::Blkfront {
     use blkbackd::sim::blkfront::{Blkfront, FrontOptions};
     use blkbackd::xen::sim::SimDomain;
-    let s = sim().await;
-    let b = s.backend(DomId(4), false).await;
     let xs = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
         s.world.xenstore_socket().into(),
     ))
     .await
     .unwrap();
-    xs.control(&[xenstore::server::SIM_AS_DOMAIN, "4"])
+    xs.control(&[xenstore::server::SIM_AS_DOMAIN, &domid.0.to_string()])
         .await
         .unwrap();
-    let dom = Arc::new(SimDomain::create(s.world.dir(), DomId(4), 1024, 1024).unwrap());
-    let front = Blkfront::connect(xs, dom, &b.paths.frontend, &FrontOptions::default())
+    let dom = Arc::new(SimDomain::create(s.world.dir(), domid, 1024, 1024).unwrap());
+    Blkfront::connect(xs, dom, &b.paths.frontend, &FrontOptions::default())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_blkfront_also_runs_in_process() {
+    let s = sim().await;
+    let b = s.backend(DomId(4), false).await;
+    let front = in_process_guest(&s, &b, DomId(4)).await;
     assert_eq!(front.sectors, DISK_SECTORS);
     // 40 pages: more than 11 direct segments, so it goes indirect.
     let data: Vec<u8> = (0..40 * 4096).map(|i| (i % 251) as u8).collect();
@@ -259,23 +265,11 @@ async fn the_simulated_blkfront_also_runs_in_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_error_fails_only_the_requests_that_touch_it() {
-    use blkbackd::sim::blkfront::{Blkfront, FrontError, FrontOptions};
-    use blkbackd::xen::sim::SimDomain;
+    use blkbackd::sim::blkfront::FrontError;
     let s = sim().await;
     let b = s.backend(DomId(4), false).await;
     b.disk.fail_sectors(1000, 8); // a bad stretch of medium
-    let xs = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
-        s.world.xenstore_socket().into(),
-    ))
-    .await
-    .unwrap();
-    xs.control(&[xenstore::server::SIM_AS_DOMAIN, "4"])
-        .await
-        .unwrap();
-    let dom = Arc::new(SimDomain::create(s.world.dir(), DomId(4), 1024, 1024).unwrap());
-    let front = Blkfront::connect(xs, dom, &b.paths.frontend, &FrontOptions::default())
-        .await
-        .unwrap();
+    let front = in_process_guest(&s, &b, DomId(4)).await;
     let mut buf = vec![0u8; 8 * 512];
     for at in [996, 1000, 1007] {
         let r = front.read(at, &mut buf).await;
