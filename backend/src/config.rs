@@ -14,6 +14,11 @@
 //! max_queues = 4                # 1..=32
 //! max_indirect_segments = 256   # 0 (none) or 12..=4096 (Linux blkback: 256)
 //! persistent_grants = true
+//!
+//! [io]                          # how the rings' I/O is done
+//! engine = "auto"               # "auto" (io_uring if the kernel allows it),
+//!                               # "io-uring" or "blocking" (a thread per ring)
+//! direct_io = true              # O_DIRECT for aligned requests where possible
 //! ```
 #![forbid(unsafe_code)]
 
@@ -21,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::io::engine::EngineChoice;
 use crate::vbd::Offer;
 
 /// The configuration file's contents.
@@ -35,6 +41,29 @@ pub struct Config {
     /// What frontends are offered.
     #[serde(default)]
     pub offer: OfferConfig,
+    /// How I/O is done.
+    #[serde(default)]
+    pub io: IoConfig,
+}
+
+/// The `[io]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IoConfig {
+    /// The engine.
+    pub engine: EngineChoice,
+    /// `O_DIRECT` for aligned requests.
+    pub direct_io: bool,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        let o = Offer::default();
+        IoConfig {
+            engine: o.engine,
+            direct_io: o.direct_io,
+        }
+    }
 }
 
 /// The `[offer]` table.
@@ -140,6 +169,8 @@ impl Config {
             max_queues: o.max_queues,
             max_indirect_segments: ind as u16,
             persistent_grants: o.persistent_grants,
+            engine: self.io.engine,
+            direct_io: self.io.direct_io,
         })
     }
 }
@@ -170,6 +201,9 @@ mod tests {
             max_queues = 8
             max_indirect_segments = 0
             persistent_grants = false
+            [io]
+            engine = "blocking"
+            direct_io = false
             "#,
         )
         .unwrap();
@@ -188,6 +222,7 @@ mod tests {
             ),
             (2, 8, 0, false)
         );
+        assert_eq!((o.engine, o.direct_io), (EngineChoice::Blocking, false));
     }
 
     #[test]
@@ -209,6 +244,7 @@ mod tests {
                 "max_indirect_segments = 11",
             ),
             ("allow_missing_diskseq = 1", "invalid type"),
+            ("[io]\nengine = \"aio\"", "unknown variant `aio`"),
             ("not toml at all", "test.toml"),
         ] {
             let e = parse(text).unwrap_err().to_string();

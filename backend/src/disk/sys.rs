@@ -250,3 +250,37 @@ pub fn makedev(major: u32, minor: u32) -> libc::dev_t {
 pub fn split_dev(dev: u64) -> (u32, u32) {
     (libc::major(dev), libc::minor(dev))
 }
+
+/// `statx(STATX_DIOALIGN)`: the offset and length alignment direct I/O on
+/// this file needs (Linux 6.1+); `None` where the kernel or the file system
+/// does not say.
+pub fn dio_alignment(f: &File) -> Option<u32> {
+    const STATX_DIOALIGN: u32 = 0x2000;
+    // Offsets in the kernel's `struct statx` (256 bytes, stable ABI).
+    const STX_MASK: usize = 0;
+    const STX_DIO_OFFSET_ALIGN: usize = 156;
+    let mut buf = [0u64; 32];
+    let empty = c"";
+    // SAFETY: `buf` is a writable 256-byte buffer, the size of `struct statx`;
+    // the path is an empty NUL-terminated string used with AT_EMPTY_PATH on an
+    // open descriptor.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            f.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            buf.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    if u32_at(STX_MASK) & STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some(u32_at(STX_DIO_OFFSET_ALIGN)).filter(|&a| a > 0)
+}

@@ -1,13 +1,20 @@
-//! I/O engines behind the [`Disk`] trait.
+//! Disks and the I/O engines that serve them.
 //!
-//! Today: [`MemDisk`], an in-memory disk for the ring tests and the demo, and
-//! [`FileDisk`], positioned blocking I/O on a file or a block device opened by
-//! diskseq. The io_uring engine implements the same trait next.
-#![forbid(unsafe_code)]
+//! A [`Disk`] is what a vbd serves: [`FileDisk`] (a regular file, or a block
+//! device opened by diskseq) or [`MemDisk`] (in memory, for tests and the
+//! demo). The [`engine`]s move a ring's data between its bounce [`pool`] and
+//! the disk: io_uring ([`uring`]) where it can, blocking I/O on a worker
+//! thread where it cannot.
+#![deny(unsafe_code)]
+
+pub mod engine;
+pub mod pool;
+pub mod uring;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -41,6 +48,34 @@ pub trait Disk: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()>;
     /// Discards a range (reads of it return zeroes afterwards).
     fn discard(&self, off: u64, len: u64) -> io::Result<()>;
+    /// The descriptors io_uring can use, valid while the disk lives; `None`
+    /// for a disk that is not a file.
+    fn uring_target(&self) -> Option<UringTarget> {
+        None
+    }
+}
+
+/// How a disk discards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscardKind {
+    /// `fallocate(PUNCH_HOLE)` on a regular file.
+    PunchHole,
+    /// `BLKDISCARD` on a block device.
+    Block,
+    /// Not supported.
+    None,
+}
+
+/// What the io_uring engine needs of a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UringTarget {
+    /// The buffered descriptor (also used for flushes and hole punching).
+    pub fd: RawFd,
+    /// An `O_DIRECT` descriptor of the same disk and the alignment (offset,
+    /// length and memory) it needs.
+    pub direct: Option<(RawFd, u32)>,
+    /// How discards are done.
+    pub discard: DiscardKind,
 }
 
 /// A disk held in memory.
@@ -138,17 +173,6 @@ impl Disk for MemDisk {
     }
 }
 
-/// How a [`FileDisk`] discards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Discard {
-    /// `fallocate(PUNCH_HOLE)` on a regular file.
-    PunchHole,
-    /// `BLKDISCARD` on a block device.
-    Block,
-    /// Not supported.
-    None,
-}
-
 /// A regular file or a block device, with positioned blocking I/O.
 #[derive(Debug)]
 pub struct FileDisk {
@@ -157,7 +181,9 @@ pub struct FileDisk {
     block_device: bool,
     lbs: u32,
     read_only: bool,
-    discard: Discard,
+    discard: DiscardKind,
+    /// The same disk opened with `O_DIRECT`, and its alignment.
+    direct: Option<(File, u32)>,
     _pin: Option<crate::disk::loopdev::LoopDevice>,
 }
 
@@ -170,13 +196,15 @@ impl FileDisk {
             lbs: d.logical_block_size.max(512),
             read_only: d.read_only,
             discard: if d.discard {
-                Discard::Block
+                DiscardKind::Block
             } else {
-                Discard::None
+                DiscardKind::None
             },
             file: d.file,
+            direct: None,
             _pin: None,
         }
+        .with_direct()
     }
 
     /// Keeps a loop device alive (and released on drop) for as long as the disk.
@@ -198,9 +226,43 @@ impl FileDisk {
             block_device: false,
             lbs: 512,
             read_only,
-            discard: Discard::PunchHole,
+            discard: DiscardKind::PunchHole,
+            direct: None,
             _pin: None,
-        })
+        }
+        .with_direct())
+    }
+
+    /// Opens the same disk again with `O_DIRECT` (through `/proc/self/fd`, so
+    /// it is the very inode we verified), for the aligned requests of the
+    /// io_uring engine. A file system without direct I/O just leaves it off.
+    fn with_direct(mut self) -> FileDisk {
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!self.read_only)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&path);
+        match opened {
+            Ok(f) => {
+                // The logical block size of the device (or of the device the
+                // file lives on), and never less than the pool's page
+                // alignment requirement for memory.
+                let align = if self.block_device {
+                    self.lbs
+                } else {
+                    sys::dio_alignment(&f).unwrap_or(4096)
+                };
+                self.direct = Some((f, align.max(512)));
+            }
+            Err(e) => tracing::debug!("no O_DIRECT for this disk ({e}): buffered I/O only"),
+        }
+        self
+    }
+
+    /// Whether an `O_DIRECT` descriptor is open.
+    pub fn has_direct(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
@@ -228,7 +290,7 @@ impl Disk for FileDisk {
     }
 
     fn can_discard(&self) -> bool {
-        !self.read_only && self.discard != Discard::None
+        !self.read_only && self.discard != DiscardKind::None
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -248,9 +310,31 @@ impl Disk for FileDisk {
 
     fn discard(&self, off: u64, len: u64) -> io::Result<()> {
         match self.discard {
-            Discard::PunchHole => sys::punch_hole(&self.file, off, len),
-            Discard::Block => sys::blk_discard(&self.file, off, len, false),
-            Discard::None => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+            DiscardKind::PunchHole => sys::punch_hole(&self.file, off, len),
+            // A loop device we pinned is held with O_EXCL, and the kernel
+            // refuses BLKDISCARD (EBUSY) through any other descriptor while
+            // someone holds that claim: discard through the claiming one.
+            DiscardKind::Block => {
+                let f = self
+                    ._pin
+                    .as_ref()
+                    .and_then(|p| p.file())
+                    .unwrap_or(&self.file);
+                sys::blk_discard(f, off, len, false)
+            }
+            DiscardKind::None => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
+    }
+
+    fn uring_target(&self) -> Option<UringTarget> {
+        Some(UringTarget {
+            fd: self.file.as_raw_fd(),
+            direct: self.direct.as_ref().map(|(f, a)| (f.as_raw_fd(), *a)),
+            discard: if self.read_only {
+                DiscardKind::None
+            } else {
+                self.discard
+            },
+        })
     }
 }

@@ -103,11 +103,23 @@ impl SimWorld {
         params: &str,
         disk: Arc<D>,
     ) -> Result<Served<D>, VbdError> {
+        self.serve_with(domid, devid, params, disk, Offer::default())
+            .await
+    }
+
+    /// [`SimWorld::serve`] with what the backend offers and how it does I/O.
+    pub async fn serve_with<D: Disk>(
+        &self,
+        domid: DomId,
+        devid: u32,
+        params: &str,
+        disk: Arc<D>,
+        offer: Offer,
+    ) -> Result<Served<D>, VbdError> {
         self.server.introduce(domid);
         toolstack::create_domain_home(&self.dom0, domid).await?;
         let mode = if disk.read_only() { "r" } else { "w" };
         let paths = toolstack::create_vbd(&self.dom0, domid, devid, params, mode).await?;
-        let offer = Offer::default();
         vbd::publish(&self.dom0, &paths.backend, &*disk, &offer).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (xs, grants, d, p) = (

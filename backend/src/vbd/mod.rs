@@ -19,6 +19,8 @@ use xenstore::{Client, Xs};
 
 use crate::abi::blkif::VDISK_READONLY;
 use crate::abi::sys::XenbusState;
+use crate::io::engine::{Engine, EngineChoice};
+use crate::io::pool::BouncePool;
 use crate::io::Disk;
 use crate::ring::request::Limits;
 use crate::ring::BackRing;
@@ -36,6 +38,10 @@ pub struct Offer {
     pub max_indirect_segments: u16,
     /// `feature-persistent`.
     pub persistent_grants: bool,
+    /// The I/O engine the rings use.
+    pub engine: EngineChoice,
+    /// `O_DIRECT` for aligned requests where the disk allows it.
+    pub direct_io: bool,
 }
 
 impl Default for Offer {
@@ -45,6 +51,8 @@ impl Default for Offer {
             max_queues: 4,
             max_indirect_segments: 256,
             persistent_grants: true,
+            engine: EngineChoice::Auto,
+            direct_io: true,
         }
     }
 }
@@ -196,12 +204,27 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         let ring = BackRing::new(mem, pages, cfg.abi)
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
         let ev = evtchn.bind_interdomain(domid, q.port).map_err(err)?;
+        let max_segs = usize::from(offer.max_indirect_segments)
+            .max(crate::abi::blkif::BLKIF_MAX_SEGMENTS_PER_REQUEST);
+        let pool = Arc::new(BouncePool::new(queue::pool_pages(max_segs)).map_err(err)?);
+        let engine = Engine::open(
+            offer.engine,
+            disk.clone() as Arc<dyn Disk>,
+            pool.clone(),
+            offer.direct_io,
+        )
+        .map_err(err)?;
+        if i == 0 {
+            tracing::info!(%domid, engine = engine.name(), "I/O engine");
+        }
         queues.push(
             Queue::new(
                 ring,
                 ev,
                 grants.clone(),
                 disk.clone(),
+                engine,
+                pool,
                 domid,
                 limits.clone(),
             )

@@ -1,19 +1,29 @@
 //! One queue (ring) of a virtual block device: the serving loop.
 //!
-//! Each pass takes at most one ring's worth of requests, validates each copy,
-//! moves data with batched grant copies, answers, and notifies per the ring's
-//! event suppression; before sleeping it re-checks the ring
-//! (`RING_FINAL_CHECK_FOR_REQUESTS`) and only then unmasks the event channel.
+//! Each pass takes what the ring holds (at most a ring's worth), copies every
+//! request out and validates the copy, starts the I/O of as many as the bounce
+//! pool has room for (in ring order), submits them in one batch, and answers
+//! what has completed. I/O completes in any order; answers are published in
+//! ring order, so a request's slot is overwritten by its answer only once
+//! every earlier request is answered too, and a daemon killed at any moment
+//! leaves every unanswered request readable for the next one (see
+//! `lifecycle::adopting`). Before sleeping the worker re-checks the ring
+//! (`RING_FINAL_CHECK_FOR_REQUESTS`) and only then unmasks the event channel;
+//! it sleeps on the event channel and on the engine's completions at once.
 //! A request that breaks the protocol is answered and then halts this ring
-//! alone; nothing a guest sends can stop the daemon or reach another ring.
+//! alone, after the I/O already started has completed and been answered.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::abi::blkif::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE};
+use crate::abi::blkif::{GrantRef, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE};
 use crate::abi::sys::GNTST_OKAY;
+use crate::io::engine::{Engine, IoDone, IoKind, IoOp};
+use crate::io::pool::{BouncePool, Buf, POOL_PAGE};
 use crate::io::Disk;
 use crate::ring::request::{parse, IndirectHeader, Limits, Operation, Parsed, Request};
 use crate::ring::{BackRing, RingError};
@@ -21,12 +31,20 @@ use crate::xen::mem::SharedMem;
 use crate::xen::{CopySeg, DomId, EventChannel, Grants};
 
 /// What a queue did, for status reports and tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct QueueStats {
     /// Requests answered OKAY.
     pub ok: u64,
     /// Requests answered with an error status.
     pub errors: u64,
+    /// Reads, writes, flushes (and barriers) and discards answered.
+    pub reads: u64,
+    /// See `reads`.
+    pub writes: u64,
+    /// See `reads`.
+    pub flushes: u64,
+    /// See `reads`.
+    pub discards: u64,
     /// Bytes moved to or from the guest.
     pub bytes: u64,
     /// Notifications sent to the frontend.
@@ -37,20 +55,39 @@ pub struct QueueStats {
     pub persistent_maps: u64,
     /// Segments served through a kept mapping instead of a grant copy.
     pub persistent_hits: u64,
+    /// Most requests in flight at once.
+    pub in_flight_peak: u64,
+    /// Times a request waited for bounce buffers.
+    pub buffer_waits: u64,
 }
 
 /// Persistent grants kept per ring, as Linux blkback keeps at most 1056: past
 /// this, further grants are served by grant copy (memory stays bounded).
 pub const MAX_PERSISTENT_GRANTS: usize = 1056;
 
+/// Bounce pool of a ring by default: 4 MiB, or one largest request if that is
+/// more. With the ring itself and at most [`MAX_PERSISTENT_GRANTS`] kept
+/// mappings (guest pages, not ours), this bounds a ring's memory.
+pub const DEFAULT_POOL_BYTES: usize = 4 << 20;
+
+/// How long a stopping ring waits for its in-flight I/O to complete and be
+/// answered before it gives up on it (a hung disk; libxl allows 10 s).
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// Pages of bounce pool a ring needs: the default, and never less than one
+/// largest request (`max_segments` pages).
+pub fn pool_pages(max_segments: usize) -> usize {
+    (DEFAULT_POOL_BYTES / POOL_PAGE).max(max_segments)
+}
+
 /// Grants the frontend promised to reuse, mapped once and kept until the ring
 /// is torn down (the mappings are dropped with the queue).
 #[derive(Debug, Default)]
 struct Persistent {
     enabled: bool,
-    maps: std::collections::HashMap<crate::abi::blkif::GrantRef, SharedMem>,
+    maps: std::collections::HashMap<GrantRef, SharedMem>,
     /// Grants that could not be mapped (e.g. granted read-only): copied.
-    unmappable: std::collections::HashSet<crate::abi::blkif::GrantRef>,
+    unmappable: std::collections::HashSet<GrantRef>,
 }
 
 /// How a queue ended.
@@ -62,46 +99,89 @@ pub enum QueueEnd {
     Halted(RingError),
 }
 
+/// Where a taken request is.
+#[derive(Debug)]
+enum Stage {
+    /// Validated, waiting for its turn (bounce buffers).
+    Waiting(Request),
+    /// I/O in flight. `flush_first`: a flush runs before the write.
+    Running {
+        req: Request,
+        flush_first: bool,
+        done: u64,
+    },
+    /// Answered (not yet published).
+    Done(i16),
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    wire_op: u8,
+    stage: Stage,
+    /// The request's bounce buffer while it has one.
+    buf: Option<Buf>,
+}
+
 /// One ring being served.
 pub struct Queue<G, E, D> {
     ring: BackRing<SharedMem>,
     ev: E,
+    masked: bool,
     grants: Arc<G>,
     disk: Arc<D>,
+    engine: Engine,
+    pool: Arc<BouncePool>,
     domid: DomId,
     limits: Limits,
     stats: QueueStats,
     persistent: Persistent,
+    /// Taken requests in ring order; `slots[0]` has sequence number `base`.
+    slots: VecDeque<Slot>,
+    base: u64,
+    /// Set when a request broke the protocol: nothing more is taken.
+    halt: Option<RingError>,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
             .field("domid", &self.domid)
+            .field("engine", &self.engine.name())
             .field("stats", &self.stats)
             .finish()
     }
 }
 
 impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
-    /// A queue over a mapped ring.
+    /// A queue over a mapped ring, doing its I/O with `engine` in buffers of
+    /// `pool`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ring: BackRing<SharedMem>,
         ev: E,
         grants: Arc<G>,
         disk: Arc<D>,
+        engine: Engine,
+        pool: Arc<BouncePool>,
         domid: DomId,
         limits: Limits,
     ) -> Self {
         Queue {
             ring,
             ev,
+            masked: true,
             grants,
             disk,
+            engine,
+            pool,
             domid,
             limits,
             stats: QueueStats::default(),
             persistent: Persistent::default(),
+            slots: VecDeque::new(),
+            base: 0,
+            halt: None,
         }
     }
 
@@ -112,7 +192,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     }
 
     /// The kept mapping of `gref`, mapping it now if there is room.
-    fn persistent_page(&mut self, gref: crate::abi::blkif::GrantRef) -> Option<&SharedMem> {
+    fn persistent_page(&mut self, gref: GrantRef) -> Option<&SharedMem> {
         let p = &mut self.persistent;
         if !p.enabled || p.unmappable.contains(&gref) {
             return None;
@@ -143,93 +223,359 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> (QueueEnd, QueueStats) {
         loop {
             if *stop.borrow() {
+                self.drain().await;
                 return (QueueEnd::Stopped, self.stats);
             }
-            if let Err(e) = self.sweep() {
-                return (QueueEnd::Halted(e), self.stats);
-            }
-            match self.ring.final_check() {
-                Ok(true) => {
-                    tokio::task::yield_now().await;
-                    continue;
+            self.pass();
+            if let Some(e) = &self.halt {
+                if self.engine.in_flight() == 0 {
+                    let e = e.clone();
+                    self.ring.halt(e.clone());
+                    return (QueueEnd::Halted(e), self.stats);
                 }
-                Ok(false) => {}
-                Err(e) => return (QueueEnd::Halted(e), self.stats),
+            } else {
+                match self.ring.final_check() {
+                    Ok(true) => {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.halt = Some(e);
+                        continue;
+                    }
+                }
+                if self.masked {
+                    if let Err(e) = self.ev.unmask() {
+                        tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
+                    }
+                    self.masked = false;
+                }
             }
-            if let Err(e) = self.ev.unmask() {
-                tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
-            }
+            let busy = self.engine.in_flight() > 0;
+            let listen = self.halt.is_none();
             tokio::select! {
-                r = self.ev.wait() => match r {
-                    Ok(()) => self.stats.kicks += 1,
+                r = self.ev.wait(), if listen => match r {
+                    Ok(()) => {
+                        self.stats.kicks += 1;
+                        self.masked = true;
+                    }
                     Err(e) => {
                         tracing::warn!(domid = %self.domid, "event channel failed: {e}");
+                        self.drain().await;
                         return (QueueEnd::Stopped, self.stats);
                     }
                 },
+                () = self.engine.ready(), if busy => {}
                 _ = stop.changed() => {}
             }
         }
     }
 
-    /// One pass: at most a ring's worth of requests. Answers are kept private
-    /// until the whole pass is done, then written and published together in
-    /// ring order: a request's slot is overwritten by its answer only just
-    /// before the answer is published, so a daemon killed mid-pass leaves
-    /// every unanswered request readable for the next one (see
-    /// `lifecycle::adopting`).
-    fn sweep(&mut self) -> Result<(), RingError> {
-        let raws = self.ring.take(self.ring.size())?;
+    /// One pass: take, start, submit, complete, answer.
+    fn pass(&mut self) {
+        if self.halt.is_none() {
+            self.take();
+        }
+        self.start_waiting();
+        self.engine.submit();
+        self.complete();
+        self.publish();
+    }
+
+    /// Waits (bounded) for in-flight I/O and answers it.
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while self.engine.in_flight() > 0 {
+            if tokio::time::timeout_at(deadline, self.engine.ready())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    domid = %self.domid,
+                    in_flight = self.engine.in_flight(),
+                    "I/O did not complete within {DRAIN:?} of the ring stopping; abandoning it"
+                );
+                return;
+            }
+            self.complete();
+            self.publish();
+        }
+    }
+
+    /// Takes what the ring holds (at most a ring's worth): each request is
+    /// copied out, validated, and queued in ring order.
+    fn take(&mut self) {
+        let raws = match self.ring.take(self.ring.size()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.halt = Some(e);
+                return;
+            }
+        };
         // The disk may have grown (resize): check requests against its size now.
         self.limits.disk_sectors = self.disk.sectors();
-        let mut halt = None;
-        let mut answers = Vec::with_capacity(raws.len());
         for raw in raws {
-            let (id, op, status) = match parse(&raw, self.ring.abi(), &self.limits) {
-                Ok(Parsed::Ready(req)) => (req.id, req.wire_op, self.execute(&req)),
+            let slot = match parse(&raw, self.ring.abi(), &self.limits) {
+                Ok(Parsed::Ready(req)) => Slot::waiting(req),
                 Ok(Parsed::Indirect(h)) => match self.indirect(&h) {
-                    Ok(req) => (req.id, req.wire_op, self.execute(&req)),
+                    Ok(req) => Slot::waiting(req),
                     Err(r) => {
                         if r.halt {
-                            halt = Some(r.reason.to_string());
+                            self.halt = Some(RingError::Protocol(r.reason.to_string()));
                         }
-                        (r.id, r.wire_op, r.status)
+                        Slot::done(r.id, r.wire_op, r.status)
                     }
                 },
                 Err(r) => {
                     tracing::debug!(domid = %self.domid, id = r.id, "request refused: {}", r.reason);
                     if r.halt {
-                        halt = Some(r.reason.to_string());
+                        self.halt = Some(RingError::Protocol(r.reason.to_string()));
                     }
-                    (r.id, r.wire_op, r.status)
+                    Slot::done(r.id, r.wire_op, r.status)
                 }
             };
+            self.slots.push_back(slot);
+            if self.halt.is_some() {
+                break;
+            }
+        }
+        let running = self.slots.len() as u64;
+        self.stats.in_flight_peak = self.stats.in_flight_peak.max(running);
+    }
+
+    /// Starts the waiting requests in ring order while buffers last.
+    fn start_waiting(&mut self) {
+        for i in 0..self.slots.len() {
+            if !matches!(self.slots[i].stage, Stage::Waiting(_)) {
+                continue;
+            }
+            let Stage::Waiting(req) = std::mem::replace(&mut self.slots[i].stage, Stage::Done(0))
+            else {
+                unreachable!("checked above");
+            };
+            match self.start(i, req) {
+                Ok(()) => {}
+                Err(req) => {
+                    // No room in the pool: it and everything after it wait
+                    // for buffers to come back (ring order is kept).
+                    self.slots[i].stage = Stage::Waiting(req);
+                    self.stats.buffer_waits += 1;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts one request, or gives it back when the pool is full.
+    fn start(&mut self, i: usize, req: Request) -> Result<(), Request> {
+        let tag = self.base + i as u64;
+        // A flush without data names no sectors: Linux sends sector_number
+        // (sector_t)-1 for it, which must not be taken for an offset.
+        let off = req.sector.checked_mul(SECTOR_SIZE);
+        let len = req.nr_sectors.checked_mul(SECTOR_SIZE);
+        let has_data = !req.segments.is_empty();
+        let (off, len) = match (off, len) {
+            (Some(o), Some(l)) => (o, l),
+            _ if !has_data && matches!(req.op, Operation::Flush | Operation::Barrier) => (0, 0),
+            _ => {
+                tracing::debug!(domid = %self.domid, id = req.id, "request range overflows");
+                self.slots[i].stage = Stage::Done(BLKIF_RSP_ERROR);
+                return Ok(());
+            }
+        };
+        let mut buf = None;
+        if has_data {
+            let Some(mut b) = self.pool.alloc(len as usize) else {
+                return Err(req);
+            };
+            if req.op.writes(req.segments.len()) {
+                if let Err(e) = self.copy_in(&req, &mut b) {
+                    tracing::debug!(domid = %self.domid, id = req.id, "{e}");
+                    self.pool.free(b);
+                    self.slots[i].stage = Stage::Done(BLKIF_RSP_ERROR);
+                    return Ok(());
+                }
+            }
+            buf = Some(b);
+        }
+        let (kind, flush_first) = match req.op {
+            Operation::Read => (IoKind::Read, false),
+            Operation::Write => (IoKind::Write, false),
+            Operation::Flush | Operation::Barrier => (IoKind::Flush, has_data),
+            Operation::Discard { .. } => (IoKind::Discard, false),
+        };
+        let op = match kind {
+            // Every write answered before this flush has completed: the flush
+            // starts only once everything submitted before it is done.
+            IoKind::Flush => IoOp {
+                tag,
+                kind,
+                off: 0,
+                len: 0,
+                buf: None,
+                buf_off: 0,
+                drain: true,
+            },
+            _ => IoOp {
+                tag,
+                kind,
+                off,
+                len,
+                buf: buf.take(),
+                buf_off: 0,
+                drain: false,
+            },
+        };
+        self.engine.push(op);
+        let slot = &mut self.slots[i];
+        slot.buf = buf;
+        slot.stage = Stage::Running {
+            req,
+            flush_first,
+            done: 0,
+        };
+        Ok(())
+    }
+
+    /// Handles every completion the engine has.
+    fn complete(&mut self) {
+        let mut done = Vec::new();
+        self.engine.reap(&mut done);
+        for d in done {
+            self.completed(d);
+        }
+    }
+
+    fn completed(&mut self, d: IoDone) {
+        let Some(i) = d.tag.checked_sub(self.base).map(|i| i as usize) else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        if let Some(b) = d.buf {
+            slot.buf = Some(b);
+        }
+        let Stage::Running {
+            req,
+            flush_first,
+            done,
+        } = std::mem::replace(&mut slot.stage, Stage::Done(BLKIF_RSP_ERROR))
+        else {
+            return;
+        };
+        let n = match d.result {
+            Ok(n) => n as u64,
+            Err(e) => {
+                tracing::debug!(domid = %self.domid, id = req.id, "request failed: {e}");
+                self.finish(i, &req, BLKIF_RSP_ERROR);
+                return;
+            }
+        };
+        let len = req.nr_sectors * SECTOR_SIZE;
+        if flush_first {
+            // The flush before a barrier's or flush's data: now the write.
+            self.resubmit(i, req, 0, IoKind::Write, len);
+            return;
+        }
+        let kind = match req.op {
+            Operation::Read => IoKind::Read,
+            Operation::Write | Operation::Flush | Operation::Barrier => IoKind::Write,
+            Operation::Discard { .. } => IoKind::Discard,
+        };
+        let transferred = done + n;
+        let moves_data = !req.segments.is_empty();
+        if moves_data && transferred < len {
+            if n == 0 {
+                tracing::debug!(domid = %self.domid, id = req.id, "short transfer at {transferred} of {len} bytes");
+                self.finish(i, &req, BLKIF_RSP_ERROR);
+            } else {
+                // A short read or write: go on from where it stopped.
+                self.resubmit(i, req, transferred, kind, len);
+            }
+            return;
+        }
+        let status = if req.op == Operation::Read {
+            match self.copy_out_slot(i, &req) {
+                Ok(()) => BLKIF_RSP_OKAY,
+                Err(e) => {
+                    tracing::debug!(domid = %self.domid, id = req.id, "{e}");
+                    BLKIF_RSP_ERROR
+                }
+            }
+        } else {
+            BLKIF_RSP_OKAY
+        };
+        self.finish(i, &req, status);
+    }
+
+    /// Submits the rest of a request: bytes `from..len` of its buffer.
+    fn resubmit(&mut self, i: usize, req: Request, from: u64, kind: IoKind, len: u64) {
+        let tag = self.base + i as u64;
+        let Some(buf) = self.slots[i].buf.take() else {
+            self.finish(i, &req, BLKIF_RSP_ERROR);
+            return;
+        };
+        self.engine.push(IoOp {
+            tag,
+            kind,
+            off: req.sector * SECTOR_SIZE + from,
+            len: len - from,
+            buf: Some(buf),
+            buf_off: from as usize,
+            drain: false,
+        });
+        self.slots[i].stage = Stage::Running {
+            req,
+            flush_first: false,
+            done: from,
+        };
+    }
+
+    /// Records a request's answer and gives its buffer back.
+    fn finish(&mut self, i: usize, req: &Request, status: i16) {
+        let slot = &mut self.slots[i];
+        if let Some(b) = slot.buf.take() {
+            self.pool.free(b);
+        }
+        slot.stage = Stage::Done(status);
+        match req.op {
+            Operation::Read => self.stats.reads += 1,
+            Operation::Write => self.stats.writes += 1,
+            Operation::Flush | Operation::Barrier => self.stats.flushes += 1,
+            Operation::Discard { .. } => self.stats.discards += 1,
+        }
+        if status == BLKIF_RSP_OKAY && !req.segments.is_empty() {
+            self.stats.bytes += req.nr_sectors * SECTOR_SIZE;
+        }
+    }
+
+    /// Answers, in ring order, every request answered so far from the oldest
+    /// on; notifies per the ring's event suppression.
+    fn publish(&mut self) {
+        let mut any = false;
+        while let Some(Slot {
+            stage: Stage::Done(status),
+            ..
+        }) = self.slots.front()
+        {
+            let status = *status;
+            let slot = self.slots.pop_front().expect("front exists");
+            self.base += 1;
             if status == BLKIF_RSP_OKAY {
                 self.stats.ok += 1;
             } else {
                 self.stats.errors += 1;
             }
-            answers.push((id, op, status));
-            if halt.is_some() {
-                break;
-            }
+            self.ring.put_response(slot.id, slot.wire_op, status);
+            any = true;
         }
-        for (id, op, status) in answers {
-            self.ring.put_response(id, op, status);
-        }
-        if self.ring.push_responses() {
+        if any && self.ring.push_responses() {
             self.stats.notifications += 1;
             if let Err(e) = self.ev.notify() {
                 tracing::debug!(domid = %self.domid, "notify failed: {e}");
             }
-        }
-        match halt {
-            Some(reason) => {
-                let e = RingError::Protocol(reason);
-                self.ring.halt(e.clone());
-                Err(e)
-            }
-            None => Ok(()),
         }
     }
 
@@ -251,58 +597,15 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         h.finish(&pages, &self.limits)
     }
 
-    /// Runs a validated request against the disk; returns its status.
-    fn execute(&mut self, req: &Request) -> i16 {
-        // A flush without data names no sectors: Linux sends sector_number
-        // (sector_t)-1 for it, which must not be taken for an offset.
-        let no_data =
-            req.segments.is_empty() && matches!(req.op, Operation::Flush | Operation::Barrier);
-        let off = if no_data {
-            Some(0)
-        } else {
-            req.sector.checked_mul(SECTOR_SIZE)
+    /// Copies a completed read's data to the guest's pages.
+    fn copy_out_slot(&mut self, i: usize, req: &Request) -> Result<(), String> {
+        let Some(buf) = self.slots[i].buf.take() else {
+            return Err("a read without its buffer".into());
         };
-        let len = req.nr_sectors.checked_mul(SECTOR_SIZE);
-        let (Some(off), Some(len)) = (off, len) else {
-            tracing::debug!(domid = %self.domid, id = req.id, "request range overflows");
-            return BLKIF_RSP_ERROR;
-        };
-        let result = match req.op {
-            Operation::Read => {
-                let mut buf = vec![0u8; len as usize];
-                self.disk
-                    .read_at(off, &mut buf)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| self.copy_out(req, &buf))
-            }
-            Operation::Write => self
-                .copy_in(req)
-                .and_then(|buf| self.disk.write_at(off, &buf).map_err(|e| e.to_string())),
-            Operation::Flush | Operation::Barrier => {
-                // Every write answered before this one has completed (requests
-                // run in order here), so a flush makes them all durable.
-                self.disk.flush().map_err(|e| e.to_string()).and_then(|()| {
-                    if req.segments.is_empty() {
-                        Ok(())
-                    } else {
-                        self.copy_in(req).and_then(|buf| {
-                            self.disk.write_at(off, &buf).map_err(|e| e.to_string())
-                        })
-                    }
-                })
-            }
-            Operation::Discard { .. } => self.disk.discard(off, len).map_err(|e| e.to_string()),
-        };
-        match result {
-            Ok(()) => {
-                self.stats.bytes += if req.segments.is_empty() { 0 } else { len };
-                BLKIF_RSP_OKAY
-            }
-            Err(e) => {
-                tracing::debug!(domid = %self.domid, id = req.id, "request failed: {e}");
-                BLKIF_RSP_ERROR
-            }
-        }
+        let pool = self.pool.clone();
+        let r = self.copy_out(req, pool.slice(&buf));
+        self.slots[i].buf = Some(buf);
+        r
     }
 
     fn copy_out(&mut self, req: &Request, data: &[u8]) -> Result<(), String> {
@@ -323,8 +626,10 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self.copy(&mut segs)
     }
 
-    fn copy_in(&mut self, req: &Request) -> Result<Vec<u8>, String> {
-        let mut buf = vec![0u8; req.nr_sectors as usize * SECTOR_SIZE as usize];
+    /// Copies a write's data from the guest's pages into `buf`.
+    fn copy_in(&mut self, req: &Request, buf: &mut Buf) -> Result<(), String> {
+        let pool = self.pool.clone();
+        let buf = pool.slice_mut(buf);
         let mut at = 0;
         let mut rest = Vec::new();
         for s in &req.segments {
@@ -344,8 +649,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             tail = t;
             consumed = at + len;
         }
-        self.copy(&mut segs)?;
-        Ok(buf)
+        self.copy(&mut segs)
     }
 
     fn copy(&self, segs: &mut [CopySeg<'_>]) -> Result<(), String> {
@@ -356,6 +660,26 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 "grant copy of ref {} failed with status {}",
                 s.gref, s.status
             )),
+        }
+    }
+}
+
+impl Slot {
+    fn waiting(req: Request) -> Slot {
+        Slot {
+            id: req.id,
+            wire_op: req.wire_op,
+            stage: Stage::Waiting(req),
+            buf: None,
+        }
+    }
+
+    fn done(id: u64, wire_op: u8, status: i16) -> Slot {
+        Slot {
+            id,
+            wire_op,
+            stage: Stage::Done(status),
+            buf: None,
         }
     }
 }

@@ -1,0 +1,372 @@
+//! The io_uring engine: one ring per guest ring.
+//!
+//! Reads and writes go to the kernel in batches (one `io_uring_enter` per
+//! ring pass), from and into the ring's bounce pool, which is registered as
+//! a fixed buffer when the kernel allows it. A request aligned to the disk's
+//! direct-I/O alignment uses the `O_DIRECT` descriptor; any other request
+//! takes the buffered one, so alignment never makes a request fail. A flush
+//! is an `fdatasync` with `IOSQE_IO_DRAIN`: it starts only after every
+//! operation submitted before it has completed. Discards on files punch holes
+//! with `IORING_OP_FALLOCATE`; `BLKDISCARD` has no io_uring opcode on the
+//! kernels we support, so block-device discards go to a side worker thread.
+//!
+//! The tokio task serving the ring sleeps on the io_uring descriptor (it is
+//! readable while completions wait) together with the event channel.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+
+use super::engine::{IoDone, IoKind, IoOp, ThreadEngine};
+use super::pool::{BouncePool, Buf};
+use super::{DiscardKind, Disk, UringTarget};
+
+/// Submission queue entries per ring (the completion queue is twice that).
+const ENTRIES: u32 = 256;
+/// How long a torn-down ring waits for cancelled I/O before leaking its
+/// buffers to the kernel rather than freeing memory the kernel may still use.
+const TEARDOWN: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// An in-flight operation: the tag and the buffer the kernel is using.
+#[derive(Debug)]
+struct Flight {
+    tag: u64,
+    buf: Option<Buf>,
+}
+
+/// One io_uring instance serving one guest ring.
+pub struct UringEngine {
+    // Declared before `ring`: deregistered from epoll before the fd closes.
+    afd: AsyncFd<RingFd>,
+    ring: IoUring,
+    target: UringTarget,
+    disk: Arc<dyn Disk>,
+    pool: Arc<BouncePool>,
+    registered: bool,
+    flights: HashMap<u64, Flight>,
+    next: u64,
+    unsubmitted: usize,
+    done: Vec<IoDone>,
+    side: Option<ThreadEngine>,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("target", &self.target)
+            .field("registered", &self.registered)
+            .field("in_flight", &self.flights.len())
+            .finish()
+    }
+}
+
+impl UringEngine {
+    /// An engine over `disk` (which must have descriptors: see
+    /// [`Disk::uring_target`]). `direct` asks for `O_DIRECT` where the disk
+    /// has a direct descriptor.
+    pub fn new(disk: Arc<dyn Disk>, pool: Arc<BouncePool>, direct: bool) -> io::Result<Self> {
+        let mut target = disk.uring_target().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this disk has no file descriptor for io_uring",
+            )
+        })?;
+        if !direct {
+            target.direct = None;
+        }
+        let ring = IoUring::builder()
+            .setup_cqsize(ENTRIES * 2)
+            .build(ENTRIES)?;
+        let (ptr, len) = pool.region();
+        let iov = libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        };
+        // SAFETY: the region is the pool's mapping, which outlives the ring:
+        // the engine holds the pool, and on a teardown that cannot confirm
+        // every I/O finished it leaks the pool instead of unmapping it.
+        let registered = match unsafe { ring.submitter().register_buffers(&[iov]) } {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(
+                    "bounce pool not registered with io_uring ({e}): plain reads and writes"
+                );
+                false
+            }
+        };
+        // SAFETY: the descriptor is the ring's, which stays open for as long
+        // as `afd` (declared before `ring`, so deregistered first) and is
+        // registered with the reactor by nobody else.
+        let afd = unsafe {
+            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(UringEngine {
+            afd,
+            ring,
+            target,
+            disk,
+            pool,
+            registered,
+            flights: HashMap::new(),
+            next: 0,
+            unsubmitted: 0,
+            done: Vec::new(),
+            side: None,
+        })
+    }
+
+    /// Whether aligned requests use `O_DIRECT`.
+    pub fn direct(&self) -> bool {
+        self.target.direct.is_some()
+    }
+
+    /// Operations pushed and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len() + self.done.len() + self.side.as_ref().map_or(0, |s| s.in_flight)
+    }
+
+    /// Prepares the submission queue entry for `op`.
+    fn entry(&self, op: &IoOp, ud: u64) -> Result<squeue::Entry, io::Error> {
+        // O_DIRECT when the disk offset, the length and the memory address
+        // (the pool is page-aligned) all meet the disk's alignment.
+        let fd_for = |off: u64, len: u64| match self.target.direct {
+            Some((fd, align))
+                if [off, len, op.buf_off as u64]
+                    .iter()
+                    .all(|v| v % u64::from(align) == 0) =>
+            {
+                fd
+            }
+            _ => self.target.fd,
+        };
+        let len32 = || {
+            u32::try_from(op.len)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "operation too large"))
+        };
+        // Where the transfer starts in the pool, checked to lie in the buffer.
+        let ptr = || {
+            op.buf
+                .as_ref()
+                .filter(|b| {
+                    (op.buf_off as u64)
+                        .checked_add(op.len)
+                        .is_some_and(|end| end <= b.len() as u64)
+                })
+                .map(|b| self.pool.ptr(b).wrapping_add(op.buf_off))
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "I/O outside its buffer")
+                })
+        };
+        let e = match op.kind {
+            IoKind::Read => {
+                let fd = types::Fd(fd_for(op.off, op.len));
+                let p = ptr()?;
+                if self.registered {
+                    opcode::ReadFixed::new(fd, p, len32()?, 0)
+                        .offset(op.off)
+                        .build()
+                } else {
+                    opcode::Read::new(fd, p, len32()?).offset(op.off).build()
+                }
+            }
+            IoKind::Write => {
+                let fd = types::Fd(fd_for(op.off, op.len));
+                let p = ptr()?;
+                if self.registered {
+                    opcode::WriteFixed::new(fd, p, len32()?, 0)
+                        .offset(op.off)
+                        .build()
+                } else {
+                    opcode::Write::new(fd, p, len32()?).offset(op.off).build()
+                }
+            }
+            IoKind::Flush => opcode::Fsync::new(types::Fd(self.target.fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoKind::Discard => opcode::Fallocate::new(types::Fd(self.target.fd), op.len)
+                .offset(op.off)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+        };
+        let flags = if op.drain {
+            squeue::Flags::IO_DRAIN
+        } else {
+            squeue::Flags::empty()
+        };
+        Ok(e.flags(flags).user_data(ud))
+    }
+
+    /// Queues `op`; it reaches the kernel at the next [`UringEngine::submit`].
+    pub fn push(&mut self, op: IoOp) {
+        if op.kind == IoKind::Discard && self.target.discard == DiscardKind::Block {
+            // No io_uring opcode for BLKDISCARD: a side thread does it.
+            let side = self
+                .side
+                .get_or_insert_with(|| ThreadEngine::new(self.disk.clone(), self.pool.clone()));
+            side.push(op);
+            return;
+        }
+        if op.kind == IoKind::Discard && self.target.discard == DiscardKind::None {
+            self.done.push(IoDone {
+                tag: op.tag,
+                result: Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+                buf: op.buf,
+            });
+            return;
+        }
+        let ud = self.next;
+        self.next = self.next.wrapping_add(1);
+        let entry = match self.entry(&op, ud) {
+            Ok(e) => e,
+            Err(e) => {
+                self.done.push(IoDone {
+                    tag: op.tag,
+                    result: Err(e),
+                    buf: op.buf,
+                });
+                return;
+            }
+        };
+        // SAFETY: the entry's buffer is the op's `Buf`, which moves into
+        // `flights` below and stays there (alive, inside the pool's mapping,
+        // touched by nobody else) until the completion for `ud` is reaped.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            // The submission queue is full: hand it to the kernel first.
+            self.submit();
+        }
+        self.flights.insert(
+            ud,
+            Flight {
+                tag: op.tag,
+                buf: op.buf,
+            },
+        );
+        self.unsubmitted += 1;
+    }
+
+    /// Submits everything queued, in one system call when it can.
+    pub fn submit(&mut self) {
+        while self.unsubmitted > 0 {
+            match self.ring.submit() {
+                Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n.max(1)),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
+                    // Completions must be reaped before more can go in; they
+                    // are, by the caller's next reap. Keep the rest queued.
+                    let mut out = Vec::new();
+                    self.reap(&mut out);
+                    self.done.extend(out);
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    tracing::warn!("io_uring submission failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves the completions available now into `out`.
+    pub fn reap(&mut self, out: &mut Vec<IoDone>) {
+        out.append(&mut self.done);
+        for cqe in self.ring.completion() {
+            let Some(f) = self.flights.remove(&cqe.user_data()) else {
+                continue;
+            };
+            let r = cqe.result();
+            out.push(IoDone {
+                tag: f.tag,
+                result: if r < 0 {
+                    Err(io::Error::from_raw_os_error(-r))
+                } else {
+                    Ok(r as usize)
+                },
+                buf: f.buf,
+            });
+        }
+        if let Some(s) = &mut self.side {
+            s.reap(out);
+        }
+    }
+
+    /// Waits until a completion can be reaped.
+    pub async fn ready(&mut self) {
+        if !self.done.is_empty() || self.in_flight() == 0 {
+            return;
+        }
+        if self.unsubmitted > 0 {
+            self.submit();
+        }
+        loop {
+            if !self.ring.completion().is_empty() {
+                return;
+            }
+            let side = async {
+                match &mut self.side {
+                    Some(s) if s.in_flight > 0 => s.ready().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            let woke = tokio::select! {
+                g = self.afd.readable() => g.map(|mut g| g.clear_ready()),
+                () = side => return,
+            };
+            // Readiness was cleared above; the completion-queue check at the
+            // top of the loop closes the race with a completion in between.
+            if let Err(e) = woke {
+                tracing::warn!("cannot wait for io_uring completions: {e}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        if self.flights.is_empty() {
+            return;
+        }
+        // Cancel what is in flight and wait for the kernel to let go of the
+        // buffers; if it will not (a hung disk), leak the pool rather than
+        // free memory a late completion could still write.
+        self.submit();
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: a cancel entry carries no buffer.
+        if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
+            let _ = self.ring.submit();
+        }
+        let deadline = Instant::now() + TEARDOWN;
+        while !self.flights.is_empty() && Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let mut out = Vec::new();
+            self.reap(&mut out);
+        }
+        if !self.flights.is_empty() {
+            tracing::warn!(
+                in_flight = self.flights.len(),
+                "I/O still in flight at teardown: keeping its buffers allocated"
+            );
+            std::mem::forget(self.pool.clone());
+        }
+    }
+}
