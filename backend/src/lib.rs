@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod attach;
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -22,6 +22,26 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure the serving path against raw io_uring on the same file: a
+    /// simulated guest in its own process, side by side with the baseline,
+    /// page cache and O_DIRECT; prints medians and ratios.
+    Bench {
+        /// Working directory on a real file system (default: a fresh one in /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Repetitions per workload (the median is quoted).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Size of the disk file in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// I/O engine of the serving path.
+        #[arg(long, value_enum, default_value = "auto")]
+        engine: blkbackd::io::engine::EngineChoice,
+    },
     /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which closes
     /// every device cleanly. On real Xen by default; `--sim DIR` runs the
     /// embedded default (its own Xenstore and the simulated hypervisor in DIR).
@@ -134,6 +154,10 @@ enum Cmd {
         /// Do not use persistent grants even if the backend offers them.
         #[arg(long)]
         no_persistent: bool,
+        /// The workload of bench mode:
+        /// randread|randwrite|read|write:BYTES:DEPTH:SECONDS.
+        #[arg(long)]
+        bench: Option<String>,
     },
     /// Check a Xenstore (the real xenstored, or ours) against the behaviour
     /// blkbackd relies on; exits non-zero if any check fails.
@@ -150,7 +174,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo prints its own story; its logs stay quiet unless asked for.
-    let default = if matches!(cli.cmd, Cmd::Demo { .. }) {
+    let default = if matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Bench { .. }) {
         "warn"
     } else {
         "info"
@@ -169,6 +193,23 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo { dir } => blkbackd::demo::run(dir, None).await,
+            Cmd::Bench {
+                dir,
+                seconds,
+                reps,
+                size_mib,
+                engine,
+            } => {
+                blkbackd::bench::run(blkbackd::bench::BenchOptions {
+                    dir,
+                    seconds,
+                    reps,
+                    size_mib,
+                    engine,
+                    exe: std::env::current_exe().context("finding the blkbackd binary")?,
+                })
+                .await
+            }
             Cmd::Xenstored { socket } => xenstored(socket).await,
             Cmd::Serve {
                 sim,
@@ -245,6 +286,7 @@ fn main() -> anyhow::Result<()> {
                 protocol,
                 start_index,
                 no_persistent,
+                bench,
             } => {
                 use blkbackd::sim::guest::{self, GuestArgs};
                 let mode: guest::Mode = mode.parse().map_err(anyhow::Error::msg)?;
@@ -266,6 +308,10 @@ fn main() -> anyhow::Result<()> {
                         abi,
                         start_index,
                     },
+                    bench: bench
+                        .map(|b| b.parse::<guest::BenchSpec>())
+                        .transpose()
+                        .map_err(anyhow::Error::msg)?,
                 };
                 match guest::run(args).await {
                     Ok(report) => {

@@ -58,3 +58,42 @@ fn the_demo_command_prints_the_whole_story() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+/// The benchmark command runs end to end and prints its table (a smoke run:
+/// the figures themselves are for people, never asserted).
+#[test]
+fn the_bench_command_prints_every_workload_with_its_ratio() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+        .args([
+            "bench",
+            "--seconds",
+            "0.2",
+            "--reps",
+            "1",
+            "--size-mib",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for w in [
+        "4k randread qd1",
+        "4k randread qd32",
+        "4k randwrite qd32",
+        "128k read qd8",
+        "128k write qd8",
+    ] {
+        for cache in ["page cache", "O_DIRECT"] {
+            assert!(
+                text.lines().any(|l| l.starts_with(w) && l.contains(cache)),
+                "no {w} / {cache} row in:\n{text}"
+            );
+        }
+    }
+    assert!(text.contains("ratio") && text.contains("notif/io") && text.contains("peak RSS"));
+}

@@ -370,3 +370,99 @@ impl Drop for UringEngine {
         }
     }
 }
+
+/// What a raw io_uring run did.
+#[derive(Clone, Copy, Debug)]
+pub struct RawRun {
+    /// Requests completed.
+    pub ops: u64,
+    /// Wall-clock seconds.
+    pub secs: f64,
+}
+
+/// The benchmark's baseline: the same requests `spec` describes, issued with
+/// io_uring straight on `path` (the limit a backend can approach), lanes of
+/// one request each kept in flight as the guest's are.
+pub fn raw_baseline(
+    path: &std::path::Path,
+    direct: bool,
+    spec: &crate::sim::guest::BenchSpec,
+) -> io::Result<RawRun> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(spec.write)
+        .custom_flags(flags)
+        .open(path)?;
+    let bytes = file.metadata()?.len();
+    let depth = spec.depth as usize;
+    let bs = spec.bs as usize;
+    let pool = BouncePool::new(depth * bs.div_ceil(super::pool::POOL_PAGE))?;
+    let mut bufs: Vec<Buf> = (0..depth)
+        .map(|_| {
+            pool.alloc(bs)
+                .ok_or_else(|| io::Error::other("raw pool too small"))
+        })
+        .collect::<io::Result<_>>()?;
+    for b in &mut bufs {
+        pool.slice_mut(b).fill(0x5A);
+    }
+    let mut ring = IoUring::new(depth.next_power_of_two().max(8) as u32)?;
+    let fd = types::Fd(file.as_raw_fd());
+    let mut issued = vec![0u64; depth];
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(spec.seconds);
+    let mut ops = 0u64;
+    let mut in_flight = 0usize;
+    let push = |ring: &mut IoUring, lane: usize, n: u64| -> io::Result<()> {
+        let off = crate::sim::guest::bench_offset(spec, bytes, lane as u32, n);
+        let p = pool.ptr(&bufs[lane]);
+        let e = if spec.write {
+            opcode::Write::new(fd, p, bs as u32).offset(off).build()
+        } else {
+            opcode::Read::new(fd, p, bs as u32).offset(off).build()
+        };
+        // SAFETY: lane `lane`'s buffer is used by at most one request at a
+        // time (a lane resubmits only after its completion) and the pool
+        // outlives the ring, which is drained before this function returns.
+        unsafe { ring.submission().push(&e.user_data(lane as u64)) }
+            .map_err(|_| io::Error::other("submission queue full"))
+    };
+    for lane in 0..depth {
+        push(&mut ring, lane, 0)?;
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        ring.submit_and_wait(1)?;
+        let done: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (lane, r) in done {
+            in_flight -= 1;
+            if r < 0 {
+                // Drain what is in flight before reporting.
+                while in_flight > 0 {
+                    ring.submit_and_wait(1)?;
+                    in_flight -= ring.completion().count();
+                }
+                return Err(io::Error::from_raw_os_error(-r));
+            }
+            ops += 1;
+            let lane = lane as usize;
+            issued[lane] += 1;
+            if Instant::now() < deadline {
+                push(&mut ring, lane, issued[lane])?;
+                in_flight += 1;
+            }
+        }
+    }
+    Ok(RawRun {
+        ops,
+        secs: started.elapsed().as_secs_f64(),
+    })
+}

@@ -43,11 +43,13 @@ pub enum Mode {
     /// Stay connected until the backend announces a bigger disk, then use
     /// the new end of it.
     Resize,
+    /// Drive a benchmark workload (see [`BenchSpec`]) and report throughput.
+    Bench,
 }
 
 impl Mode {
     /// Every mode, for tests and help text.
-    pub const ALL: [(&'static str, Mode); 11] = [
+    pub const ALL: [(&'static str, Mode); 12] = [
         ("verify", Mode::Verify),
         ("bogus-prod", Mode::BogusProd),
         ("too-many-segments", Mode::TooManySegments),
@@ -59,6 +61,7 @@ impl Mode {
         ("revoked-grant", Mode::RevokedGrant),
         ("rewrite", Mode::Rewrite),
         ("resize", Mode::Resize),
+        ("bench", Mode::Bench),
     ];
 
     /// Whether a correct backend halts the ring for this misbehaviour.
@@ -103,6 +106,111 @@ pub struct GuestArgs {
     pub seed: u64,
     /// What to negotiate.
     pub opts: FrontOptions,
+    /// The workload of [`Mode::Bench`].
+    pub bench: Option<BenchSpec>,
+}
+
+/// A benchmark workload: `randread|randwrite|read|write:BYTES:DEPTH:SECONDS`
+/// (`read`/`write` are sequential).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BenchSpec {
+    /// Writes rather than reads.
+    pub write: bool,
+    /// Random offsets rather than sequential.
+    pub random: bool,
+    /// Bytes per request (a multiple of 4096).
+    pub bs: u32,
+    /// Requests kept in flight.
+    pub depth: u32,
+    /// How long to run.
+    pub seconds: f64,
+}
+
+impl FromStr for BenchSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BenchSpec, String> {
+        let bad = || {
+            format!("bad workload {s:?}: want randread|randwrite|read|write:BYTES:DEPTH:SECONDS")
+        };
+        let f: Vec<&str> = s.split(':').collect();
+        let [kind, bs, depth, secs] = f[..] else {
+            return Err(bad());
+        };
+        let (write, random) = match kind {
+            "randread" => (false, true),
+            "randwrite" => (true, true),
+            "read" => (false, false),
+            "write" => (true, false),
+            _ => return Err(bad()),
+        };
+        let bs: u32 = bs.parse().map_err(|_| bad())?;
+        let depth: u32 = depth.parse().map_err(|_| bad())?;
+        let seconds: f64 = secs.parse().map_err(|_| bad())?;
+        if bs == 0 || bs % 4096 != 0 || bs > 1 << 20 || !(1..=1024).contains(&depth) {
+            return Err(bad());
+        }
+        if !(seconds > 0.0 && seconds <= 3600.0) {
+            return Err(bad());
+        }
+        Ok(BenchSpec {
+            write,
+            random,
+            bs,
+            depth,
+            seconds,
+        })
+    }
+}
+
+/// Where lane `lane`'s `n`th request of `spec` goes on a disk of `bytes`, in
+/// bytes (the same sequence drives the raw baseline).
+pub fn bench_offset(spec: &BenchSpec, bytes: u64, lane: u32, n: u64) -> u64 {
+    let bs = u64::from(spec.bs);
+    let blocks = (bytes / bs).max(1);
+    if spec.random {
+        let mut x = (u64::from(lane) << 32 | n).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x % blocks) * bs
+    } else {
+        let per_lane = (blocks / u64::from(spec.depth)).max(1);
+        let start = u64::from(lane) * per_lane;
+        ((start + n % per_lane) % blocks) * bs
+    }
+}
+
+async fn bench(front: &Arc<Blkfront>, spec: BenchSpec) -> Result<String, FrontError> {
+    let bytes = front.sectors * 512;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(spec.seconds);
+    let started = std::time::Instant::now();
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..spec.depth {
+        let f = front.clone();
+        lanes.spawn(async move {
+            let mut buf = vec![0xA5u8; spec.bs as usize];
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let sector = bench_offset(&spec, bytes, lane, n) / 512;
+                if spec.write {
+                    f.write(sector, &buf).await?;
+                } else {
+                    f.read(sector, &mut buf).await?;
+                }
+                n += 1;
+            }
+            Ok::<u64, FrontError>(n)
+        });
+    }
+    let mut ops = 0;
+    while let Some(r) = lanes.join_next().await {
+        ops += r.map_err(|e| fail(format!("bench lane failed: {e}")))??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "BENCH ops={ops} bytes={} secs={secs:.4}",
+        ops * u64::from(spec.bs)
+    ))
 }
 
 /// Memory and grant-table sizes of a simulated guest.
@@ -222,6 +330,10 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
         }
         Mode::Rewrite => rewrite(&front, args.seed).await?,
         Mode::Resize => resized(&front).await?,
+        Mode::Bench => {
+            let spec = args.bench.ok_or_else(|| fail("bench mode needs --bench"))?;
+            bench(&front, spec).await?
+        }
     };
     Ok(format!("{tag} {report}"))
 }

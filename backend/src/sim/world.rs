@@ -71,6 +71,13 @@ impl SimWorld {
         })
     }
 
+    /// Forgets a guest that has gone: the backend's view of its memory and
+    /// its files (as Xen frees a destroyed domain's memory).
+    pub fn destroy_domain(&self, d: DomId) {
+        self.grants.forget(d);
+        crate::xen::sim::destroy_domain_files(&self.dir, d);
+    }
+
     /// The simulation directory.
     pub fn dir(&self) -> &Path {
         &self.dir

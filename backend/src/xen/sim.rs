@@ -42,6 +42,13 @@ fn grants_path(dir: &Path, d: DomId) -> PathBuf {
     dir.join(format!("dom{}.grants", d.0))
 }
 
+/// Removes what a destroyed simulated domain left in `dir` (its memory and
+/// grant table files).
+pub fn destroy_domain_files(dir: &Path, d: DomId) {
+    let _ = std::fs::remove_file(mem_path(dir, d));
+    let _ = std::fs::remove_file(grants_path(dir, d));
+}
+
 fn port_path(dir: &Path, d: DomId, p: Port) -> PathBuf {
     dir.join("evtchn").join(format!("d{}-p{p}", d.0))
 }
