@@ -69,12 +69,26 @@ pub async fn run<G: Grants, EC: EventChannels>(
     // Devices whose task ended while their directory stayed (failed, or
     // closed with online=1): not restarted until the directory goes away.
     let mut done: HashSet<Key> = HashSet::new();
+    let mut vanished: HashSet<Key> = HashSet::new();
+    // Each task says when it ends, so a directory re-created at its path
+    // while it was closing is picked up at once.
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<Key>();
     tracing::info!("blkbackd serving {VBD_ROOT}");
     loop {
         let present = scan(&xs).await?;
+        // A device whose directory went away while its task still ran (the
+        // task is closing it): when the task ends, a directory at that path
+        // is a new device (libxl re-attaching the same vdev), to be served.
+        for k in tasks.keys() {
+            if !present.contains(k) {
+                vanished.insert(*k);
+            }
+        }
         tasks.retain(|k, t| {
             if t.handle.is_finished() {
-                done.insert(*k);
+                if !vanished.remove(k) {
+                    done.insert(*k);
+                }
                 false
             } else {
                 true
@@ -86,7 +100,11 @@ pub async fn run<G: Grants, EC: EventChannels>(
                 continue;
             }
             let (tx, rx) = watch::channel(false);
-            let handle = tokio::spawn(lifecycle::run(ctx.clone(), key.0, key.1, rx));
+            let (c, k, tx_end) = (ctx.clone(), *key, ended_tx.clone());
+            let handle = tokio::spawn(async move {
+                lifecycle::run(c, k.0, k.1, rx).await;
+                let _ = tx_end.send(k);
+            });
             tracing::debug!(domid = %key.0, devid = key.1, "new vbd");
             tasks.insert(*key, Task { handle, stop: tx });
         }
@@ -95,6 +113,14 @@ pub async fn run<G: Grants, EC: EventChannels>(
             e = released.next() => {
                 if e.is_none() { break }
                 reap_released(&xs, &mut tasks, &mut done).await;
+            }
+            Some(k) = ended.recv() => {
+                if let Some(t) = tasks.remove(&k) {
+                    let _ = t.handle.await;
+                    if !vanished.remove(&k) {
+                        done.insert(k);
+                    }
+                }
             }
             _ = stop.changed() => break,
         }
