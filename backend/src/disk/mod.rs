@@ -7,6 +7,7 @@
 //! open fd then pins that exact disk. [`loopdev`] makes loop devices for files.
 #![deny(unsafe_code)]
 
+pub mod dm;
 pub mod loopdev;
 pub mod sys;
 

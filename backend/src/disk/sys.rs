@@ -284,3 +284,25 @@ pub fn dio_alignment(f: &File) -> Option<u32> {
     }
     Some(u32_at(STX_DIO_OFFSET_ALIGN)).filter(|&a| a > 0)
 }
+
+/// A device-mapper ioctl (`_IOWR(0xfd, nr, struct dm_ioctl)`) on
+/// `/dev/mapper/control`, with `buf` holding the `struct dm_ioctl` header
+/// (its `data_size` field set to the whole buffer's length) and its payload.
+pub fn dm_ioctl(ctl: &File, nr: u8, buf: &mut [u64]) -> io::Result<()> {
+    const DM_IOCTL_SIZE: u64 = 312;
+    let req = (3u64 << 30) | (DM_IOCTL_SIZE << 16) | (0xfd << 8) | u64::from(nr);
+    let bytes = std::mem::size_of_val(buf);
+    let data_size = u32::from_ne_bytes([
+        buf[1].to_ne_bytes()[4],
+        buf[1].to_ne_bytes()[5],
+        buf[1].to_ne_bytes()[6],
+        buf[1].to_ne_bytes()[7],
+    ]) as usize;
+    if bytes < DM_IOCTL_SIZE as usize || data_size > bytes {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `buf` is 8-aligned (u64s), at least a `struct dm_ioctl` long,
+    // and its data_size (checked above) does not exceed it, so the kernel
+    // reads and writes only inside it.
+    check(unsafe { libc::ioctl(ctl.as_raw_fd(), req as _, buf.as_mut_ptr()) }).map(drop)
+}
