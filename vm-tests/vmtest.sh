@@ -40,7 +40,7 @@ cp "$DOMU_INIT" $DU/init
 chmod +x $DU/init; (cd $DU && find . | cpio -R 0:0 -H newc -o --quiet) > $W/out/domu.cpio
 # 4. dom0 initramfs
 D0=$W/rootfs-dom0; base_root $D0
-copy_mods $D0 xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop dm-mod
+copy_mods $D0 xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb
 XB=/usr/lib/xen-4.17/bin
 copy_bin $D0 $XB/xl $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 /usr/bin/xenstore /sbin/dmsetup \
   /sbin/losetup /sbin/blockdev /usr/bin/flock /bin/bash /lib/x86_64-linux-gnu/libgcc_s.so.1
@@ -56,7 +56,7 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp
 ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin; ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /run/xen /run/xenstored /var/log/xen/console
-for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs loop dm-mod; do modprobe $m; done
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb; do modprobe $m; done
 mount -t xenfs xenfs /proc/xen
 xenstored --pid-file /run/xen/xenstored.pid && xen-init-dom0 >/dev/null && \
   xenconsoled --pid-file=/run/xen/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console

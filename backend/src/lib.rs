@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod disk;
+pub mod dmcheck;
 pub mod hotplug;
 pub mod io;
 pub mod ring;

@@ -22,6 +22,24 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Revoke a dm-built disk now: its table becomes `error` over the same
+    /// size, so no further I/O reaches the storage (the guest gets errors).
+    Revoke {
+        /// The guest's domain id.
+        #[arg(long)]
+        domid: u16,
+        /// The vbd's device id.
+        #[arg(long)]
+        devid: u32,
+    },
+    /// Check the device-mapper layer against this kernel (needs root and
+    /// dm-mod; used by the VM tests): prints one line per check.
+    #[command(hide = true)]
+    DmCheck {
+        /// Scratch directory for the backing files.
+        #[arg(long, default_value = "/var/tmp/blkbackd-dm-check")]
+        dir: PathBuf,
+    },
     /// Measure the serving path against raw io_uring on the same file: a
     /// simulated guest in its own process, side by side with the baseline,
     /// page cache and O_DIRECT; prints medians and ratios.
@@ -193,6 +211,17 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo { dir } => blkbackd::demo::run(dir, None).await,
+            Cmd::Revoke { domid, devid } => {
+                let name = blkbackd::hotplug::revoke(domid, devid)?;
+                println!("revoked {name}: every further I/O fails");
+                Ok(())
+            }
+            Cmd::DmCheck { dir } => {
+                let ok = blkbackd::dmcheck::run(&dir)?;
+                let _ = std::fs::remove_dir_all(&dir);
+                anyhow::ensure!(ok, "device-mapper checks failed");
+                Ok(())
+            }
             Cmd::Bench {
                 dir,
                 seconds,
