@@ -15,7 +15,6 @@ use blkbackd::sim::blkfront::{Blkfront, FrontError, FrontOptions};
 use blkbackd::sim::world::{Served, SimWorld};
 use blkbackd::vbd::queue::{QueueEnd, QueueStats};
 use blkbackd::vbd::Offer;
-use blkbackd::xen::sim::SimDomain;
 use xenstore::DomId;
 
 const DEVID: u32 = 51712;
@@ -54,18 +53,9 @@ fn offer(engine: EngineChoice, direct_io: bool) -> Offer {
 impl Sim {
     /// A blkfront in this process for the vbd `b` serves, asking for `opts`.
     async fn front<D: Disk>(&self, b: &Served<D>, domid: DomId, opts: &FrontOptions) -> Blkfront {
-        let xs = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
-            self.world.xenstore_socket().into(),
-        ))
-        .await
-        .unwrap();
-        xs.control(&[xenstore::server::SIM_AS_DOMAIN, &domid.0.to_string()])
-            .await
-            .unwrap();
-        let dom = Arc::new(SimDomain::create(self.world.dir(), domid, 16384, 16384).unwrap());
         tokio::time::timeout(
             Duration::from_secs(30),
-            Blkfront::connect(xs, dom, &b.paths.frontend, opts),
+            self.world.front(domid, &b.paths.frontend, opts, 16384),
         )
         .await
         .expect("connect hung")

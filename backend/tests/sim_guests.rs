@@ -2,7 +2,6 @@
 //! simulated Xen: data verified byte for byte, and each misbehaviour mode
 //! affecting only the misbehaving guest's ring while another guest is served.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use blkbackd::io::Disk;
@@ -230,18 +229,9 @@ async fn a_guest_rewriting_its_ring_during_the_copy_hurts_only_itself() {
 /// A simulated blkfront in this process, speaking for `domid` and connected
 /// to the vbd `b` serves.
 async fn in_process_guest(s: &Sim, b: &Served, domid: DomId) -> blkbackd::sim::blkfront::Blkfront {
-    use blkbackd::sim::blkfront::{Blkfront, FrontOptions};
-    use blkbackd::xen::sim::SimDomain;
-    let xs = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
-        s.world.xenstore_socket().into(),
-    ))
-    .await
-    .unwrap();
-    xs.control(&[xenstore::server::SIM_AS_DOMAIN, &domid.0.to_string()])
-        .await
-        .unwrap();
-    let dom = Arc::new(SimDomain::create(s.world.dir(), domid, 1024, 1024).unwrap());
-    Blkfront::connect(xs, dom, &b.paths.frontend, &FrontOptions::default())
+    let opts = blkbackd::sim::blkfront::FrontOptions::default();
+    s.world
+        .front(domid, &b.paths.frontend, &opts, 1024)
         .await
         .unwrap()
 }

@@ -158,6 +158,28 @@ impl SimWorld {
         })
     }
 
+    /// A simulated blkfront in this process speaking for `domid` (with
+    /// `pages` of guest memory and as many grant entries), connected to the
+    /// vbd whose frontend directory is `frontend`.
+    pub async fn front(
+        &self,
+        domid: DomId,
+        frontend: &str,
+        opts: &crate::sim::blkfront::FrontOptions,
+        pages: u64,
+    ) -> Result<crate::sim::blkfront::Blkfront, crate::sim::blkfront::FrontError> {
+        let xs = Client::connect_to(&Endpoint::Socket(self.xenstore_socket().into())).await?;
+        xs.control(&[xenstore::server::SIM_AS_DOMAIN, &domid.0.to_string()])
+            .await?;
+        let dom = Arc::new(crate::xen::sim::SimDomain::create(
+            &self.dir,
+            domid,
+            pages,
+            pages as u32,
+        )?);
+        crate::sim::blkfront::Blkfront::connect(xs, dom, frontend, opts).await
+    }
+
     /// The command line of a `sim-guest` process for `domid` (run `exe`, the
     /// blkbackd binary), before mode-specific arguments.
     pub fn guest_command(&self, exe: &Path, domid: DomId, mode: &str) -> tokio::process::Command {

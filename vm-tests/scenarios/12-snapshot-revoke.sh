@@ -1,0 +1,42 @@
+#!/bin/sh
+# Scenario 12: a `snapshot:TEMPLATE` disk built by the block script (the
+# template on a read-only loop device, a sparse store, a dm snapshot): the
+# guest reads the template and writes its own data, which never reaches the
+# template. Then the disk is revoked (`blkbackd revoke`: its table becomes
+# `error`) while the guest writes: the guest gets I/O errors and nothing
+# more reaches the storage. `xl destroy` leaves no dm device, loop device or
+# store behind.
+. /vmlib.sh
+N=snapshot-revoke
+start_blkbackd || fail $N "cannot start blkbackd"
+mkdir -p /var/lib/blkbackd/templates
+make_disk /var/lib/blkbackd/templates/base.img 16 DISK-MAGIC-TEMPLATE
+T0=$(md5sum < /var/lib/blkbackd/templates/base.img)
+guest_cfg domsnap "vdev=xvda,backendtype=phy,script=block-blkbackd,target=snapshot:base" 1 "blkbackd_busy"
+xl create /root/domsnap.cfg || fail $N "xl create"
+wait_guest domsnap >/dev/null || fail $N "the guest never finished"
+grep -q "head=DISK-MAGIC-TEMPL" /var/log/xen/console/guest-domsnap.log || fail $N "the guest did not see the template"
+D=$(xl domid domsnap); BE=/local/domain/0/backend/vbd/$D/51712
+NAME=blkbackd-$D-51712
+dmsetup table $NAME | grep -q snapshot || fail $N "no dm snapshot $NAME: $(dmsetup ls)"
+[ "$(xenstore-read $BE/physical-device)" = "$(printf '%x:%x' $(dmsetup info -c --noheadings -o major,minor --separator ' ' $NAME))" ] \
+  || fail $N "physical-device is not the dm device"
+[ "$(md5sum < /var/lib/blkbackd/templates/base.img)" = "$T0" ] || fail $N "the template changed"
+COWDEV=/dev/loop$(printf '%d' 0x$(xenstore-read $BE/blkbackd-cow | cut -d: -f2))
+sleep 1
+blkbackd revoke --domid $D --devid 51712 || fail $N "revoke failed"
+dmsetup table $NAME | grep -q error || fail $N "the table is not error after revoke"
+sleep 2  # writes in flight at the swap settle
+C1=$(md5sum < $COWDEV)
+sleep 3
+C2=$(md5sum < $COWDEV)
+[ "$C1" = "$C2" ] || fail $N "the store changed after revoke"
+grep -q -i -E "I/O error|op failed" /var/log/xen/console/guest-domsnap.log || fail $N "the guest saw no I/O error after revoke"
+pidof blkbackd >/dev/null || fail $N "the daemon died"
+xl destroy domsnap || fail $N "xl destroy"
+i=0; while [ -n "$(dmsetup ls 2>/dev/null | grep blkbackd)" ]; do i=$((i+1)); [ $i -lt 50 ] || break; sleep 0.1; done
+[ -z "$(dmsetup ls 2>/dev/null | grep blkbackd)" ] || fail $N "dm devices left: $(dmsetup ls)"
+[ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
+[ -z "$(ls /var/lib/blkbackd/cow 2>/dev/null)" ] || fail $N "stores left: $(ls /var/lib/blkbackd/cow)"
+[ "$(md5sum < /var/lib/blkbackd/templates/base.img)" = "$T0" ] || fail $N "the template changed"
+mark "$N PASS"
