@@ -1,0 +1,19 @@
+//! The block script's `params` grammar: whatever the toolstack passes, the
+//! parse is an error or a disk spec whose paths are absolute and free of `..`.
+#![no_main]
+
+use blkbackd::hotplug::Params;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    match Params::parse(s) {
+        Ok(Params::Block(p)) | Ok(Params::File(p)) => {
+            assert!(p.is_absolute());
+            assert!(!p.components().any(|c| c == std::path::Component::ParentDir));
+        }
+        Ok(Params::Snapshot(t)) => assert!(!t.contains('/') && !t.starts_with('.') && !t.is_empty()),
+        Ok(Params::Thin { pool, volume }) => assert!(!pool.is_empty() && !volume.contains('/')),
+        Err(_) => {}
+    }
+});
