@@ -105,3 +105,48 @@ async fn a_bad_config_file_is_refused_at_start_with_the_key_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_queus"), "{err}");
 }
+
+/// Under systemd's `Type=notify` the daemon says READY=1 once it watches
+/// backend/vbd (a vbd created right after is served), and STOPPING=1 on
+/// SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_then_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&notify).unwrap();
+    let sim = dir.path().join("sim");
+    let mut daemon = blkbackd()
+        .args(["serve", "--sim"])
+        .arg(&sim)
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(20), sock.recv(&mut buf))
+        .await
+        .expect("no READY=1 from the daemon")
+        .unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means watching: a vbd made now reaches InitWait.
+    let xs = wait_socket(&sim.join("xenstore.sock")).await;
+    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/x", "w")
+        .await
+        .unwrap();
+    assert_eq!(offered(&xs, 3, "feature-flush-cache").await, "1");
+    let pid = daemon.id().unwrap() as i32;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), sock.recv(&mut buf))
+        .await
+        .expect("no STOPPING=1 from the daemon")
+        .unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let st = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+}

@@ -74,6 +74,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
     // while it was closing is picked up at once.
     let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<Key>();
     tracing::info!("blkbackd serving {VBD_ROOT}");
+    crate::signals::sd_notify("READY=1");
     loop {
         let present = scan(&xs).await?;
         // A device whose directory went away while its task still ran (the
@@ -128,6 +129,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
         while vbds.try_next().is_some() {}
     }
     tracing::info!(devices = tasks.len(), "closing every device");
+    crate::signals::sd_notify("STOPPING=1");
     shutdown(tasks, Duration::from_secs(8)).await;
     Ok(())
 }
