@@ -207,6 +207,7 @@ pub async fn run_daemon(dir: Option<PathBuf>, exe: Option<PathBuf>) -> anyhow::R
         evtchn: Arc::new(SimEvtchn::new(&dir, DomId::DOM0)),
         offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq: false,
+        live: Default::default(),
     });
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let daemon = tokio::spawn(crate::daemon::run(ctx, stop_rx));

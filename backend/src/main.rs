@@ -117,6 +117,11 @@ enum Cmd {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The daemon's status socket, for per-ring counters (default:
+        /// /run/blkbackd/status.sock, or the one beside $XENSTORED_PATH in an
+        /// embedded default's directory).
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// The libxl block script (`/etc/xen/scripts/block-blkbackd` execs this):
     /// `add` builds the disk named by `params` and publishes it by
@@ -276,9 +281,23 @@ fn main() -> anyhow::Result<()> {
                 println!("detached {vdev} of domain {domid}");
                 Ok(())
             }
-            Cmd::Status { json } => {
+            Cmd::Status { json, socket } => {
                 let xs = xenstore::Client::connect().await?;
-                let vbds = blkbackd::status::collect(&xs).await?;
+                let mut vbds = blkbackd::status::collect(&xs).await?;
+                let socket = socket.unwrap_or_else(|| {
+                    let beside = std::env::var_os("XENSTORED_PATH")
+                        .map(PathBuf::from)
+                        .and_then(|p| p.parent().map(|d| d.join(blkbackd::status::SIM_SOCKET)))
+                        .filter(|p| p.exists());
+                    beside.unwrap_or_else(|| PathBuf::from(blkbackd::status::SOCKET))
+                });
+                match blkbackd::status::fetch(&socket).await {
+                    Some(live) => blkbackd::status::merge(&mut vbds, &live),
+                    None => eprintln!(
+                        "(no per-ring counters: the daemon does not answer on {})",
+                        socket.display()
+                    ),
+                }
                 if json {
                     println!("{}", serde_json::to_string_pretty(&vbds)?);
                 } else {
@@ -388,6 +407,19 @@ async fn serve(
             let _ = stop.send(true);
         }
     });
+    let live = blkbackd::status::Live::default();
+    let status_socket = match &sim {
+        Some(dir) => dir.join(blkbackd::status::SIM_SOCKET),
+        None => PathBuf::from(blkbackd::status::SOCKET),
+    };
+    {
+        let (live, path) = (live.clone(), status_socket.clone());
+        tokio::spawn(async move {
+            if let Err(e) = live.serve(path.clone()).await {
+                tracing::warn!("status socket {} failed: {e}", path.display());
+            }
+        });
+    }
     match sim {
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -409,6 +441,7 @@ async fn serve(
                 )),
                 offer,
                 allow_missing_diskseq,
+                live: live.clone(),
             });
             reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
@@ -427,6 +460,7 @@ async fn serve(
                 evtchn: Arc::new(blkbackd::xen::dev::Evtchn),
                 offer,
                 allow_missing_diskseq,
+                live: live.clone(),
             });
             reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;

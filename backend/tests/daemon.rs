@@ -22,6 +22,7 @@ struct World {
     xs: Client,
     stop: watch::Sender<bool>,
     daemon: tokio::task::JoinHandle<Result<(), xenstore::Error>>,
+    live: blkbackd::status::Live,
 }
 
 async fn world() -> World {
@@ -42,12 +43,14 @@ async fn world() -> World {
     let xs = Client::connect_to(&Endpoint::Socket(listening.path().into()))
         .await
         .unwrap();
+    let live = blkbackd::status::Live::default();
     let ctx = Arc::new(VbdCtx {
         xs: xs.clone(),
         grants: Arc::new(SimGrants::new(dir.path(), DomId::DOM0)),
         evtchn: Arc::new(SimEvtchn::new(dir.path(), DomId::DOM0)),
         offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq: false,
+        live: live.clone(),
     });
     let (stop, rx) = watch::channel(false);
     let daemon = tokio::spawn(blkbackd::daemon::run(ctx, rx));
@@ -58,6 +61,7 @@ async fn world() -> World {
         xs,
         stop,
         daemon,
+        live,
     }
 }
 
@@ -204,7 +208,40 @@ async fn a_vbd_goes_from_creation_to_removal_as_libxl_expects() {
     let (ok, text) = w.guest(2, "verify").await;
     assert!(ok, "{text}");
     assert_eq!(w.read(&format!("{be}/state")).await.as_deref(), Some("4"));
+    // `blkbackd status` gets per-ring counters from the daemon's socket.
+    let sock = w.dir.path().join(blkbackd::status::SIM_SOCKET);
+    tokio::spawn(w.live.clone().serve(sock.clone()));
+    let mut counters = None;
+    for _ in 0..100 {
+        counters = blkbackd::status::fetch(&sock).await;
+        if counters.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let counters = counters.expect("the status socket never answered");
+    let mut vbds = blkbackd::status::collect(&w.xs).await.unwrap();
+    blkbackd::status::merge(&mut vbds, &counters);
+    let v = vbds.iter().find(|v| v.domid == "2").unwrap();
+    assert!(!v.rings.is_empty(), "no rings in {counters:?}");
+    let ok_total: u64 = v.rings.iter().map(|r| r.ok).sum();
+    let writes: u64 = v.rings.iter().map(|r| r.writes).sum();
+    assert!(ok_total > 100 && writes > 0, "{:?}", v.rings);
+    assert!(
+        v.engine.as_deref().unwrap_or("").starts_with("io_uring"),
+        "{:?}",
+        v.engine
+    );
+    let table = blkbackd::status::table(&vbds);
+    assert!(
+        table.contains("ring 0:") && table.contains("notifications out"),
+        "{table}"
+    );
     w.detach(2, &p).await;
+    assert!(
+        w.live.snapshot().is_empty(),
+        "a closed vbd still has counters"
+    );
     assert!(
         std::fs::read(&img).unwrap().iter().any(|&b| b != 0),
         "the guest's writes are in the file"

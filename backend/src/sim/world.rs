@@ -147,6 +147,7 @@ impl SimWorld {
                 d,
                 &offer,
                 stop_rx,
+                None,
             )
             .await
         });

@@ -40,6 +40,8 @@ pub struct VbdCtx<G, EC> {
     pub offer: std::sync::RwLock<Offer>,
     /// Serve a `physical-device` without `diskseq` (unsafe; off by default).
     pub allow_missing_diskseq: bool,
+    /// Per-ring counters for `blkbackd status`.
+    pub live: crate::status::Live,
 }
 
 /// Why a vbd stopped being served.
@@ -232,6 +234,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             disk.clone(),
             &offer,
             qstop_rx,
+            Some(&ctx.live),
         );
         tokio::pin!(serving);
         let mut size_check = tokio::time::interval(Duration::from_secs(1));

@@ -192,12 +192,14 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
     disk: Arc<D>,
     offer: &Offer,
     stop: watch::Receiver<bool>,
+    live: Option<&crate::status::Live>,
 ) -> Result<Vec<(QueueEnd, QueueStats)>, VbdError> {
     wait_frontend_ready(xs, fe, Duration::from_secs(30)).await?;
     let cfg = frontend::read(xs, fe, offer.max_ring_order, offer.max_queues).await?;
     let limits = limits(&*disk, offer);
     let pages = 1usize << cfg.order;
     let mut queues = Vec::with_capacity(cfg.queues.len());
+    let mut engine_name = "";
     for (i, q) in cfg.queues.iter().enumerate() {
         let err = |source| VbdError::Connect { queue: i, source };
         let mem = grants.map(domid, &q.refs, true).map_err(err)?;
@@ -216,6 +218,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         .map_err(err)?;
         if i == 0 {
             tracing::info!(%domid, engine = engine.name(), "I/O engine");
+            engine_name = engine.name();
         }
         queues.push(
             Queue::new(
@@ -237,8 +240,13 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         %domid, queues = queues.len(), order = cfg.order, abi = cfg.abi.protocol(),
         "vbd connected"
     );
+    let slots = live.map(|l| l.register(be, engine_name, queues.len()));
     let mut tasks = tokio::task::JoinSet::new();
-    for q in queues {
+    for (i, q) in queues.into_iter().enumerate() {
+        let q = match &slots {
+            Some(s) => q.with_counters(s[i].clone()),
+            None => q,
+        };
         tasks.spawn(q.run(stop.clone()));
     }
     let mut out = Vec::new();
@@ -259,6 +267,9 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
                 .await;
         }
         out.push(r);
+    }
+    if let Some(l) = live {
+        l.remove(be);
     }
     Ok(out)
 }

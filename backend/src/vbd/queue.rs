@@ -31,7 +31,7 @@ use crate::xen::mem::SharedMem;
 use crate::xen::{CopySeg, DomId, EventChannel, Grants};
 
 /// What a queue did, for status reports and tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     /// Requests answered OKAY.
     pub ok: u64,
@@ -141,6 +141,8 @@ pub struct Queue<G, E, D> {
     base: u64,
     /// Set when a request broke the protocol: nothing more is taken.
     halt: Option<RingError>,
+    /// Where `stats` is published for `blkbackd status`.
+    counters: Option<Arc<std::sync::Mutex<QueueStats>>>,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -182,6 +184,19 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             slots: VecDeque::new(),
             base: 0,
             halt: None,
+            counters: None,
+        }
+    }
+
+    /// Publishes this ring's counters into `slot` after every pass.
+    pub fn with_counters(mut self, slot: Arc<std::sync::Mutex<QueueStats>>) -> Self {
+        self.counters = Some(slot);
+        self
+    }
+
+    fn publish_counters(&self) {
+        if let Some(c) = &self.counters {
+            *c.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
         }
     }
 
@@ -281,6 +296,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self.engine.submit();
         self.complete();
         self.publish();
+        self.publish_counters();
     }
 
     /// Waits (bounded) for in-flight I/O and answers it.
