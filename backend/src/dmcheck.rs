@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure};
 
 use crate::disk::dm::{
-    create_disk, reconcile, revoke, swap_table, Control, DevId, DevRef, DmError, DmOps, Table,
-    Target,
+    create_disk, reconcile, revoke, swap_table, Control, DevId, DevRef, DmDisk, DmError, DmOps,
+    Table, Target,
 };
 use crate::disk::loopdev::{self, LoopOptions};
 use crate::disk::{open_by_diskseq, DiskError, DiskId};
@@ -58,6 +58,19 @@ impl Ctx {
         let id = loopdev::attach(&p, &LoopOptions::default())?.keep();
         self.loops.push(id);
         Ok(id)
+    }
+
+    /// A dm `linear` disk `name` over all of a fresh 8 MiB loop device.
+    fn linear(&mut self, file: &str, seed: u8, name: &str) -> anyhow::Result<(DiskId, DmDisk)> {
+        let l = self.backing(file, 8, seed)?;
+        let t = Table::single(
+            16384,
+            Target::Linear {
+                dev: dev(&l),
+                offset: 0,
+            },
+        );
+        Ok((l, create_disk(&self.ctl, name, &t, false)?))
     }
 
     fn open(&self, id: DiskId) -> anyhow::Result<File> {
@@ -114,15 +127,7 @@ fn bad_names_never_reach_the_kernel(c: &mut Ctx) -> anyhow::Result<()> {
 }
 
 fn linear_disk_opens_by_diskseq(c: &mut Ctx) -> anyhow::Result<()> {
-    let l = c.backing("lin.img", 8, 1)?;
-    let t = Table::single(
-        16384,
-        Target::Linear {
-            dev: dev(&l),
-            offset: 0,
-        },
-    );
-    let d = create_disk(&c.ctl, "blkbackd-9-1", &t, false)?;
+    let (_, d) = c.linear("lin.img", 1, "blkbackd-9-1")?;
     let f = c.open(d.id)?;
     ensure!(
         read_at(&f, 4096, 4096)? == pattern(1, 8 << 20)[4096..8192],
@@ -144,15 +149,7 @@ fn linear_disk_opens_by_diskseq(c: &mut Ctx) -> anyhow::Result<()> {
 }
 
 fn swaps_keep_the_diskseq_and_a_failed_swap_rolls_back(c: &mut Ctx) -> anyhow::Result<()> {
-    let l = c.backing("swap.img", 8, 2)?;
-    let t = Table::single(
-        16384,
-        Target::Linear {
-            dev: dev(&l),
-            offset: 0,
-        },
-    );
-    let d = create_disk(&c.ctl, "blkbackd-9-2", &t, false)?;
+    let (_, d) = c.linear("swap.img", 2, "blkbackd-9-2")?;
     let id = DevId::Uuid(d.uuid.clone());
     swap_table(&c.ctl, &id, &Table::single(16384, Target::Zero), false)?;
     ensure!(
@@ -200,15 +197,7 @@ fn swaps_keep_the_diskseq_and_a_failed_swap_rolls_back(c: &mut Ctx) -> anyhow::R
 }
 
 fn revoke_turns_every_io_into_an_error(c: &mut Ctx) -> anyhow::Result<()> {
-    let l = c.backing("rev.img", 8, 3)?;
-    let t = Table::single(
-        16384,
-        Target::Linear {
-            dev: dev(&l),
-            offset: 0,
-        },
-    );
-    let d = create_disk(&c.ctl, "blkbackd-9-3", &t, false)?;
+    let (l, d) = c.linear("rev.img", 3, "blkbackd-9-3")?;
     let f = c.open(d.id)?;
     let id = DevId::Uuid(d.uuid.clone());
     revoke(&c.ctl, &id, 16384)?;
