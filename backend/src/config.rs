@@ -19,6 +19,8 @@
 //! engine = "auto"               # "auto" (io_uring if the kernel allows it),
 //!                               # "io-uring" or "blocking" (a thread per ring)
 //! direct_io = true              # O_DIRECT for aligned requests where possible
+//! grants = "copy"               # "copy" (grant copy) or "map" (map each
+//!                               # request's grants, unmap after the copy)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -54,6 +56,19 @@ pub struct IoConfig {
     pub engine: EngineChoice,
     /// `O_DIRECT` for aligned requests.
     pub direct_io: bool,
+    /// How request data moves: grant copy or per-request mapping.
+    pub grants: GrantMode,
+}
+
+/// How a request's data leaves and reaches guest pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GrantMode {
+    /// `GNTTABOP_copy` (the default: no mapping lives past its call).
+    #[default]
+    Copy,
+    /// Map the request's grants, copy, unmap.
+    Map,
 }
 
 impl Default for IoConfig {
@@ -62,6 +77,7 @@ impl Default for IoConfig {
         IoConfig {
             engine: o.engine,
             direct_io: o.direct_io,
+            grants: GrantMode::Copy,
         }
     }
 }
@@ -171,6 +187,7 @@ impl Config {
             persistent_grants: o.persistent_grants,
             engine: self.io.engine,
             direct_io: self.io.direct_io,
+            map_grants: self.io.grants == GrantMode::Map,
         })
     }
 }
@@ -204,6 +221,7 @@ mod tests {
             [io]
             engine = "blocking"
             direct_io = false
+            grants = "map"
             "#,
         )
         .unwrap();
@@ -222,7 +240,10 @@ mod tests {
             ),
             (2, 8, 0, false)
         );
-        assert_eq!((o.engine, o.direct_io), (EngineChoice::Blocking, false));
+        assert_eq!(
+            (o.engine, o.direct_io, o.map_grants),
+            (EngineChoice::Blocking, false, true)
+        );
     }
 
     #[test]

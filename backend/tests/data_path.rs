@@ -142,13 +142,22 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
         for ring_order in [0u32, 2, 4] {
             for queues in [1u32, 3] {
                 for indirect in [0u32, 64] {
-                    for persistent in [false, true] {
+                    for (persistent, map_grants) in [(false, false), (false, true), (true, false)] {
                         domid += 1;
                         let img = image(s.dir.path(), &format!("d{domid}.img"), DISK_BYTES);
                         let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
                         let b = s
                             .world
-                            .serve_with(DomId(domid), DEVID, "file", disk, offer(engine, true))
+                            .serve_with(
+                                DomId(domid),
+                                DEVID,
+                                "file",
+                                disk,
+                                Offer {
+                                    map_grants,
+                                    ..offer(engine, true)
+                                },
+                            )
                             .await
                             .unwrap();
                         let opts = FrontOptions {
@@ -160,7 +169,7 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
                         };
                         let front = Arc::new(s.front(&b, DomId(domid), &opts).await);
                         let what = format!(
-                            "{engine:?} order {ring_order} queues {queues} indirect {indirect} persistent {persistent}"
+                            "{engine:?} order {ring_order} queues {queues} indirect {indirect} persistent {persistent} map {map_grants}"
                         );
                         assert_eq!(
                             (front.ring_order, front.queues() as u32, front.persistent),
@@ -175,6 +184,8 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
                         if persistent {
                             assert!(ends.iter().any(|(_, s)| s.persistent_hits > 0), "{what}");
                         }
+                        let mapped: u64 = ends.iter().map(|(_, s)| s.mapped_segments).sum();
+                        assert_eq!(mapped > 0, map_grants, "{what}: map mode");
                         if queues > 1 {
                             assert!(
                                 ends.iter().filter(|(_, s)| s.ok > 0).count() > 1,
@@ -187,7 +198,7 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
             }
         }
     }
-    assert_eq!(ran, 48);
+    assert_eq!(ran, 72);
 }
 
 /// A loop device's (writes completed, sectors written, flushes completed)

@@ -42,6 +42,8 @@ pub struct Offer {
     pub engine: EngineChoice,
     /// `O_DIRECT` for aligned requests where the disk allows it.
     pub direct_io: bool,
+    /// Map each request's grants instead of grant-copying them.
+    pub map_grants: bool,
 }
 
 impl Default for Offer {
@@ -53,6 +55,7 @@ impl Default for Offer {
             persistent_grants: true,
             engine: EngineChoice::Auto,
             direct_io: true,
+            map_grants: false,
         }
     }
 }
@@ -231,7 +234,8 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
                 domid,
                 limits.clone(),
             )
-            .with_persistent_grants(cfg.persistent && offer.persistent_grants),
+            .with_persistent_grants(cfg.persistent && offer.persistent_grants)
+            .with_map_mode(offer.map_grants),
         );
     }
     xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())

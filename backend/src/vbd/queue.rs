@@ -55,6 +55,8 @@ pub struct QueueStats {
     pub persistent_maps: u64,
     /// Segments served through a kept mapping instead of a grant copy.
     pub persistent_hits: u64,
+    /// Segments served through a per-request mapping (map mode).
+    pub mapped_segments: u64,
     /// Most requests in flight at once.
     pub in_flight_peak: u64,
     /// Times a request waited for bounce buffers.
@@ -143,6 +145,9 @@ pub struct Queue<G, E, D> {
     halt: Option<RingError>,
     /// Where `stats` is published for `blkbackd status`.
     counters: Option<Arc<std::sync::Mutex<QueueStats>>>,
+    /// Map each request's grants (and unmap after the copy) instead of
+    /// grant-copying them.
+    map_mode: bool,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -185,7 +190,30 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             base: 0,
             halt: None,
             counters: None,
+            map_mode: false,
         }
+    }
+
+    /// Map mode: a request's grants are mapped for its copy and unmapped
+    /// right after, instead of grant copies.
+    pub fn with_map_mode(mut self, on: bool) -> Self {
+        self.map_mode = on;
+        self
+    }
+
+    /// Maps the grants of `rest` side by side (map mode).
+    fn map_rest(
+        &mut self,
+        rest: &[(GrantRef, u16, usize, usize)],
+        writable: bool,
+    ) -> Result<SharedMem, String> {
+        let refs: Vec<GrantRef> = rest.iter().map(|r| r.0).collect();
+        let m = self
+            .grants
+            .map(self.domid, &refs, writable)
+            .map_err(|e| format!("mapping the request's grants: {e}"))?;
+        self.stats.mapped_segments += rest.len() as u64;
+        Ok(m)
     }
 
     /// Publishes this ring's counters into `slot` after every pass.
@@ -635,6 +663,13 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             }
             at += s.len();
         }
+        if self.map_mode && !rest.is_empty() {
+            let m = self.map_rest(&rest, true)?;
+            for (i, &(_, off, at, len)) in rest.iter().enumerate() {
+                m.write(i * XEN_PAGE_SIZE + usize::from(off), &data[at..at + len]);
+            }
+            return Ok(()); // unmapped as `m` drops
+        }
         let mut segs: Vec<CopySeg<'_>> = rest
             .iter()
             .map(|&(g, off, at, len)| CopySeg::to_guest(self.domid, g, off, &data[at..at + len]))
@@ -654,6 +689,13 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 None => rest.push((s.gref, s.offset() as u16, at, s.len())),
             }
             at += s.len();
+        }
+        if self.map_mode && !rest.is_empty() {
+            let m = self.map_rest(&rest, false)?;
+            for (i, &(_, off, at, len)) in rest.iter().enumerate() {
+                m.read(i * XEN_PAGE_SIZE + usize::from(off), &mut buf[at..at + len]);
+            }
+            return Ok(());
         }
         let mut tail = &mut buf[..];
         let mut consumed = 0;
