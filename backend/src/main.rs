@@ -462,6 +462,7 @@ async fn serve(
                 allow_missing_diskseq,
                 live: live.clone(),
             });
+            blkbackd::daemon::reconcile_dm(&ctx.xs).await?;
             reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
         }

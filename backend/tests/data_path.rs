@@ -16,6 +16,7 @@ use blkbackd::sim::world::{Served, SimWorld};
 use blkbackd::vbd::queue::{QueueEnd, QueueStats};
 use blkbackd::vbd::Offer;
 use xenstore::DomId;
+use xenstore::Xs;
 
 const DEVID: u32 = 51712;
 const DISK_BYTES: u64 = 8 << 20;
@@ -328,6 +329,8 @@ async fn a_4096_byte_sector_disk_is_served_in_whole_sectors() {
         .unwrap();
     let front = s.front(&b, DomId(90), &FrontOptions::default()).await;
     assert_eq!(front.sector_size, 4096);
+    let pss = format!("{}/physical-sector-size", b.paths.backend);
+    assert_eq!(s.world.dom0.read_string(&pss).await.unwrap(), "4096");
     // Wire sectors stay 512 bytes: sector 8 is the second 4 KiB block.
     let data = pattern(4, 64 << 10);
     front.write(8, &data).await.unwrap();

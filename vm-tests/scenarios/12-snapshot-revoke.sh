@@ -5,7 +5,7 @@
 # template. Then the disk is revoked (`blkbackd revoke`: its table becomes
 # `error`) while the guest writes: the guest gets I/O errors and nothing
 # more reaches the storage. `xl destroy` leaves no dm device, loop device or
-# store behind.
+# store behind; a restarted daemon removes an unclaimed dm device of ours.
 . /vmlib.sh
 N=snapshot-revoke
 start_blkbackd || fail $N "cannot start blkbackd"
@@ -39,4 +39,15 @@ i=0; while [ -n "$(dmsetup ls 2>/dev/null | grep blkbackd)" ]; do i=$((i+1)); [ 
 [ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
 [ -z "$(ls /var/lib/blkbackd/cow 2>/dev/null)" ] || fail $N "stores left: $(ls /var/lib/blkbackd/cow)"
 [ "$(md5sum < /var/lib/blkbackd/templates/base.img)" = "$T0" ] || fail $N "the template changed"
+# Start-up reconciliation: a device of ours that no vbd claims (as a crash
+# between add and remove leaves) is removed when the daemon starts; one
+# that is not ours is left alone.
+dmsetup create --noudevsync blkbackd-orphan --uuid BLKBACKD-orphan-1 --table "0 8 zero" || fail $N "dmsetup create"
+dmsetup create --noudevsync someone-else --uuid LVM-xyz --table "0 8 zero" || fail $N "dmsetup create"
+kill -TERM $(pidof blkbackd); i=0; while pidof blkbackd >/dev/null; do i=$((i+1)); [ $i -lt 100 ] || fail $N "daemon did not stop"; sleep 0.1; done
+start_blkbackd || fail $N "cannot restart blkbackd"
+i=0; until ! dmsetup info blkbackd-orphan >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 100 ] || fail $N "the orphan was not reconciled: $(dmsetup ls)"; sleep 0.1; done
+dmsetup info someone-else >/dev/null 2>&1 || fail $N "a device that is not ours was removed"
+grep -q "removed a dm device no vbd claims" /tmp/blkbackd.log || fail $N "no log line for the reconciliation"
+dmsetup remove --noudevsync someone-else
 mark "$N PASS"

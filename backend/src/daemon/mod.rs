@@ -171,3 +171,34 @@ async fn shutdown(tasks: HashMap<Key, Task>, grace: Duration) {
         }
     }
 }
+
+/// Start-up reconciliation: removes the dm devices with our UUID prefix
+/// that no vbd in Xenstore claims (left by a crash between a block script's
+/// `add` and its `remove`); removal is deferred while one is open. Does
+/// nothing where device-mapper is absent.
+pub async fn reconcile_dm(xs: &xenstore::Client) -> Result<Vec<String>, xenstore::Error> {
+    if !std::path::Path::new(crate::disk::dm::CONTROL).exists() {
+        return Ok(Vec::new());
+    }
+    let mut claimed = HashSet::new();
+    for (domid, devid) in scan(xs).await? {
+        let key = format!("{VBD_ROOT}/{}/{devid}/blkbackd-dm", domid.0);
+        if let Some(v) = xs.try_read(&key).await? {
+            claimed.insert(String::from_utf8_lossy(&v).into_owned());
+        }
+    }
+    let removed = crate::disk::dm::Control::open()
+        .and_then(|ctl| crate::disk::dm::reconcile(&ctl, |name| claimed.contains(name)));
+    match removed {
+        Ok(names) => {
+            for n in &names {
+                tracing::info!(name = n, "removed a dm device no vbd claims");
+            }
+            Ok(names)
+        }
+        Err(e) => {
+            tracing::warn!("cannot reconcile dm devices: {e}");
+            Ok(Vec::new())
+        }
+    }
+}

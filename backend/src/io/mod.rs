@@ -29,6 +29,10 @@ pub trait Disk: Send + Sync + 'static {
     fn logical_block_size(&self) -> u32 {
         512
     }
+    /// Physical block size in bytes (never less than the logical one).
+    fn physical_block_size(&self) -> u32 {
+        self.logical_block_size()
+    }
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
     /// Re-reads the size (after a grown dm table or a refreshed loop device)
@@ -180,6 +184,7 @@ pub struct FileDisk {
     sectors: AtomicU64,
     block_device: bool,
     lbs: u32,
+    pbs: u32,
     read_only: bool,
     discard: DiscardKind,
     /// The same disk opened with `O_DIRECT`, and its alignment.
@@ -194,6 +199,7 @@ impl FileDisk {
             sectors: AtomicU64::new(d.size / 512),
             block_device: true,
             lbs: d.logical_block_size.max(512),
+            pbs: d.physical_block_size.max(d.logical_block_size).max(512),
             read_only: d.read_only,
             discard: if d.discard {
                 DiscardKind::Block
@@ -225,6 +231,7 @@ impl FileDisk {
             sectors: AtomicU64::new(len / 512),
             block_device: false,
             lbs: 512,
+            pbs: 512,
             read_only,
             discard: DiscardKind::PunchHole,
             direct: None,
@@ -283,6 +290,10 @@ impl Disk for FileDisk {
 
     fn logical_block_size(&self) -> u32 {
         self.lbs
+    }
+
+    fn physical_block_size(&self) -> u32 {
+        self.pbs
     }
 
     fn read_only(&self) -> bool {

@@ -137,7 +137,10 @@ pub async fn publish_geometry<D: Disk>(xs: &Client, be: &str, disk: &D) -> Resul
     let kv = vec![
         ("sectors", l.disk_sectors.to_string()),
         ("sector-size", lbs.clone()),
-        ("physical-sector-size", lbs.clone()),
+        (
+            "physical-sector-size",
+            disk.physical_block_size().to_string(),
+        ),
         ("info", info.to_string()),
         ("feature-discard", u8::from(l.discard).to_string()),
         ("discard-granularity", lbs),
