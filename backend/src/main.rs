@@ -407,6 +407,12 @@ async fn serve(
             let _ = stop.send(true);
         }
     });
+    // The I/O engine is chosen here, once, and said in the log.
+    if offer.read().map(|o| o.engine).unwrap_or_default()
+        != blkbackd::io::engine::EngineChoice::Blocking
+    {
+        blkbackd::io::engine::uring_available();
+    }
     let live = blkbackd::status::Live::default();
     let status_socket = match &sim {
         Some(dir) => dir.join(blkbackd::status::SIM_SOCKET),

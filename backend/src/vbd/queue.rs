@@ -424,7 +424,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             _ if !has_data && matches!(req.op, Operation::Flush | Operation::Barrier) => (0, 0),
             _ => {
                 tracing::debug!(domid = %self.domid, id = req.id, "request range overflows");
-                self.slots[i].stage = Stage::Done(BLKIF_RSP_ERROR);
+                self.finish(i, &req, BLKIF_RSP_ERROR);
                 return Ok(());
             }
         };
@@ -437,7 +437,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 if let Err(e) = self.copy_in(&req, &mut b) {
                     tracing::debug!(domid = %self.domid, id = req.id, "{e}");
                     self.pool.free(b);
-                    self.slots[i].stage = Stage::Done(BLKIF_RSP_ERROR);
+                    self.finish(i, &req, BLKIF_RSP_ERROR);
                     return Ok(());
                 }
             }
