@@ -11,7 +11,6 @@ use std::time::Duration;
 use xenstore::{Client, DomId, Xs};
 
 use crate::abi::sys::XenbusState;
-use crate::disk::DiskId;
 use crate::hotplug::{self, HotplugError};
 use crate::sim::toolstack::{self, VbdPaths};
 
@@ -85,7 +84,7 @@ pub async fn attach(
     devid: u32,
     params: &str,
     writable: bool,
-) -> Result<(VbdPaths, DiskId), AttachError> {
+) -> Result<(VbdPaths, hotplug::Published), AttachError> {
     let mode = if writable { "w" } else { "r" };
     let paths = toolstack::create_vbd(xs, domid, devid, params, mode).await?;
     wait_value(

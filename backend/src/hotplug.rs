@@ -12,6 +12,10 @@
 //! `params` grammar:
 //! - `/dev/...` or `phy:/dev/...`: an existing block device, served as is;
 //! - `file:/path/to/image`: a regular file, attached to a loop device;
+//! - `direct:/path/to/image`: a regular file served directly by the daemon
+//!   (no loop device; no root needed), published as `physical-file` and
+//!   `file-id` (`%x:%x[:%x]`: the file system's device, the inode and its
+//!   generation), which the daemon checks on the fd it opens;
 //! - `snapshot:TEMPLATE`: a copy-on-write disk over the template image
 //!   `$BLKBACKD_TEMPLATES/TEMPLATE.img` (default `/var/lib/blkbackd/templates`):
 //!   the template on a read-only loop device, a fresh sparse store in
@@ -27,7 +31,7 @@ use std::path::{Path, PathBuf};
 use xenstore::{Client, Xs};
 
 use crate::disk::loopdev::{self, LoopOptions};
-use crate::disk::{self, DiskId};
+use crate::disk::{self, DiskId, FileId};
 
 /// What `params` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +40,8 @@ pub enum Params {
     Block(PathBuf),
     /// A file, through a loop device.
     File(PathBuf),
+    /// A file served directly.
+    Direct(PathBuf),
     /// A copy-on-write snapshot of a template (device-mapper).
     Snapshot(String),
     /// A thin volume (device-mapper).
@@ -115,6 +121,9 @@ impl Params {
         if let Some(p) = raw.strip_prefix("file:") {
             return Ok(Params::File(absolute(p, raw)?));
         }
+        if let Some(p) = raw.strip_prefix("direct:") {
+            return Ok(Params::Direct(absolute(p, raw)?));
+        }
         if let Some(p) = raw.strip_prefix("phy:") {
             return Ok(Params::Block(absolute(p, raw)?));
         }
@@ -140,8 +149,26 @@ impl Params {
             return Ok(Params::Block(absolute(raw, raw)?));
         }
         Err(bad(
-            "expected /dev/..., phy:..., file:..., snapshot:... or thin:...",
+            "expected /dev/..., phy:..., file:..., direct:..., snapshot:... or thin:...",
         ))
+    }
+}
+
+/// Whether two `params` name the same storage: `file:X` and `direct:X` are
+/// one file, `/dev/X` and `phy:/dev/X` one device. Snapshots never conflict
+/// (each vbd gets its own store; the template is only read).
+fn same_disk(a: &str, b: &str) -> bool {
+    fn target(raw: &str) -> Option<(u8, String)> {
+        Some(match Params::parse(raw).ok()? {
+            Params::Block(p) => (0, p.display().to_string()),
+            Params::File(p) | Params::Direct(p) => (1, p.display().to_string()),
+            Params::Thin { pool, volume } => (2, format!("{pool}/{volume}")),
+            Params::Snapshot(_) => return None,
+        })
+    }
+    match (target(a), target(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
     }
 }
 
@@ -179,7 +206,10 @@ async fn check_sharing(
                 .await?
                 .unwrap_or_default();
             let status = read_opt(xs, &format!("{other}/hotplug-status")).await?;
-            if p == params && status.as_deref() == Some("connected") && (writable || mode == "w") {
+            if same_disk(&p, params)
+                && status.as_deref() == Some("connected")
+                && (writable || mode == "w")
+            {
                 return Err(HotplugError::Shared {
                     what: params.to_owned(),
                     domid,
@@ -192,15 +222,40 @@ async fn check_sharing(
     Ok(())
 }
 
+/// What `add` published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// A block device, by (dev_t, diskseq).
+    Block(DiskId),
+    /// A regular file served directly, by its identity.
+    File(PathBuf, FileId),
+}
+
+impl std::fmt::Display for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Published::Block(id) => write!(
+                f,
+                "physical-device {} diskseq {}",
+                id.physical_device(),
+                id.diskseq_hex()
+            ),
+            Published::File(p, id) => {
+                write!(f, "physical-file {} file-id {id}", p.display())
+            }
+        }
+    }
+}
+
 /// `add`: builds the disk and publishes it. On failure, reports it in
 /// Xenstore and returns the error (the caller exits non-zero).
-pub async fn add(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
+pub async fn add(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     let made = add_inner(xs, be).await;
     match &made {
         Ok(id) => {
             xs.write(&format!("{be}/hotplug-status"), "connected")
                 .await?;
-            tracing::info!(%id, backend = be, "hotplug add: disk published");
+            tracing::info!(backend = be, "hotplug add: {id} published");
         }
         Err(e) => {
             let _ = xs
@@ -212,7 +267,7 @@ pub async fn add(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
     made
 }
 
-async fn add_inner(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
+async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     let raw = xs.read_string(&format!("{be}/params")).await?;
     let mode = read_opt(xs, &format!("{be}/mode"))
         .await?
@@ -225,6 +280,19 @@ async fn add_inner(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
     let params = Params::parse(&raw)?;
     check_sharing(xs, be, &raw, writable).await?;
     let (id, path, made_loop) = match &params {
+        Params::Direct(p) => {
+            let (_file, id) = disk::identify_file(p, writable)?;
+            let path = p.display().to_string();
+            xs.transaction(|tx| {
+                let (be, path) = (be.to_owned(), path.clone());
+                async move {
+                    tx.write(&format!("{be}/physical-file"), &path).await?;
+                    tx.write(&format!("{be}/file-id"), id.to_string()).await
+                }
+            })
+            .await?;
+            return Ok(Published::File(p.clone(), id));
+        }
         Params::Block(p) => {
             let d = disk::identify(p, writable)?;
             (d.id, p.clone(), None)
@@ -267,7 +335,7 @@ async fn add_inner(xs: &Client, be: &str) -> Result<DiskId, HotplugError> {
         }
         return Err(e.into());
     }
-    Ok(id)
+    Ok(Published::Block(id))
 }
 
 /// `remove`: releases what `add` made (a loop device, if it is still the one
@@ -314,6 +382,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_same_storage_is_recognised_under_either_spelling() {
+        assert!(same_disk("file:/srv/a.img", "direct:/srv/a.img"));
+        assert!(same_disk("/dev/sdb", "phy:/dev/sdb"));
+        assert!(!same_disk("file:/srv/a.img", "file:/srv/b.img"));
+        assert!(!same_disk("snapshot:t", "snapshot:t"));
+        assert!(!same_disk("garbage", "garbage"));
+    }
+
+    #[test]
     fn params_grammar() {
         assert_eq!(
             Params::parse("/dev/sdb").unwrap(),
@@ -326,6 +403,10 @@ mod tests {
         assert_eq!(
             Params::parse("file:/srv/a.img").unwrap(),
             Params::File("/srv/a.img".into())
+        );
+        assert_eq!(
+            Params::parse("direct:/srv/a.img").unwrap(),
+            Params::Direct("/srv/a.img".into())
         );
         assert_eq!(
             Params::parse("snapshot:debian-12").unwrap(),
@@ -343,6 +424,9 @@ mod tests {
             "sdb",
             "file:",
             "file:rel/a.img",
+            "direct:",
+            "direct:a.img",
+            "direct:/srv/../a.img",
             "file:/srv/../etc/shadow",
             "phy:dev/sdb",
             "snapshot:",

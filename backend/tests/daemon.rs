@@ -279,6 +279,56 @@ async fn a_diskseq_that_does_not_match_is_refused_with_an_error_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_file_is_served_directly_and_a_replaced_one_is_refused() {
+    let w = world().await;
+    // direct:PATH: no loop device; the guest's data lands in the file.
+    let img = w.image("direct.img", 16);
+    let p = w.vbd(11, &format!("direct:{img}")).await;
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    let out = w.hotplug("add", 11).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(w.read(&format!("{be}/physical-file")).await, Some(img.clone()));
+    assert!(w.read(&format!("{be}/physical-device")).await.is_none());
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    let (ok, text) = w.guest(11, "verify").await;
+    assert!(ok, "{text}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(data.iter().any(|&b| b != 0), "the guest's writes are not in the file");
+    w.detach(11, &p).await;
+    assert!(Path::new(&img).exists(), "remove must not touch a direct file");
+
+    // A script's identity that no longer matches what the path names (the
+    // file was replaced after it published): refused, never served.
+    let img2 = w.image("replaced.img", 1);
+    let (_f, id) = blkbackd::disk::identify_file(Path::new(&img2), true).unwrap();
+    let fresh = w.image("fresh.img", 1);
+    std::fs::rename(&fresh, &img2).unwrap();
+    let p = w.vbd(12, &format!("direct:{img2}")).await;
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    w.xs.transaction(|tx| {
+        let (be, path, id) = (be.clone(), img2.clone(), id.to_string());
+        async move {
+            tx.write(&format!("{be}/physical-file"), path).await?;
+            tx.write(&format!("{be}/file-id"), id).await
+        }
+    })
+    .await
+    .unwrap();
+    w.wait_for(&format!("{be}/state"), "5", Duration::from_secs(10))
+        .await;
+    let err = w.read(&format!("{be}/error")).await.unwrap();
+    assert!(err.contains("the file was replaced"), "{err}");
+    assert!(err.contains(&id.to_string()), "{err}");
+    assert_eq!(w.read(&format!("{be}/opened")).await.as_deref(), Some("0"));
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frontend_that_closes_and_comes_back_is_served_again() {
     let w = world().await;
     let img = w.image("re.img", 16);

@@ -38,6 +38,70 @@ impl fmt::Display for DiskId {
     }
 }
 
+/// A regular file's identity, for files served directly (no loop device):
+/// the file system's device, the inode, and the inode's generation where the
+/// file system keeps one. An inode number freed and reused by another file
+/// gets a new generation, so (dev, ino, generation) names one file as
+/// (dev_t, diskseq) names one disk. Published as `file-id` = `%x:%x[:%x]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// `st_dev` of the file system.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+    /// `FS_IOC_GETVERSION`, if the file system has it.
+    pub generation: Option<u32>,
+}
+
+impl fmt::Display for FileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}:{:x}", self.dev, self.ino)?;
+        if let Some(g) = self.generation {
+            write!(f, ":{g:x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FileId {
+    /// Parses `file-id` strictly (lower-case hex fields, as for `diskseq`).
+    pub fn parse(raw: &[u8]) -> Result<FileId, DiskError> {
+        let bad = || DiskError::Format {
+            key: "file-id",
+            value: String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned(),
+            want: "DEV:INO or DEV:INO:GENERATION in lower-case hex",
+        };
+        let s = std::str::from_utf8(raw).map_err(|_| bad())?;
+        let mut parts = s.split(':');
+        let dev = parts.next().and_then(parse_hex).ok_or_else(bad)?;
+        let ino = parts.next().and_then(parse_hex).ok_or_else(bad)?;
+        let generation = match parts.next() {
+            None => None,
+            Some(g) => Some(
+                parse_hex(g)
+                    .and_then(|g| u32::try_from(g).ok())
+                    .ok_or_else(bad)?,
+            ),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(FileId {
+            dev,
+            ino,
+            generation,
+        })
+    }
+
+    fn of(file: &File, meta: &std::fs::Metadata) -> Result<FileId, DiskError> {
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            generation: sys::inode_generation(file).map_err(io_err("FS_IOC_GETVERSION"))?,
+        })
+    }
+}
+
 /// Why a disk could not be opened or named.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -72,6 +136,16 @@ pub enum DiskError {
         wanted: u64,
         /// The diskseq found.
         found: u64,
+    },
+    /// The path now names another file than the one published.
+    #[error("{path} is now file {found}, not {wanted}: the file was replaced; refusing to serve it")]
+    FileReplaced {
+        /// The path.
+        path: PathBuf,
+        /// The identity published.
+        wanted: FileId,
+        /// The identity found.
+        found: FileId,
     },
     /// A system call failed.
     #[error("{what}: {source}")]
@@ -252,6 +326,61 @@ pub fn identify(path: &Path, writable: bool) -> Result<OpenedDisk, DiskError> {
     )
 }
 
+/// Opens a regular file to serve it directly (what a hotplug script
+/// publishes for `direct:PATH`): no symlink in the last component, and a
+/// regular file. Returns it with its identity, read from the same fd.
+pub fn identify_file(path: &Path, writable: bool) -> Result<(File, FileId), DiskError> {
+    let (file, meta) = open_file_node(path, writable)?;
+    let id = FileId::of(&file, &meta)?;
+    Ok((file, id))
+}
+
+/// Opens the regular file at `path` and checks it is still the file `id`
+/// names (a file replaced under the same path, or an inode number reused, is
+/// refused with both identities in the error). The fd pins that file.
+pub fn open_file_by_id(path: &Path, id: FileId, writable: bool) -> Result<File, DiskError> {
+    let (file, meta) = open_file_node(path, writable)?;
+    let mut found = FileId::of(&file, &meta)?;
+    if id.generation.is_none() {
+        found.generation = None; // the script's file system had none either
+    }
+    if found != id {
+        return Err(DiskError::FileReplaced {
+            path: path.to_owned(),
+            wanted: id,
+            found,
+        });
+    }
+    Ok(file)
+}
+
+fn open_file_node(path: &Path, writable: bool) -> Result<(File, std::fs::Metadata), DiskError> {
+    if !path.is_absolute() {
+        return Err(DiskError::Format {
+            key: "physical-file",
+            value: path.display().to_string(),
+            want: "an absolute path",
+        });
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(io_err(format!("fstat of {}", path.display())))?;
+    if !meta.file_type().is_file() {
+        return Err(DiskError::Format {
+            key: "physical-file",
+            value: path.display().to_string(),
+            want: "a regular file",
+        });
+    }
+    Ok((file, meta))
+}
+
 fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
     let size = sys::size_bytes(&file).map_err(io_err("BLKGETSIZE64"))?;
     let lbs = sys::logical_block_size(&file).map_err(io_err("BLKSSZGET"))?;
@@ -329,6 +458,56 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn file_id_is_strict_hex_with_an_optional_generation() {
+        let id = FileId::parse(b"803:1a2b:7").unwrap();
+        assert_eq!((id.dev, id.ino, id.generation), (0x803, 0x1a2b, Some(7)));
+        assert_eq!(id.to_string(), "803:1a2b:7");
+        let id = FileId::parse(b"803:1a2b").unwrap();
+        assert_eq!(id.generation, None);
+        assert_eq!(id.to_string(), "803:1a2b");
+        for bad in [
+            &b""[..],
+            b"803",
+            b"803:",
+            b"803:1a2b:",
+            b"803:1a2b:7:1",
+            b"803:1A2B",
+            b"0803:1",
+            b"803:1:100000000",
+            b" 803:1",
+            b"803:1\n",
+        ] {
+            assert!(
+                FileId::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_replaced_under_its_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let (_f, id) = identify_file(&p, true).unwrap();
+        open_file_by_id(&p, id, true).unwrap();
+        // Replace it: a new file under the same name.
+        let q = dir.path().join("other.img");
+        std::fs::write(&q, vec![1u8; 4096]).unwrap();
+        std::fs::rename(&q, &p).unwrap();
+        let e = open_file_by_id(&p, id, true).unwrap_err();
+        assert!(matches!(e, DiskError::FileReplaced { .. }), "{e}");
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+        // Symlinks and non-files are refused.
+        let l = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&p, &l).unwrap();
+        assert!(identify_file(&l, false).is_err());
+        assert!(identify_file(dir.path(), false).is_err());
+        assert!(identify_file(Path::new("rel.img"), false).is_err());
     }
 
     #[test]

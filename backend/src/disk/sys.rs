@@ -27,6 +27,8 @@ pub const BLKSECDISCARD: u64 = 0x127d;
 /// `BLKFLSBUF` = `_IO(0x12, 97)`.
 pub const BLKFLSBUF: u64 = 0x1261;
 
+/// `FS_IOC_GETVERSION` (`_IOR('v', 1, long)`): an inode's generation.
+pub const FS_IOC_GETVERSION: u64 = 0x8008_7601;
 /// `LOOP_CLR_FD`.
 pub const LOOP_CLR_FD: u64 = 0x4C01;
 /// `LOOP_GET_STATUS64`.
@@ -202,6 +204,23 @@ pub fn blk_discard(f: &File, off: u64, len: u64, secure: bool) -> io::Result<()>
     let req = if secure { BLKSECDISCARD } else { BLKDISCARD };
     // SAFETY: both ioctls read a u64[2] {start, length}.
     unsafe { ioctl_ptr(f, req, &mut range) }.map(drop)
+}
+
+/// `FS_IOC_GETVERSION`: the inode's generation number, which changes when
+/// the file system reuses an inode number (ext4, xfs, btrfs have one; `None`
+/// where the file system has none).
+pub fn inode_generation(f: &File) -> io::Result<Option<u32>> {
+    // The kernel writes an int despite the `long` in the ioctl number; give
+    // it a long so either width fits.
+    let mut v: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETVERSION writes at most one long at the pointer.
+    match unsafe { ioctl_ptr(f, FS_IOC_GETVERSION, &mut v) } {
+        Ok(_) => Ok(Some(v as u32)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EOPNOTSUPP | libc::EINVAL)) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `LOOP_CONFIGURE`.

@@ -225,6 +225,12 @@ impl FileDisk {
             .read(true)
             .write(!read_only)
             .open(path)?;
+        FileDisk::from_file(file, read_only)
+    }
+
+    /// An open regular file served directly (opened and verified by
+    /// [`crate::disk::open_file_by_id`]).
+    pub fn from_file(file: File, read_only: bool) -> io::Result<FileDisk> {
         let len = file.metadata()?.len();
         Ok(FileDisk {
             file,

@@ -45,11 +45,15 @@ pub enum Mode {
     Resize,
     /// Drive a benchmark workload (see [`BenchSpec`]) and report throughput.
     Bench,
+    /// What `blkbackd demo` shows: verified I/O with progress lines
+    /// (`SIM-GUEST progress DONE TOTAL BYTES`) and its throughput, then
+    /// [`Mode::Resize`].
+    Demo,
 }
 
 impl Mode {
     /// Every mode, for tests and help text.
-    pub const ALL: [(&'static str, Mode); 12] = [
+    pub const ALL: [(&'static str, Mode); 13] = [
         ("verify", Mode::Verify),
         ("bogus-prod", Mode::BogusProd),
         ("too-many-segments", Mode::TooManySegments),
@@ -62,6 +66,7 @@ impl Mode {
         ("rewrite", Mode::Rewrite),
         ("resize", Mode::Resize),
         ("bench", Mode::Bench),
+        ("demo", Mode::Demo),
     ];
 
     /// Whether a correct backend halts the ring for this misbehaviour.
@@ -260,7 +265,17 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
         front.persistent
     );
     let report = match args.mode {
-        Mode::Verify => verify(&front, args.ios, args.seed).await?,
+        Mode::Verify => verify(&front, args.ios, args.seed, false).await?,
+        Mode::Demo => {
+            println!("SIM-GUEST negotiated {tag} sectors={}", front.sectors);
+            let started = std::time::Instant::now();
+            let v = verify(&front, args.ios, args.seed, true).await?;
+            println!(
+                "SIM-GUEST {v} secs={:.3}",
+                started.elapsed().as_secs_f64()
+            );
+            resized(&front).await?
+        }
         Mode::BogusProd => {
             front.bogus_producer(0, front.ring_size() + 5);
             halted(&front).await?
@@ -368,22 +383,46 @@ async fn halted(front: &Blkfront) -> Result<String, FrontError> {
 }
 
 async fn still_serves(front: &Arc<Blkfront>, seed: u64) -> Result<String, FrontError> {
-    let v = verify(front, 4, seed).await?;
+    let v = verify(front, 4, seed, false).await?;
     Ok(format!("refused as expected, then {v}"))
 }
 
 /// Verified I/O: four lanes, each in its own region, sizes from one sector to
-/// past the direct-segment limit, then flush and discard.
-async fn verify(front: &Arc<Blkfront>, ios: u32, seed: u64) -> Result<String, FrontError> {
+/// past the direct-segment limit, then flush and discard. With `progress`, a
+/// line `SIM-GUEST progress DONE TOTAL BYTES` every 100 ms (the demo draws
+/// its progress bar from them).
+async fn verify(
+    front: &Arc<Blkfront>,
+    ios: u32,
+    seed: u64,
+    progress: bool,
+) -> Result<String, FrontError> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     const SIZES: [u64; 8] = [1, 8, 13, 64, 88, 96, 256, 1024];
     let lanes = 4u64;
     let region = front.sectors / lanes;
     if region < 2048 {
         return Err(fail("disk too small for verify mode"));
     }
+    let total = u64::from(ios) * lanes;
+    let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let ticker = progress.then(|| {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                println!(
+                    "SIM-GUEST progress {} {total} {}",
+                    done.0.load(Relaxed),
+                    done.1.load(Relaxed)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
     let mut set = tokio::task::JoinSet::new();
     for lane in 0..lanes {
         let front = front.clone();
+        let done = done.clone();
         set.spawn(async move {
             let base = lane * region;
             // Start from what the disk holds (a previous connection may have
@@ -413,13 +452,30 @@ async fn verify(front: &Arc<Blkfront>, ios: u32, seed: u64) -> Result<String, Fr
                     )));
                 }
                 bytes += (n + rn) * 512;
+                done.0.fetch_add(1, Relaxed);
+                done.1.fetch_add((n + rn) * 512, Relaxed);
             }
             Ok::<u64, FrontError>(bytes)
         });
     }
-    let mut total = 0;
+    let mut moved = 0;
+    let mut failed = None;
     while let Some(r) = set.join_next().await {
-        total += r.map_err(|e| fail(e.to_string()))??;
+        match r.map_err(|e| fail(e.to_string())).and_then(|r| r) {
+            Ok(b) => moved += b,
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(t) = ticker {
+        t.abort();
+        println!(
+            "SIM-GUEST progress {} {total} {}",
+            done.0.load(Relaxed),
+            done.1.load(Relaxed)
+        );
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     front.flush().await?;
     front.discard(0, 64).await?;
@@ -428,10 +484,7 @@ async fn verify(front: &Arc<Blkfront>, ios: u32, seed: u64) -> Result<String, Fr
     if z.iter().any(|&b| b != 0) {
         return Err(fail("discarded range does not read back as zeroes"));
     }
-    Ok(format!(
-        "verified ios={} bytes={total}",
-        u64::from(ios) * lanes * 2
-    ))
+    Ok(format!("verified ios={} bytes={moved}", total * 2))
 }
 
 /// Rewrites random ring slots of queue 0 with random bytes while doing I/O, as

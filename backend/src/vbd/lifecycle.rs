@@ -182,10 +182,21 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         if read(xs, be).await?.is_none() {
             return Ok(()); // removed before it was used
         }
-        if let Some(id) = published_disk(ctx, be).await? {
-            let opened = disk::open_by_diskseq(id, ts.writable)?;
-            tracing::info!(%domid, disk = %id, "disk opened by diskseq");
-            break Arc::new(FileDisk::from_opened(opened));
+        match published_disk(ctx, be).await? {
+            Some(Published::Block(id)) => {
+                let opened = disk::open_by_diskseq(id, ts.writable)?;
+                tracing::info!(%domid, disk = %id, "disk opened by diskseq");
+                break Arc::new(FileDisk::from_opened(opened));
+            }
+            Some(Published::File(path, id)) => {
+                let file = disk::open_file_by_id(&path, id, ts.writable)?;
+                let d = FileDisk::from_file(file, !ts.writable).map_err(|e| {
+                    Fatal::Config(format!("reading the size of {}: {e}", path.display()))
+                })?;
+                tracing::info!(%domid, path = %path.display(), file = %id, "file opened by identity");
+                break Arc::new(d);
+            }
+            None => {}
         }
         if !changed(&mut be_w, &mut fe_w, stop).await {
             return Ok(());
@@ -368,11 +379,32 @@ async fn wait_removed(
     Ok(())
 }
 
+/// What the hotplug script published.
+enum Published {
+    /// A block device: `physical-device` and `diskseq`.
+    Block(DiskId),
+    /// A regular file served directly: `physical-file` and `file-id`.
+    File(std::path::PathBuf, disk::FileId),
+}
+
 /// The disk the hotplug script published, if it has.
-async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<DiskId>, Fatal> {
+async fn published_disk<G, EC>(
+    ctx: &VbdCtx<G, EC>,
+    be: &str,
+) -> Result<Option<Published>, Fatal> {
     let xs = &ctx.xs;
     let Some(phys) = read(xs, &format!("{be}/physical-device")).await? else {
-        return Ok(None);
+        // A file to serve directly is published in one transaction.
+        let Some(path) = read(xs, &format!("{be}/physical-file")).await? else {
+            return Ok(None);
+        };
+        let Some(id) = read(xs, &format!("{be}/file-id")).await? else {
+            return Err(Fatal::Config(
+                "the hotplug script wrote physical-file without file-id; refusing to serve a file by path alone".into(),
+            ));
+        };
+        let id = disk::FileId::parse(id.as_bytes())?;
+        return Ok(Some(Published::File(path.into(), id)));
     };
     let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
     let diskseq = match read(xs, &format!("{be}/diskseq")).await? {
@@ -395,9 +427,9 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<D
             return Ok(None);
         }
     };
-    Ok(Some(DiskId {
+    Ok(Some(Published::Block(DiskId {
         major,
         minor,
         diskseq,
-    }))
+    })))
 }
