@@ -180,7 +180,11 @@ pub async fn run_with(
             format!(
                 "grew {} from {GOOD_MIB} to {GROWN_MIB} MiB{}",
                 img.display(),
-                if loops { " and refreshed its loop device (losetup -c)" } else { "" }
+                if loops {
+                    " and refreshed its loop device (losetup -c)"
+                } else {
+                    ""
+                }
             ),
         );
         anyhow::Ok(())
@@ -268,7 +272,9 @@ async fn run_guests(
         .stderr(std::process::Stdio::piped());
     let mut good = good.spawn().context("starting guest 1")?;
     let stdout = good.stdout.take().context("guest 1's stdout")?;
-    let hostile = command(HOSTILE, "bogus-prod").env("RUST_LOG", "warn").output();
+    let hostile = command(HOSTILE, "bogus-prod")
+        .env("RUST_LOG", "warn")
+        .output();
     let follow = async {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let mut bar = Progress::new();

@@ -289,16 +289,25 @@ async fn a_plain_file_is_served_directly_and_a_replaced_one_is_refused() {
         .await;
     let out = w.hotplug("add", 11).await;
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(w.read(&format!("{be}/physical-file")).await, Some(img.clone()));
+    assert_eq!(
+        w.read(&format!("{be}/physical-file")).await,
+        Some(img.clone())
+    );
     assert!(w.read(&format!("{be}/physical-device")).await.is_none());
     w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
         .await;
     let (ok, text) = w.guest(11, "verify").await;
     assert!(ok, "{text}");
     let data = std::fs::read(&img).unwrap();
-    assert!(data.iter().any(|&b| b != 0), "the guest's writes are not in the file");
+    assert!(
+        data.iter().any(|&b| b != 0),
+        "the guest's writes are not in the file"
+    );
     w.detach(11, &p).await;
-    assert!(Path::new(&img).exists(), "remove must not touch a direct file");
+    assert!(
+        Path::new(&img).exists(),
+        "remove must not touch a direct file"
+    );
 
     // A script's identity that no longer matches what the path names (the
     // file was replaced after it published): refused, never served.
@@ -530,5 +539,132 @@ async fn attach_and_detach_commands_do_what_libxl_does() {
     assert!(out.status.success(), "{out:?}");
     assert!(w.read(be).await.is_none());
     assert!(w.read("/local/domain/7/device/vbd/51728").await.is_none());
+    w.finish().await;
+}
+
+/// Runs a command, panicking with its output if it fails.
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+}
+
+/// Writes answered so far by every ring of the vbd at `be`.
+fn writes_answered(w: &World, be: &str) -> u64 {
+    w.live
+        .snapshot()
+        .get(be)
+        .map(|c| c.rings.iter().map(|r| r.writes).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_toolstack_removes_a_vbd_within_its_timeout_even_when_the_disk_hangs() {
+    let w = world().await;
+    // The guest's image on a small ext4 file system of its own; freezing that
+    // file system makes every write to the image hang in the kernel, as dead
+    // storage does (the loop device's writes block in sb_start_write).
+    let fs_img = w.image("fs.img", 48);
+    run("mkfs.ext4", &["-q", "-F", &fs_img]);
+    let mnt = w.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt_s = mnt.display().to_string();
+    run("mount", &["-o", "loop", &fs_img, &mnt_s]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("fsfreeze")
+                .args(["-u", &self.0])
+                .output();
+            let _ = std::process::Command::new("umount")
+                .args(["-d", &self.0])
+                .output();
+        }
+    }
+    let cleanup = Cleanup(mnt_s.clone());
+    let img = mnt.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+
+    let p = w.vbd(13, &format!("file:{}", img.display())).await;
+    let be = p.backend.clone();
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    assert!(w.hotplug("add", 13).await.status.success());
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    // A guest writing as fast as it can, 8 requests in flight.
+    let mut guest = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+        .args(["sim-guest", "--mode", "bench", "--domid", "13"])
+        .args(["--bench", "randwrite:65536:8:60"])
+        .arg("--dir")
+        .arg(w.dir.path())
+        .arg("--xenstore")
+        .arg(w.listening.path())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    w.wait_for(
+        &format!("{}/state", p.frontend),
+        "4",
+        Duration::from_secs(30),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while writes_answered(&w, &be) < 50 {
+        assert!(tokio::time::Instant::now() < deadline, "no writes served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The storage dies: writes stop completing.
+    run("fsfreeze", &["-f", &mnt_s]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = writes_answered(&w, &be);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        writes_answered(&w, &be),
+        before,
+        "writes still completing: the disk is not hung"
+    );
+
+    // libxl removes the device: Closed within its 10 s all the same.
+    let t0 = std::time::Instant::now();
+    w.xs.transaction(|tx| {
+        let be = be.clone();
+        async move {
+            tx.write(&format!("{be}/online"), "0").await?;
+            tx.write(&format!("{be}/state"), "5").await
+        }
+    })
+    .await
+    .unwrap();
+    w.wait_for(&format!("{be}/state"), "6", Duration::from_secs(10))
+        .await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "Closed after {took:?}");
+
+    // The storage comes back; the script's remove releases the loop device
+    // and the daemon is still serving (a new vbd works).
+    guest.kill().await.unwrap();
+    run("fsfreeze", &["-u", &mnt_s]);
+    let out = w.hotplug("remove", 13).await;
+    assert!(out.status.success(), "{out:?}");
+    w.xs.rm(&p.backend).await.unwrap();
+    w.xs.rm(&p.frontend).await.unwrap();
+    let other = w.image("after.img", 16);
+    let q = w.vbd(14, &format!("file:{other}")).await;
+    w.wait_for(
+        &format!("{}/state", q.backend),
+        "2",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(w.hotplug("add", 14).await.status.success());
+    let (ok, text) = w.guest(14, "verify").await;
+    assert!(ok, "{text}");
+    w.detach(14, &q).await;
+    drop(cleanup);
     w.finish().await;
 }

@@ -138,7 +138,9 @@ pub enum DiskError {
         found: u64,
     },
     /// The path now names another file than the one published.
-    #[error("{path} is now file {found}, not {wanted}: the file was replaced; refusing to serve it")]
+    #[error(
+        "{path} is now file {found}, not {wanted}: the file was replaced; refusing to serve it"
+    )]
     FileReplaced {
         /// The path.
         path: PathBuf,

@@ -216,7 +216,12 @@ pub fn inode_generation(f: &File) -> io::Result<Option<u32>> {
     // SAFETY: FS_IOC_GETVERSION writes at most one long at the pointer.
     match unsafe { ioctl_ptr(f, FS_IOC_GETVERSION, &mut v) } {
         Ok(_) => Ok(Some(v as u32)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EOPNOTSUPP | libc::EINVAL)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTTY | libc::EOPNOTSUPP | libc::EINVAL)
+            ) =>
+        {
             Ok(None)
         }
         Err(e) => Err(e),

@@ -29,9 +29,11 @@ use super::{DiscardKind, Disk, UringTarget};
 
 /// Submission queue entries per ring (the completion queue is twice that).
 const ENTRIES: u32 = 256;
-/// How long a torn-down ring waits for cancelled I/O before leaking its
-/// buffers to the kernel rather than freeing memory the kernel may still use.
-const TEARDOWN: Duration = Duration::from_secs(5);
+/// How long a torn-down ring waits, in place, for cancelled I/O; past this
+/// (a hung disk) the ring, its buffers and the disk go to a reaper thread
+/// that frees them when the kernel finally completes the I/O, so closing the
+/// device never waits on the disk.
+const TEARDOWN: Duration = Duration::from_millis(200);
 
 #[derive(Debug)]
 struct RingFd(RawFd);
@@ -361,12 +363,84 @@ impl Drop for UringEngine {
             let mut out = Vec::new();
             self.reap(&mut out);
         }
-        if !self.flights.is_empty() {
-            tracing::warn!(
-                in_flight = self.flights.len(),
-                "I/O still in flight at teardown: keeping its buffers allocated"
-            );
-            std::mem::forget(self.pool.clone());
+        if self.flights.is_empty() {
+            return;
+        }
+        // A stand-in ring for this engine's remaining (trivial) drop.
+        let spare = match IoUring::new(1) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    in_flight = self.flights.len(),
+                    "I/O still in flight at teardown and no reaper ring ({e}): leaking its buffers"
+                );
+                std::mem::forget(self.pool.clone());
+                std::mem::forget(self.disk.clone());
+                return;
+            }
+        };
+        let abandoned = Abandoned {
+            ring: std::mem::replace(&mut self.ring, spare),
+            flights: std::mem::take(&mut self.flights),
+            pool: self.pool.clone(),
+            disk: self.disk.clone(),
+        };
+        tracing::warn!(
+            in_flight = abandoned.flights.len(),
+            "I/O still in flight at teardown (a hung disk?): a reaper keeps its buffers and the disk until the kernel completes it"
+        );
+        abandoned.reap_in_background();
+    }
+}
+
+/// What a torn-down engine leaves while the kernel still owns some of its
+/// I/O: the ring (the kernel writes completions and, for reads, data into the
+/// pool), the in-flight buffers, the pool and the disk (whose fds the I/O
+/// uses). Freed only after the last completion.
+struct Abandoned {
+    ring: IoUring,
+    flights: HashMap<u64, Flight>,
+    pool: Arc<BouncePool>,
+    disk: Arc<dyn Disk>,
+}
+
+impl Abandoned {
+    fn reap_in_background(self) {
+        // Handed over through a slot so that if the thread cannot start, the
+        // memory is leaked here rather than freed under the kernel's feet.
+        let slot = Arc::new(std::sync::Mutex::new(Some(self)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("blkbackd-reaper".into())
+            .spawn(move || {
+                let taken = theirs.lock().ok().and_then(|mut s| s.take());
+                let Some(mut me) = taken else { return };
+                while !me.flights.is_empty() {
+                    if let Err(e) = me.ring.submit_and_wait(1) {
+                        if e.raw_os_error() != Some(libc::EINTR) {
+                            tracing::warn!("reaping abandoned I/O: {e}; leaking its buffers");
+                            std::mem::forget(me);
+                            return;
+                        }
+                    }
+                    for cqe in me.ring.completion() {
+                        me.flights.remove(&cqe.user_data());
+                    }
+                }
+                tracing::info!("abandoned I/O completed: its buffers and the disk are let go");
+                let Abandoned {
+                    ring,
+                    flights,
+                    pool,
+                    disk,
+                } = me;
+                drop((flights, ring, pool, disk));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a reaper thread ({e}): leaking abandoned buffers");
+            if let Some(me) = slot.lock().ok().and_then(|mut s| s.take()) {
+                std::mem::forget(me);
+            }
         }
     }
 }

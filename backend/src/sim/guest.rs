@@ -270,10 +270,7 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
             println!("SIM-GUEST negotiated {tag} sectors={}", front.sectors);
             let started = std::time::Instant::now();
             let v = verify(&front, args.ios, args.seed, true).await?;
-            println!(
-                "SIM-GUEST {v} secs={:.3}",
-                started.elapsed().as_secs_f64()
-            );
+            println!("SIM-GUEST {v} secs={:.3}", started.elapsed().as_secs_f64());
             resized(&front).await?
         }
         Mode::BogusProd => {

@@ -235,7 +235,9 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             }
         }
         let (qstop, qstop_rx) = watch::channel(false);
-        let serving = serve_frontend(
+        // Boxed so it can be dropped as soon as the queues are given up on:
+        // it holds the disk, which the hotplug script's remove needs closed.
+        let mut serving = Box::pin(serve_frontend(
             xs,
             be,
             &ts.fe,
@@ -246,8 +248,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             &offer,
             qstop_rx,
             Some(&ctx.live),
-        );
-        tokio::pin!(serving);
+        ));
         let mut size_check = tokio::time::interval(Duration::from_secs(1));
         let mut published = disk.sectors();
         // Serve until the frontend or the toolstack closes, or we stop.
@@ -288,8 +289,12 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             Some(r) => r,
             None => tokio::time::timeout(Duration::from_secs(5), &mut serving)
                 .await
-                .unwrap_or_else(|_| Ok(Vec::new())),
+                .unwrap_or_else(|_| {
+                    tracing::warn!(%domid, backend = be, "queues did not stop within 5 s; abandoning them");
+                    Ok(Vec::new())
+                }),
         };
+        drop(serving);
         if let Err(e) = result {
             fail(xs, be, &e.to_string()).await;
         }
@@ -388,10 +393,7 @@ enum Published {
 }
 
 /// The disk the hotplug script published, if it has.
-async fn published_disk<G, EC>(
-    ctx: &VbdCtx<G, EC>,
-    be: &str,
-) -> Result<Option<Published>, Fatal> {
+async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<Published>, Fatal> {
     let xs = &ctx.xs;
     let Some(phys) = read(xs, &format!("{be}/physical-device")).await? else {
         // A file to serve directly is published in one transaction.
