@@ -68,8 +68,9 @@ enum Cmd {
         #[arg(long)]
         sim: Option<PathBuf>,
         /// Xenstore socket or device (default: XENSTORED_PATH, then
-        /// /run/xenstored/socket, then /dev/xen/xenbus).
-        #[arg(long, conflicts_with = "sim")]
+        /// /run/xenstored/socket, then /dev/xen/xenbus). With --sim: a
+        /// separate Xenstore (`blkbackd xenstored`) instead of the embedded one.
+        #[arg(long)]
         xenstore: Option<PathBuf>,
         /// Serve a physical-device published without diskseq, by major:minor
         /// alone. Unsafe: a released and reused device number could be served.
@@ -429,12 +430,19 @@ async fn serve(
     match sim {
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Our own Xenstore, unless one is named (`blkbackd xenstored` in
+            // another process, as xenstored is in dom0).
             let server = xenstore::Server::default();
-            let listening = server.listen(dir.join("xenstore.sock")).await?;
-            tracing::info!(dir = %dir.display(), "embedded default: Xenstore at {}", listening.path().display());
-            let xs =
-                xenstore::Client::connect_to(&xenstore::Endpoint::Socket(listening.path().into()))
-                    .await?;
+            let (_listening, ep) = match endpoint {
+                Some(p) => (None, xenstore::Endpoint::for_path(p)),
+                None => {
+                    let l = server.listen(dir.join("xenstore.sock")).await?;
+                    let ep = xenstore::Endpoint::Socket(l.path().into());
+                    (Some(l), ep)
+                }
+            };
+            tracing::info!(dir = %dir.display(), "simulated hypervisor; Xenstore at {ep:?}");
+            let xs = xenstore::Client::connect_to(&ep).await?;
             let ctx = Arc::new(VbdCtx {
                 xs,
                 grants: Arc::new(blkbackd::xen::sim::SimGrants::new(

@@ -150,3 +150,43 @@ async fn systemd_hears_ready_then_stopping() {
         .unwrap();
     assert!(st.success(), "{st:?}");
 }
+
+/// Xenstore dies under the daemon (xenstored crashed or was restarted without
+/// keeping its connections): the daemon stops its rings and exits with an
+/// error naming the cause, so that systemd's Restart=on-failure restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_xenstore_connection_ends_the_daemon_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("xenstored.sock");
+    let mut xenstored = blkbackd()
+        .args(["xenstored", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let xs = wait_socket(&socket).await;
+    let daemon = blkbackd()
+        .args(["serve", "--sim"])
+        .arg(dir.path().join("sim"))
+        .arg("--xenstore")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(4), 51712, "file:/x", "w")
+        .await
+        .unwrap();
+    assert_eq!(offered(&xs, 4, "feature-flush-cache").await, "1");
+
+    xenstored.kill().await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), daemon.wait_with_output())
+        .await
+        .expect("the daemon kept running without Xenstore")
+        .unwrap();
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Xenstore connection was lost"), "{err}");
+}

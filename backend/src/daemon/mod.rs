@@ -75,6 +75,8 @@ pub async fn run<G: Grants, EC: EventChannels>(
     let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<Key>();
     tracing::info!("blkbackd serving {VBD_ROOT}");
     crate::signals::sd_notify("READY=1");
+    // Set when a watch stream ends: the Xenstore connection is gone.
+    let mut lost = false;
     loop {
         let present = scan(&xs).await?;
         // A device whose directory went away while its task still ran (the
@@ -110,9 +112,9 @@ pub async fn run<G: Grants, EC: EventChannels>(
             tasks.insert(*key, Task { handle, stop: tx });
         }
         tokio::select! {
-            e = vbds.next() => if e.is_none() { break },
+            e = vbds.next() => if e.is_none() { lost = true; break },
             e = released.next() => {
-                if e.is_none() { break }
+                if e.is_none() { lost = true; break }
                 reap_released(&xs, &mut tasks, &mut done).await;
             }
             Some(k) = ended.recv() => {
@@ -128,8 +130,21 @@ pub async fn run<G: Grants, EC: EventChannels>(
         // Coalesce whatever else is already queued into this one rescan.
         while vbds.try_next().is_some() {}
     }
-    tracing::info!(devices = tasks.len(), "closing every device");
     crate::signals::sd_notify("STOPPING=1");
+    if lost && !*stop.borrow() {
+        // Nothing can be negotiated or closed without Xenstore: stop the
+        // rings and exit with an error, so that systemd restarts the daemon,
+        // which then adopts the connected devices where they stand.
+        tracing::error!(
+            devices = tasks.len(),
+            "the Xenstore connection is lost: stopping every ring and exiting"
+        );
+        shutdown(tasks, Duration::from_secs(8)).await;
+        return Err(xenstore::Error::Disconnected(
+            "the Xenstore connection was lost (xenstored restarted or died)".into(),
+        ));
+    }
+    tracing::info!(devices = tasks.len(), "closing every device");
     shutdown(tasks, Duration::from_secs(8)).await;
     Ok(())
 }
