@@ -151,7 +151,8 @@ enum Cmd {
         #[arg(long, default_value_t = 51712)]
         devid: u32,
         /// verify, bogus-prod, too-many-segments, bad-sector, past-end,
-        /// write-read-only, unknown-op, bad-grant, revoked-grant or rewrite.
+        /// write-read-only, unknown-op, bad-grant, revoked-grant, rewrite,
+        /// resize, bench, demo, event-storm or never-answer.
         #[arg(long, default_value = "verify")]
         mode: String,
         /// I/Os per lane in verify mode.

@@ -157,14 +157,21 @@ async fn what_the_guest_wrote_is_on_the_backend_disk() {
     );
 }
 
-/// One hostile guest (domain 2) next to a well-behaved one (domain 3).
-async fn hostile(mode: &str) {
+/// One hostile guest (domain 2) next to a well-behaved one (domain 3);
+/// returns how the hostile guest's rings ended.
+async fn hostile(mode: &str) -> Vec<(QueueEnd, QueueStats)> {
+    hostile_with(mode, &[]).await.0
+}
+
+/// [`hostile`] with extra arguments for the hostile guest; also returns what
+/// it printed.
+async fn hostile_with(mode: &str, extra: &[&str]) -> (Vec<(QueueEnd, QueueStats)>, String) {
     let m: Mode = mode.parse().unwrap();
     let s = sim().await;
     let hostile = s.backend(DomId(2), m == Mode::WriteReadOnly).await;
     let good = s.backend(DomId(3), false).await;
     let (h, g) = tokio::join!(
-        s.guest(DomId(2), mode, &[]),
+        s.guest(DomId(2), mode, extra),
         s.guest(DomId(3), "verify", &["--ios", "30", "--seed", "7"])
     );
     assert!(g.0, "the well-behaved guest was affected: {}", g.1);
@@ -178,6 +185,68 @@ async fn hostile(mode: &str) {
         Mode::Rewrite => assert!(halted(&h_ends) <= 1, "{h_ends:?}"),
         m if m.halts() => assert_eq!(halted(&h_ends), 1, "exactly one halted ring: {h_ends:?}"),
         _ => assert_eq!(halted(&h_ends), 0, "refused, not halted: {h_ends:?}"),
+    }
+    (h_ends, h.1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_channel_storm_halts_only_that_ring() {
+    use blkbackd::ring::RingError;
+    use blkbackd::vbd::queue::STORM_HALT;
+    let (ends, out) = hostile_with("event-storm", &[]).await;
+    let sent: u64 = out
+        .split_whitespace()
+        .zip(out.split_whitespace().skip(1))
+        .find(|(_, w)| *w == "notifications")
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {out}"));
+    let (end, st) = ends
+        .iter()
+        .find(|(e, _)| matches!(e, QueueEnd::Halted(_)))
+        .unwrap();
+    assert!(
+        matches!(end, QueueEnd::Halted(RingError::EventStorm(n)) if *n >= STORM_HALT),
+        "{end:?}"
+    );
+    assert!(st.spurious_kicks >= u64::from(STORM_HALT), "{st:?}");
+    // The storm was coalesced and throttled: fewer wake-ups than
+    // notifications, and no request was made up out of it.
+    assert!(
+        st.kicks < sent,
+        "{} wake-ups for {sent} notifications",
+        st.kicks
+    );
+    assert_eq!(st.ok + st.errors, 0, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_answers_pins_only_bounded_memory() {
+    use blkbackd::vbd::queue::{DEFAULT_POOL_BYTES, MAX_PERSISTENT_GRANTS};
+    // 100 reads of 128 KiB outstanding per ring (12.5 MiB asked for), their
+    // responses never consumed: the backend answers them all within its
+    // bounce pool and persistent-grant cache, and the guest can push no
+    // more than its ring holds.
+    let (ends, _) = hostile_with("never-answer", &["--ios", "100"]).await;
+    assert_eq!(ends.len(), 2, "{ends:?}");
+    for (end, st) in &ends {
+        assert!(matches!(end, QueueEnd::Stopped), "{end:?}");
+        assert_eq!(st.ok, 100, "every read answered: {st:?}");
+        assert!(
+            st.in_flight_peak <= 128,
+            "more in flight than the ring holds: {st:?}"
+        );
+        assert!(
+            st.pool_peak_bytes <= DEFAULT_POOL_BYTES as u64,
+            "bounce buffers past the pool: {st:?}"
+        );
+        assert!(
+            st.buffer_waits > 0,
+            "the pool bound was never reached: {st:?}"
+        );
+        assert_eq!(
+            st.persistent_maps, MAX_PERSISTENT_GRANTS as u64,
+            "persistent grants past (or short of) the cap: {st:?}"
+        );
     }
 }
 

@@ -46,6 +46,8 @@ pub struct BouncePool {
     base: NonNull<u8>,
     pages: usize,
     used: Mutex<Vec<bool>>,
+    /// Pages handed out now (kept beside the bitmap for cheap reading).
+    in_use: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for BouncePool {
@@ -89,6 +91,7 @@ impl BouncePool {
             base: NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
             pages,
             used: Mutex::new(vec![false; pages]),
+            in_use: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -99,7 +102,7 @@ impl BouncePool {
 
     /// Pages handed out now.
     pub fn in_use(&self) -> usize {
-        self.lock().iter().filter(|&&u| u).count()
+        self.in_use.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The whole region, for registering it with io_uring.
@@ -129,6 +132,8 @@ impl BouncePool {
             if run == pages {
                 let first = i + 1 - pages;
                 used[first..=i].fill(true);
+                self.in_use
+                    .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
                 return Some(Buf { first, pages, len });
             }
         }
@@ -138,6 +143,8 @@ impl BouncePool {
     /// Gives a run back.
     pub fn free(&self, buf: Buf) {
         self.lock()[buf.first..buf.first + buf.pages].fill(false);
+        self.in_use
+            .fetch_sub(buf.pages, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The bytes of `buf`.

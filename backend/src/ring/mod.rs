@@ -64,6 +64,10 @@ pub enum RingError {
     /// A request broke the protocol (see the reason); the ring is halted.
     #[error("frontend broke the protocol: {0}; halting ring")]
     Protocol(String),
+    /// The frontend notified the event channel over and over without
+    /// producing a request (an event-channel storm).
+    #[error("event channel storm: {0} notifications in a row without a new request; halting ring")]
+    EventStorm(u32),
 }
 
 /// Slot offset of index `idx` in a ring of `size` entries of `stride` bytes.

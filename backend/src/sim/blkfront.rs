@@ -83,6 +83,8 @@ struct FrontQueue {
     space: Notify,
     /// Persistent grants: (frame, gref) pairs granted writable once, reused.
     pool: Mutex<Vec<(u64, GrantRef)>>,
+    /// Misbehaviour: responses are left on the ring, never consumed.
+    ignore_responses: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for FrontQueue {
@@ -219,6 +221,7 @@ impl Blkfront {
                 pending: Mutex::new(HashMap::new()),
                 space: Notify::new(),
                 pool: Mutex::new(Vec::new()),
+                ignore_responses: Default::default(),
             }));
         }
         if order > 0 {
@@ -359,6 +362,20 @@ impl Blkfront {
             .store_u32(SRING_REQ_PROD, prod.wrapping_add(ahead));
         drop(ring);
         let _ = queue.port.notify();
+    }
+
+    /// Misbehaviour: stops consuming responses on every queue (`rsp_cons`
+    /// never moves again), as a guest that never answers does.
+    pub fn ignore_responses(&self) {
+        for q in &self.queues {
+            q.ignore_responses.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Notifies queue `q`'s event channel, whether or not there is anything
+    /// new on the ring.
+    pub fn notify(&self, q: usize) -> Result<()> {
+        self.queues[q].port.notify().map_err(FrontError::from)
     }
 
     /// Misbehaviour: overwrites slot `index` of queue `q`'s ring with `bytes`.
@@ -552,6 +569,9 @@ async fn complete_responses(q: Arc<FrontQueue>) {
     loop {
         if q.port.wait().await.is_err() {
             return;
+        }
+        if q.ignore_responses.load(Ordering::Relaxed) {
+            continue;
         }
         loop {
             let rsps = q

@@ -45,6 +45,13 @@ pub enum Mode {
     Resize,
     /// Drive a benchmark workload (see [`BenchSpec`]) and report throughput.
     Bench,
+    /// Notifies the event channel in a tight loop without producing any
+    /// request (an event-channel storm).
+    EventStorm,
+    /// Fills its rings with the largest reads it may send and never consumes
+    /// a response (a guest that never answers): what it pins must stay
+    /// bounded.
+    NeverAnswer,
     /// What `blkbackd demo` shows: verified I/O with progress lines
     /// (`SIM-GUEST progress DONE TOTAL BYTES`) and its throughput, then
     /// [`Mode::Resize`].
@@ -53,7 +60,7 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, for tests and help text.
-    pub const ALL: [(&'static str, Mode); 13] = [
+    pub const ALL: [(&'static str, Mode); 15] = [
         ("verify", Mode::Verify),
         ("bogus-prod", Mode::BogusProd),
         ("too-many-segments", Mode::TooManySegments),
@@ -67,13 +74,15 @@ impl Mode {
         ("resize", Mode::Resize),
         ("bench", Mode::Bench),
         ("demo", Mode::Demo),
+        ("event-storm", Mode::EventStorm),
+        ("never-answer", Mode::NeverAnswer),
     ];
 
     /// Whether a correct backend halts the ring for this misbehaviour.
     pub fn halts(self) -> bool {
         matches!(
             self,
-            Mode::BogusProd | Mode::TooManySegments | Mode::BadSector
+            Mode::BogusProd | Mode::TooManySegments | Mode::BadSector | Mode::EventStorm
         )
     }
 }
@@ -341,6 +350,28 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
             still_serves(&front, args.seed).await?
         }
         Mode::Rewrite => rewrite(&front, args.seed).await?,
+        Mode::EventStorm => {
+            let mut sent = 0u64;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                // The backend unbinding its end (a halted ring) fails the
+                // notification: then see why.
+                let unbound = (0..256).any(|_| front.notify(0).is_err());
+                sent += 256;
+                if unbound || front.backend_error().await?.is_some() {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(fail(format!(
+                        "{sent} notifications and the ring still runs"
+                    )));
+                }
+                tokio::task::yield_now().await;
+            }
+            let h = halted(&front).await?;
+            format!("{sent} notifications sent; {h}")
+        }
+        Mode::NeverAnswer => never_answer(&front, args.ios).await?,
         Mode::Resize => resized(&front).await?,
         Mode::Bench => {
             let spec = args.bench.ok_or_else(|| fail("bench mode needs --bench"))?;
@@ -482,6 +513,36 @@ async fn verify(
         return Err(fail("discarded range does not read back as zeroes"));
     }
     Ok(format!("verified ios={} bytes={moved}", total * 2))
+}
+
+/// Stops consuming responses, then puts `per_queue` reads of the largest
+/// size it may send on every queue (the ring's worth at most) and keeps them
+/// outstanding for `hold` seconds, kicking the backend now and then.
+async fn never_answer(front: &Arc<Blkfront>, per_queue: u32) -> Result<String, FrontError> {
+    front.ignore_responses();
+    let per = front.ring_size().min(per_queue) as usize * front.queues();
+    let bytes = (front.max_indirect.max(11) as usize) * 4096;
+    let sectors = (bytes / 512) as u64;
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..per as u64 {
+        let f = front.clone();
+        let at = (i * sectors) % (front.sectors - sectors);
+        reads.spawn(async move {
+            let mut buf = vec![0u8; bytes];
+            f.read(at, &mut buf).await
+        });
+    }
+    println!("SIM-GUEST outstanding {per} reads of {bytes} bytes");
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for q in 0..front.queues() {
+            front.notify(q)?;
+        }
+    }
+    reads.abort_all();
+    Ok(format!(
+        "left {per} reads of {bytes} bytes unanswered for 2 s"
+    ))
 }
 
 /// Rewrites random ring slots of queue 0 with random bytes while doing I/O, as

@@ -61,6 +61,12 @@ pub struct QueueStats {
     pub in_flight_peak: u64,
     /// Times a request waited for bounce buffers.
     pub buffer_waits: u64,
+    /// Most bounce-pool bytes in use at once (bounded by the pool's size).
+    #[serde(default)]
+    pub pool_peak_bytes: u64,
+    /// Notifications that brought no new request.
+    #[serde(default)]
+    pub spurious_kicks: u64,
 }
 
 /// Persistent grants kept per ring, as Linux blkback keeps at most 1056: past
@@ -75,6 +81,18 @@ pub const DEFAULT_POOL_BYTES: usize = 4 << 20;
 /// How long a stopping ring waits for its in-flight I/O to complete and be
 /// answered before it gives up on it (a hung disk; libxl allows 10 s).
 const DRAIN: Duration = Duration::from_secs(3);
+
+/// Event-channel storms (XSA-332's lesson): after this many notifications in
+/// a row that brought no new request, the ring listens again only after
+/// [`STORM_DELAY`], so a storming guest costs at most ~1000 wake-ups a second
+/// (a real event channel stays masked meanwhile, coalescing the storm).
+const STORM_GRACE: u32 = 64;
+/// See [`STORM_GRACE`].
+const STORM_DELAY: Duration = Duration::from_millis(1);
+/// After this many in a row, the ring is halted: a frontend notifies only
+/// after producing requests, so thousands of empty notifications in a row are
+/// never a correct frontend's doing.
+pub const STORM_HALT: u32 = 2048;
 
 /// Pages of bounce pool a ring needs: the default, and never less than one
 /// largest request (`max_segments` pages).
@@ -148,6 +166,10 @@ pub struct Queue<G, E, D> {
     /// Map each request's grants (and unmap after the copy) instead of
     /// grant-copying them.
     map_mode: bool,
+    /// Requests taken by the last pass.
+    taken: usize,
+    /// Consecutive notifications that brought no new request.
+    spurious: u32,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -191,6 +213,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             halt: None,
             counters: None,
             map_mode: false,
+            taken: 0,
+            spurious: 0,
         }
     }
 
@@ -270,6 +294,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 return (QueueEnd::Stopped, self.stats);
             }
             self.pass();
+            if self.halt.is_none() && self.spurious >= STORM_HALT {
+                self.halt = Some(RingError::EventStorm(self.spurious));
+            }
             if let Some(e) = &self.halt {
                 if self.engine.in_flight() == 0 {
                     let e = e.clone();
@@ -288,6 +315,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                         continue;
                     }
                 }
+                if self.spurious > STORM_GRACE {
+                    tokio::time::sleep(STORM_DELAY).await;
+                }
                 if self.masked {
                     if let Err(e) = self.ev.unmask() {
                         tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
@@ -302,6 +332,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                     Ok(()) => {
                         self.stats.kicks += 1;
                         self.masked = true;
+                        // Judged by the pass this kick triggers.
+                        self.taken = usize::MAX;
                     }
                     Err(e) => {
                         tracing::warn!(domid = %self.domid, "event channel failed: {e}");
@@ -317,8 +349,18 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
 
     /// One pass: take, start, submit, complete, answer.
     fn pass(&mut self) {
+        let kicked = self.taken == usize::MAX;
+        self.taken = 0;
         if self.halt.is_none() {
             self.take();
+        }
+        if kicked {
+            if self.taken == 0 {
+                self.spurious = self.spurious.saturating_add(1);
+                self.stats.spurious_kicks += 1;
+            } else {
+                self.spurious = 0;
+            }
         }
         self.start_waiting();
         self.engine.submit();
@@ -357,6 +399,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 return;
             }
         };
+        self.taken = raws.len();
         // The disk may have grown (resize): check requests against its size now.
         self.limits.disk_sectors = self.disk.sectors();
         for raw in raws {
@@ -399,7 +442,10 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 unreachable!("checked above");
             };
             match self.start(i, req) {
-                Ok(()) => {}
+                Ok(()) => {
+                    let used = (self.pool.in_use() * crate::io::pool::POOL_PAGE) as u64;
+                    self.stats.pool_peak_bytes = self.stats.pool_peak_bytes.max(used);
+                }
                 Err(req) => {
                     // No room in the pool: it and everything after it wait
                     // for buffers to come back (ring order is kept).
