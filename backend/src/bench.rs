@@ -255,7 +255,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         hwm / 1024,
         rss0 / 1024,
         DEFAULT_POOL_BYTES >> 20,
-        pool_pages(256),
+        pool_pages(DEFAULT_POOL_BYTES, 256),
     );
     println!(
         "cpu-us/io is the backend's (this process's) CPU per guest I/O; the guest runs in \

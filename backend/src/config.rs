@@ -21,6 +21,9 @@
 //! direct_io = true              # O_DIRECT for aligned requests where possible
 //! grants = "copy"               # "copy" (grant copy) or "map" (map each
 //!                               # request's grants, unmap after the copy)
+//! pool_kib = 4096               # 64..=65536: each ring's bounce buffers (never
+//!                               # less than one largest request); pinned
+//!                               # while the ring is connected
 //! ```
 #![forbid(unsafe_code)]
 
@@ -58,6 +61,8 @@ pub struct IoConfig {
     pub direct_io: bool,
     /// How request data moves: grant copy or per-request mapping.
     pub grants: GrantMode,
+    /// Each ring's bounce pool, in KiB.
+    pub pool_kib: u32,
 }
 
 /// How a request's data leaves and reaches guest pages.
@@ -78,6 +83,7 @@ impl Default for IoConfig {
             engine: o.engine,
             direct_io: o.direct_io,
             grants: GrantMode::Copy,
+            pool_kib: (o.pool_bytes / 1024) as u32,
         }
     }
 }
@@ -180,7 +186,11 @@ impl Config {
         if ind != 0 && !(12..=4096).contains(&ind) {
             return Err(("max_indirect_segments", ind, "0 or 12..=4096"));
         }
+        if !(64..=65536).contains(&self.io.pool_kib) {
+            return Err(("io.pool_kib", self.io.pool_kib, "64..=65536"));
+        }
         Ok(Offer {
+            pool_bytes: self.io.pool_kib as usize * 1024,
             max_ring_order: o.max_ring_page_order,
             max_queues: o.max_queues,
             max_indirect_segments: ind as u16,
@@ -222,6 +232,7 @@ mod tests {
             engine = "blocking"
             direct_io = false
             grants = "map"
+            pool_kib = 1024
             "#,
         )
         .unwrap();
@@ -244,6 +255,7 @@ mod tests {
             (o.engine, o.direct_io, o.map_grants),
             (EngineChoice::Blocking, false, true)
         );
+        assert_eq!(o.pool_bytes, 1 << 20);
     }
 
     #[test]
@@ -266,6 +278,10 @@ mod tests {
             ),
             ("allow_missing_diskseq = 1", "invalid type"),
             ("[io]\nengine = \"aio\"", "unknown variant `aio`"),
+            (
+                "[io]\npool_kib = 8",
+                "io.pool_kib = 8 is outside 64..=65536",
+            ),
             ("not toml at all", "test.toml"),
         ] {
             let e = parse(text).unwrap_err().to_string();

@@ -189,34 +189,41 @@ async fn check_sharing(
 ) -> Result<(), HotplugError> {
     let root = "/local/domain/0/backend/vbd";
     let me = xs.get_domain_path(xenstore::DomId::DOM0).await? + "/" + be;
-    for domid in xs.directory(root).await.unwrap_or_default() {
-        for devid in xs
-            .directory(&format!("{root}/{domid}"))
-            .await
-            .unwrap_or_default()
+    // Every request in flight at once (a dom0 with many guests must not pay
+    // a round trip per vbd): the domains, their vbds, then three keys each.
+    let domids = xs.directory(root).await.unwrap_or_default();
+    let dirs: Vec<String> = domids.iter().map(|d| format!("{root}/{d}")).collect();
+    let listings = futures_util::future::join_all(dirs.iter().map(|d| xs.directory(d))).await;
+    let mut others = Vec::new();
+    for ((domid, dir), devids) in domids.iter().zip(&dirs).zip(listings) {
+        for devid in devids.unwrap_or_default() {
+            let other = format!("{dir}/{devid}");
+            if other != me && other != be {
+                others.push((domid.clone(), other));
+            }
+        }
+    }
+    let keys: Vec<String> = others
+        .iter()
+        .flat_map(|(_, o)| ["params", "mode", "hotplug-status"].map(|k| format!("{o}/{k}")))
+        .collect();
+    let values = futures_util::future::join_all(keys.iter().map(|k| read_opt(xs, k)))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<Option<String>>, HotplugError>>()?;
+    for ((domid, _), v) in others.iter().zip(values.chunks(3)) {
+        let [Some(p), mode, status] = v else { continue };
+        let mode = mode.clone().unwrap_or_default();
+        if same_disk(p, params)
+            && status.as_deref() == Some("connected")
+            && (writable || mode == "w")
         {
-            let other = format!("{root}/{domid}/{devid}");
-            if other == me || other == be {
-                continue;
-            }
-            let Some(p) = read_opt(xs, &format!("{other}/params")).await? else {
-                continue;
-            };
-            let mode = read_opt(xs, &format!("{other}/mode"))
-                .await?
-                .unwrap_or_default();
-            let status = read_opt(xs, &format!("{other}/hotplug-status")).await?;
-            if same_disk(&p, params)
-                && status.as_deref() == Some("connected")
-                && (writable || mode == "w")
-            {
-                return Err(HotplugError::Shared {
-                    what: params.to_owned(),
-                    domid,
-                    mode,
-                    want: if writable { "write" } else { "read" }.to_owned(),
-                });
-            }
+            return Err(HotplugError::Shared {
+                what: params.to_owned(),
+                domid: domid.clone(),
+                mode,
+                want: if writable { "write" } else { "read" }.to_owned(),
+            });
         }
     }
     Ok(())

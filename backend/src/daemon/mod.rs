@@ -35,12 +35,25 @@ async fn scan(xs: &xenstore::Client) -> Result<HashSet<Key>, xenstore::Error> {
         Err(e) if e.is_not_found() => return Ok(out),
         Err(e) => return Err(e),
     };
-    for d in domids {
-        let Some(domid) = DomId::parse(&d) else {
-            tracing::debug!("ignoring {VBD_ROOT}/{d}: not a domid");
-            continue;
-        };
-        let devids = match xs.directory(&format!("{VBD_ROOT}/{d}")).await {
+    let domids: Vec<(String, DomId)> = domids
+        .into_iter()
+        .filter_map(|d| match DomId::parse(&d) {
+            Some(id) => Some((d, id)),
+            None => {
+                tracing::debug!("ignoring {VBD_ROOT}/{d}: not a domid");
+                None
+            }
+        })
+        .collect();
+    // One request per domain, all in flight at once: a rescan costs one
+    // round trip however many domains there are.
+    let paths: Vec<String> = domids
+        .iter()
+        .map(|(d, _)| format!("{VBD_ROOT}/{d}"))
+        .collect();
+    let listings = futures_util::future::join_all(paths.iter().map(|p| xs.directory(p))).await;
+    for ((d, domid), listing) in domids.into_iter().zip(listings) {
+        let devids = match listing {
             Ok(v) => v,
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
@@ -87,6 +100,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
                 vanished.insert(*k);
             }
         }
+        let before: HashSet<DomId> = tasks.keys().map(|k| k.0).collect();
         tasks.retain(|k, t| {
             if t.handle.is_finished() {
                 if !vanished.remove(k) {
@@ -97,6 +111,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
                 true
             }
         });
+        forget_idle_domains(&*ctx.grants, &before, &tasks);
         done.retain(|k| present.contains(k));
         for key in &present {
             if tasks.contains_key(key) || done.contains(key) {
@@ -115,7 +130,9 @@ pub async fn run<G: Grants, EC: EventChannels>(
             e = vbds.next() => if e.is_none() { lost = true; break },
             e = released.next() => {
                 if e.is_none() { lost = true; break }
+                let before: HashSet<DomId> = tasks.keys().map(|k| k.0).collect();
                 reap_released(&xs, &mut tasks, &mut done).await;
+                forget_idle_domains(&*ctx.grants, &before, &tasks);
             }
             Some(k) = ended.recv() => {
                 if let Some(t) = tasks.remove(&k) {
@@ -123,6 +140,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
                     if !vanished.remove(&k) {
                         done.insert(k);
                     }
+                    forget_idle_domains(&*ctx.grants, &HashSet::from([k.0]), &tasks);
                 }
             }
             _ = stop.changed() => break,
@@ -147,6 +165,16 @@ pub async fn run<G: Grants, EC: EventChannels>(
     tracing::info!(devices = tasks.len(), "closing every device");
     shutdown(tasks, Duration::from_secs(8)).await;
     Ok(())
+}
+
+/// Lets the grant layer drop what it keeps for the domains of `had` that no
+/// longer have a vbd being served (a domain's devices all closed).
+fn forget_idle_domains<G: Grants>(grants: &G, had: &HashSet<DomId>, tasks: &HashMap<Key, Task>) {
+    for d in had {
+        if !tasks.keys().any(|k| k.0 == *d) {
+            grants.forget_domain(*d);
+        }
+    }
 }
 
 /// A domain went away: close its devices (state Closed, disks let go). The

@@ -113,8 +113,16 @@ async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstac
     let need = |k: &'static str, v: Option<String>| {
         v.ok_or_else(|| Fatal::Config(format!("the toolstack did not write {k}")))
     };
-    let fe = need("frontend", read(xs, &format!("{be}/frontend")).await?)?;
-    let fe_id = need("frontend-id", read(xs, &format!("{be}/frontend-id")).await?)?;
+    // Read together: one round trip.
+    let p = ["frontend", "frontend-id", "mode", "device-type"].map(|k| format!("{be}/{k}"));
+    let (fe, fe_id, mode, device_type) = tokio::try_join!(
+        read(xs, &p[0]),
+        read(xs, &p[1]),
+        read(xs, &p[2]),
+        read(xs, &p[3]),
+    )?;
+    let fe = need("frontend", fe)?;
+    let fe_id = need("frontend-id", fe_id)?;
     if fe_id != domid.0.to_string() {
         return Err(Fatal::Config(format!(
             "frontend-id {fe_id:?} does not match the domain {domid} of the backend path"
@@ -125,12 +133,12 @@ async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstac
             "frontend {fe:?} is not below domain {domid}'s home"
         )));
     }
-    let writable = match read(xs, &format!("{be}/mode")).await?.as_deref() {
+    let writable = match mode.as_deref() {
         None | Some("w") => true,
         Some("r") => false,
         Some(m) => return Err(Fatal::Config(format!("mode {m:?} is neither r nor w"))),
     };
-    match read(xs, &format!("{be}/device-type")).await?.as_deref() {
+    match device_type.as_deref() {
         None | Some("disk") | Some("cdrom") => {}
         Some(t) => {
             return Err(Fatal::Config(format!(

@@ -44,6 +44,8 @@ pub struct Offer {
     pub direct_io: bool,
     /// Map each request's grants instead of grant-copying them.
     pub map_grants: bool,
+    /// Each ring's bounce pool in bytes (raised to one largest request).
+    pub pool_bytes: usize,
 }
 
 impl Default for Offer {
@@ -56,6 +58,7 @@ impl Default for Offer {
             engine: EngineChoice::Auto,
             direct_io: true,
             map_grants: false,
+            pool_bytes: queue::DEFAULT_POOL_BYTES,
         }
     }
 }
@@ -100,8 +103,11 @@ async fn write_all(xs: &Client, be: &str, kv: Vec<(&'static str, String)>) -> Re
     xs.transaction(|tx| {
         let kv = kv.clone();
         async move {
-            for (k, v) in &kv {
-                tx.write(&format!("{be}/{k}"), v).await?;
+            // All in flight at once: one round trip for the whole set.
+            let paths: Vec<String> = kv.iter().map(|(k, _)| format!("{be}/{k}")).collect();
+            let writes = paths.iter().zip(&kv).map(|(p, (_, v))| tx.write(p, v));
+            for r in futures_util::future::join_all(writes).await {
+                r?;
             }
             Ok(())
         }
@@ -214,7 +220,8 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         let ev = evtchn.bind_interdomain(domid, q.port).map_err(err)?;
         let max_segs = usize::from(offer.max_indirect_segments)
             .max(crate::abi::blkif::BLKIF_MAX_SEGMENTS_PER_REQUEST);
-        let pool = Arc::new(BouncePool::new(queue::pool_pages(max_segs)).map_err(err)?);
+        let pool =
+            Arc::new(BouncePool::new(queue::pool_pages(offer.pool_bytes, max_segs)).map_err(err)?);
         let engine = Engine::open(
             offer.engine,
             disk.clone() as Arc<dyn Disk>,

@@ -82,6 +82,12 @@ pub const DEFAULT_POOL_BYTES: usize = 4 << 20;
 /// answered before it gives up on it (a hung disk; libxl allows 10 s).
 const DRAIN: Duration = Duration::from_secs(3);
 
+/// Requests taken from the ring per pass. A pass runs without yielding, so
+/// this bounds how long one busy ring holds a runtime thread: with many
+/// rings busy, the control plane (Xenstore, other devices' lifecycles) still
+/// gets its turn quickly. The ring's final check brings the next batch.
+const TAKE_PER_PASS: u32 = 32;
+
 /// Event-channel storms (XSA-332's lesson): after this many notifications in
 /// a row that brought no new request, the ring listens again only after
 /// [`STORM_DELAY`], so a storming guest costs at most ~1000 wake-ups a second
@@ -94,10 +100,10 @@ const STORM_DELAY: Duration = Duration::from_millis(1);
 /// never a correct frontend's doing.
 pub const STORM_HALT: u32 = 2048;
 
-/// Pages of bounce pool a ring needs: the default, and never less than one
-/// largest request (`max_segments` pages).
-pub fn pool_pages(max_segments: usize) -> usize {
-    (DEFAULT_POOL_BYTES / POOL_PAGE).max(max_segments)
+/// Pages of bounce pool a ring gets: `pool_bytes` (see [`DEFAULT_POOL_BYTES`]),
+/// and never less than one largest request (`max_segments` pages).
+pub fn pool_pages(pool_bytes: usize, max_segments: usize) -> usize {
+    (pool_bytes / POOL_PAGE).max(max_segments)
 }
 
 /// Grants the frontend promised to reuse, mapped once and kept until the ring
@@ -392,7 +398,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// Takes what the ring holds (at most a ring's worth): each request is
     /// copied out, validated, and queued in ring order.
     fn take(&mut self) {
-        let raws = match self.ring.take(self.ring.size()) {
+        let raws = match self.ring.take(TAKE_PER_PASS) {
             Ok(r) => r,
             Err(e) => {
                 self.halt = Some(e);

@@ -92,6 +92,11 @@ pub trait Grants: Send + Sync + 'static {
     /// Maps `refs` of `domid` side by side (ring pages, persistent grants).
     /// Refused as a whole if any grant is bad; unmapped when dropped.
     fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> io::Result<SharedMem>;
+
+    /// Lets go of whatever is kept per domain once none of its devices is
+    /// served any more (the simulation keeps the guest's memory mapped;
+    /// gntdev keeps nothing).
+    fn forget_domain(&self, _domid: DomId) {}
 }
 
 /// One bound event channel.

@@ -428,6 +428,10 @@ impl Grants for SimGrants {
             })?;
         SharedMem::map_frames(&f.file, &frames, writable)
     }
+
+    fn forget_domain(&self, domid: DomId) {
+        self.forget(domid);
+    }
 }
 
 /// Event channels for the backend domain over a simulation directory.
