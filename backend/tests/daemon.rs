@@ -112,6 +112,31 @@ impl World {
         }
     }
 
+    /// Publishes `keys` in the backend directory `be` in one transaction, as
+    /// a block script would, and expects the daemon to refuse the disk:
+    /// Closing, `opened` still 0. Returns the `error` node.
+    async fn refused(&self, be: &str, keys: [(&'static str, String); 2]) -> String {
+        self.xs
+            .transaction(|tx| {
+                let (be, keys) = (be.to_owned(), keys.clone());
+                async move {
+                    for (k, v) in &keys {
+                        tx.write(&format!("{be}/{k}"), v).await?;
+                    }
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        self.wait_for(&format!("{be}/state"), "5", Duration::from_secs(10))
+            .await;
+        assert_eq!(
+            self.read(&format!("{be}/opened")).await.as_deref(),
+            Some("0")
+        );
+        self.read(&format!("{be}/error")).await.unwrap()
+    }
+
     async fn hotplug(&self, action: &str, domid: u16) -> std::process::Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
             .args(["hotplug", action])
@@ -150,10 +175,16 @@ impl World {
     /// libxl's removal: online=0 and Closing in one transaction, then Closed
     /// within 10 s, then the script's remove and the directories deleted.
     async fn detach(&self, domid: u16, p: &toolstack::VbdPaths) {
-        let be = p.backend.clone();
+        self.close(&p.backend).await;
+        self.remove(domid, p).await;
+    }
+
+    /// The first half of libxl's removal: online=0 and Closing in one
+    /// transaction, then Closed within 10 s.
+    async fn close(&self, be: &str) {
         self.xs
             .transaction(|tx| {
-                let be = be.clone();
+                let be = be.to_owned();
                 async move {
                     tx.write(&format!("{be}/online"), "0").await?;
                     tx.write(&format!("{be}/state"), "5").await
@@ -163,6 +194,10 @@ impl World {
             .unwrap();
         self.wait_for(&format!("{be}/state"), "6", Duration::from_secs(10))
             .await;
+    }
+
+    /// The second half: the script's remove, then the directories deleted.
+    async fn remove(&self, domid: u16, p: &toolstack::VbdPaths) {
         let out = self.hotplug("remove", domid).await;
         assert!(out.status.success(), "{out:?}");
         self.xs.rm(&p.backend).await.unwrap();
@@ -259,21 +294,17 @@ async fn a_diskseq_that_does_not_match_is_refused_with_an_error_node() {
     w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
         .await;
     // A script publishing the right device number with a stale diskseq.
-    w.xs.transaction(|tx| {
-        let (be, phys) = (be.clone(), dev.id.physical_device());
-        let stale = format!("{:x}", dev.id.diskseq - 1);
-        async move {
-            tx.write(&format!("{be}/physical-device"), phys).await?;
-            tx.write(&format!("{be}/diskseq"), stale).await
-        }
-    })
-    .await
-    .unwrap();
-    w.wait_for(&format!("{be}/state"), "5", Duration::from_secs(10))
+    let stale = format!("{:x}", dev.id.diskseq - 1);
+    let err = w
+        .refused(
+            be,
+            [
+                ("physical-device", dev.id.physical_device()),
+                ("diskseq", stale),
+            ],
+        )
         .await;
-    let err = w.read(&format!("{be}/error")).await.unwrap();
     assert!(err.contains("released and the number reused"), "{err}");
-    assert_eq!(w.read(&format!("{be}/opened")).await.as_deref(), Some("0"));
     dev.release().unwrap();
     w.finish().await;
 }
@@ -319,21 +350,14 @@ async fn a_plain_file_is_served_directly_and_a_replaced_one_is_refused() {
     let be = &p.backend;
     w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
         .await;
-    w.xs.transaction(|tx| {
-        let (be, path, id) = (be.clone(), img2.clone(), id.to_string());
-        async move {
-            tx.write(&format!("{be}/physical-file"), path).await?;
-            tx.write(&format!("{be}/file-id"), id).await
-        }
-    })
-    .await
-    .unwrap();
-    w.wait_for(&format!("{be}/state"), "5", Duration::from_secs(10))
+    let err = w
+        .refused(
+            be,
+            [("physical-file", img2.clone()), ("file-id", id.to_string())],
+        )
         .await;
-    let err = w.read(&format!("{be}/error")).await.unwrap();
     assert!(err.contains("the file was replaced"), "{err}");
     assert!(err.contains(&id.to_string()), "{err}");
-    assert_eq!(w.read(&format!("{be}/opened")).await.as_deref(), Some("0"));
     w.finish().await;
 }
 
@@ -631,17 +655,7 @@ async fn the_toolstack_removes_a_vbd_within_its_timeout_even_when_the_disk_hangs
 
     // libxl removes the device: Closed within its 10 s all the same.
     let t0 = std::time::Instant::now();
-    w.xs.transaction(|tx| {
-        let be = be.clone();
-        async move {
-            tx.write(&format!("{be}/online"), "0").await?;
-            tx.write(&format!("{be}/state"), "5").await
-        }
-    })
-    .await
-    .unwrap();
-    w.wait_for(&format!("{be}/state"), "6", Duration::from_secs(10))
-        .await;
+    w.close(&be).await;
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(10), "Closed after {took:?}");
 
@@ -649,10 +663,7 @@ async fn the_toolstack_removes_a_vbd_within_its_timeout_even_when_the_disk_hangs
     // and the daemon is still serving (a new vbd works).
     guest.kill().await.unwrap();
     run("fsfreeze", &["-u", &mnt_s]);
-    let out = w.hotplug("remove", 13).await;
-    assert!(out.status.success(), "{out:?}");
-    w.xs.rm(&p.backend).await.unwrap();
-    w.xs.rm(&p.frontend).await.unwrap();
+    w.remove(13, &p).await;
     let other = w.image("after.img", 16);
     let q = w.vbd(14, &format!("file:{other}")).await;
     w.wait_for(

@@ -410,32 +410,36 @@ fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskEr
 mod tests {
     use super::*;
 
+    /// Every value of `bad` is refused by `parse`.
+    fn all_refused<T: fmt::Debug>(parse: impl Fn(&[u8]) -> Result<T, DiskError>, bad: &[&[u8]]) {
+        for b in bad {
+            assert!(parse(b).is_err(), "{:?}", String::from_utf8_lossy(b));
+        }
+    }
+
     #[test]
     fn physical_device_is_hex_major_colon_minor_and_nothing_else() {
         assert_eq!(parse_physical_device(b"7:1f").unwrap(), (7, 31));
         assert_eq!(parse_physical_device(b"fd:0").unwrap(), (253, 0));
         assert_eq!(parse_physical_device(b"103:10000").unwrap(), (259, 65536));
-        for bad in [
-            &b""[..],
-            b"7",
-            b"7:",
-            b":1",
-            b"7:1f ",
-            b" 7:1f",
-            b"7:1F",
-            b"0x7:1",
-            b"07:1",
-            b"7:-1",
-            b"7:1:2",
-            b"100000000:0",
-            b"7:1\n",
-        ] {
-            assert!(
-                parse_physical_device(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
+        all_refused(
+            parse_physical_device,
+            &[
+                &b""[..],
+                b"7",
+                b"7:",
+                b":1",
+                b"7:1f ",
+                b" 7:1f",
+                b"7:1F",
+                b"0x7:1",
+                b"07:1",
+                b"7:-1",
+                b"7:1:2",
+                b"100000000:0",
+                b"7:1\n",
+            ],
+        );
     }
 
     #[test]
@@ -443,23 +447,20 @@ mod tests {
         assert_eq!(parse_diskseq(b"1").unwrap(), 1);
         assert_eq!(parse_diskseq(b"2a").unwrap(), 42);
         assert_eq!(parse_diskseq(b"ffffffffffffffff").unwrap(), u64::MAX);
-        for bad in [
-            &b""[..],
-            b"0",
-            b"02a",
-            b"0x2a",
-            b"2A",
-            b"42 ",
-            b"-1",
-            b"10000000000000000",
-            b"g",
-        ] {
-            assert!(
-                parse_diskseq(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
+        all_refused(
+            parse_diskseq,
+            &[
+                &b""[..],
+                b"0",
+                b"02a",
+                b"0x2a",
+                b"2A",
+                b"42 ",
+                b"-1",
+                b"10000000000000000",
+                b"g",
+            ],
+        );
     }
 
     #[test]
@@ -470,24 +471,21 @@ mod tests {
         let id = FileId::parse(b"803:1a2b").unwrap();
         assert_eq!(id.generation, None);
         assert_eq!(id.to_string(), "803:1a2b");
-        for bad in [
-            &b""[..],
-            b"803",
-            b"803:",
-            b"803:1a2b:",
-            b"803:1a2b:7:1",
-            b"803:1A2B",
-            b"0803:1",
-            b"803:1:100000000",
-            b" 803:1",
-            b"803:1\n",
-        ] {
-            assert!(
-                FileId::parse(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
+        all_refused(
+            FileId::parse,
+            &[
+                &b""[..],
+                b"803",
+                b"803:",
+                b"803:1a2b:",
+                b"803:1a2b:7:1",
+                b"803:1A2B",
+                b"0803:1",
+                b"803:1:100000000",
+                b" 803:1",
+                b"803:1\n",
+            ],
+        );
     }
 
     #[test]
