@@ -190,3 +190,99 @@ async fn a_lost_xenstore_connection_ends_the_daemon_with_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Xenstore connection was lost"), "{err}");
 }
+
+/// The daemon is SIGKILLed while a guest does verified I/O and started
+/// again (as systemd would): it adopts the connected device, re-attaches the
+/// rings where the published answers stop, re-executes what was taken but not
+/// answered, and the guest (which never noticed more than a pause) gets every
+/// byte back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_io_and_restarted_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("xenstored.sock");
+    let sim = dir.path().join("sim");
+    let _xenstored = blkbackd()
+        .args(["xenstored", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let xs = wait_socket(&socket).await;
+    let daemon = |log: &str| {
+        blkbackd()
+            .args(["serve", "--sim"])
+            .arg(&sim)
+            .arg("--xenstore")
+            .arg(&socket)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut first = daemon("first.log");
+    let img = dir.path().join("guest.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let d = xenstore::DomId(5);
+    xs.introduce(d, 0, 0).await.unwrap();
+    blkbackd::sim::toolstack::create_domain_home(&xs, d)
+        .await
+        .unwrap();
+    let params = format!("direct:{}", img.display());
+    let (paths, _) = blkbackd::attach::attach(&xs, d, 51712, &params, true)
+        .await
+        .unwrap();
+    let guest = blkbackd()
+        .args([
+            "sim-guest",
+            "--mode",
+            "verify",
+            "--ios",
+            "300",
+            "--domid",
+            "5",
+        ])
+        .arg("--dir")
+        .arg(&sim)
+        .arg("--xenstore")
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let crash = async {
+        blkbackd::attach::wait_value(&xs, &format!("{}/state", paths.frontend), "4")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.kill().await.unwrap();
+        daemon("second.log")
+    };
+    let (out, mut second) = tokio::join!(guest, crash);
+    let out = out.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("verified ios=2400"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    assert!(
+        log.contains("adopting a connected device"),
+        "the restarted daemon did not adopt the device:\n{log}"
+    );
+    blkbackd::attach::detach(&xs, d, 51712).await.unwrap();
+    let pid = second.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(20), second.wait())
+        .await
+        .expect("the restarted daemon did not stop")
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+}
