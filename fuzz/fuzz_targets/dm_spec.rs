@@ -7,7 +7,9 @@ use blkbackd::disk::dm::{validate_name, Table};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(t) = Table::parse(s) {
         let mut at = 0;
         for l in &t.0 {

@@ -27,7 +27,11 @@ fn world() -> &'static World {
         let xs = rt.block_on(async {
             Client::from_stream(server.connect_as(xenstore::DomId(0)).expect("connect"))
         });
-        World { rt, xs, _server: server }
+        World {
+            rt,
+            xs,
+            _server: server,
+        }
     })
 }
 

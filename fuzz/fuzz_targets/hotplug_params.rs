@@ -6,13 +6,17 @@ use blkbackd::hotplug::Params;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     match Params::parse(s) {
-        Ok(Params::Block(p)) | Ok(Params::File(p)) => {
+        Ok(Params::Block(p)) | Ok(Params::File(p)) | Ok(Params::Direct(p)) => {
             assert!(p.is_absolute());
             assert!(!p.components().any(|c| c == std::path::Component::ParentDir));
         }
-        Ok(Params::Snapshot(t)) => assert!(!t.contains('/') && !t.starts_with('.') && !t.is_empty()),
+        Ok(Params::Snapshot(t)) => {
+            assert!(!t.contains('/') && !t.starts_with('.') && !t.is_empty())
+        }
         Ok(Params::Thin { pool, volume }) => assert!(!pool.is_empty() && !volume.contains('/')),
         Err(_) => {}
     }

@@ -15,20 +15,30 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mut inp = Input::new(data);
     let pages = 1usize << (inp.byte() % 3);
-    let abi = if inp.byte() & 1 == 0 { Abi::X86_64 } else { Abi::X86_32 };
+    let abi = if inp.byte() & 1 == 0 {
+        Abi::X86_64
+    } else {
+        Abi::X86_32
+    };
     let mem = SharedMem::anonymous(pages * XEN_PAGE_SIZE).expect("memory");
     let image = inp.take(pages * XEN_PAGE_SIZE);
     mem.write(0, image);
     let rsp = inp.u32();
     mem.store_u32(4, rsp); // rsp_prod
-    let ahead = if inp.rarely() { inp.u32() } else { u32::from(inp.byte() % 40) };
+    let ahead = if inp.rarely() {
+        inp.u32()
+    } else {
+        u32::from(inp.byte() % 40)
+    };
     mem.store_u32(0, rsp.wrapping_add(ahead)); // req_prod
     let mut limits = Limits::new(u64::from(inp.u32()));
     limits.read_only = inp.rarely();
     limits.max_indirect_segments = if inp.rarely() { 0 } else { 256 };
     limits.logical_block_sectors = if inp.rarely() { 8 } else { 1 };
     let indirect_pages = inp.rest();
-    let Ok(mut ring) = BackRing::new(mem, pages, abi) else { return };
+    let Ok(mut ring) = BackRing::new(mem, pages, abi) else {
+        return;
+    };
     for _ in 0..3 {
         let raws = match ring.take(ring.size()) {
             Ok(r) => r,

@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
     let mut inp = Input::new(data);
     let server = Server::default();
     server.introduce(DomId(1));
-    let domid = if inp.byte() & 1 == 0 { DomId(0) } else { DomId(1) };
+    let domid = if inp.byte() & 1 == 0 {
+        DomId(0)
+    } else {
+        DomId(1)
+    };
     let mut bytes = Vec::new();
     for _ in 0..8 {
         let op = u32::from(inp.byte() % 26);
@@ -27,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
         if !inp.rarely() {
             payload.push(0);
         }
-        let len = if inp.rarely() { inp.u32() } else { payload.len() as u32 };
+        let len = if inp.rarely() {
+            inp.u32()
+        } else {
+            payload.len() as u32
+        };
         for v in [op, req_id, tx, len] {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
