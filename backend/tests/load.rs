@@ -7,14 +7,14 @@
 //! attach/detach cycles, the daemon's peak memory, its fds before and after);
 //! `cargo nextest run --test load --no-capture` shows it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkbackd::sim::toolstack;
-use xenstore::{Client, DomId, Endpoint, Xs};
+use xenstore::{Client, DomId, Xs};
 
 const VBDS: u16 = 64;
 const DEVID: u32 = 51712;
@@ -26,9 +26,8 @@ const OVERHEAD_KIB: u64 = 96 * 1024;
 /// Domains of the vbds that come and go.
 const CHURN: [u16; 4] = [201, 202, 203, 204];
 
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_blkbackd")
-}
+mod common;
+use common::{blkbackd, exits_cleanly, signal, wait_socket};
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -87,7 +86,7 @@ impl Load {
 
     /// Runs a verifying guest for domain `d`; returns the I/Os it verified.
     async fn guest(&self, d: u16, ios: u32) -> u64 {
-        let out = tokio::process::Command::new(exe())
+        let out = blkbackd()
             .args(["sim-guest", "--mode", "verify", "--queues", "2"])
             .args(["--ios", &ios.to_string(), "--seed", &d.to_string()])
             .args(["--domid", &d.to_string()])
@@ -113,16 +112,6 @@ impl Load {
     }
 }
 
-async fn connect(sock: &Path) -> Client {
-    for _ in 0..400 {
-        if let Ok(c) = Client::connect_to(&Endpoint::Socket(sock.into())).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the daemon's Xenstore never came up");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_vbds_do_verified_io_while_others_come_and_go() {
     let tmp = tempfile::tempdir().unwrap();
@@ -132,7 +121,7 @@ async fn sixty_four_vbds_do_verified_io_while_others_come_and_go() {
     // cost the daemon, and the test checks that bound.
     let cfg = tmp.path().join("blkbackd.toml");
     std::fs::write(&cfg, format!("[io]\npool_kib = {POOL_KIB}\n")).unwrap();
-    let mut daemon = tokio::process::Command::new(exe())
+    let mut daemon = blkbackd()
         .args(["serve", "--sim"])
         .arg(&dir)
         .arg("--config")
@@ -144,7 +133,7 @@ async fn sixty_four_vbds_do_verified_io_while_others_come_and_go() {
         .spawn()
         .unwrap();
     let pid = daemon.id().unwrap();
-    let xs = connect(&dir.join("xenstore.sock")).await;
+    let xs = wait_socket(&dir.join("xenstore.sock")).await;
     let load = Arc::new(Load {
         dir: dir.clone(),
         xs,
@@ -270,13 +259,6 @@ async fn sixty_four_vbds_do_verified_io_while_others_come_and_go() {
         );
     }
 
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
-        .await
-        .expect("the daemon did not stop")
-        .unwrap();
-    assert!(st.success(), "{st:?}");
+    signal(&daemon, "TERM");
+    exits_cleanly(&mut daemon).await;
 }

@@ -2,25 +2,13 @@
 //! the file, SIGHUP re-reads it for devices created afterwards, a bad file is
 //! refused at start with the key named, and SIGTERM stops the daemon.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use xenstore::{Client, Endpoint, Xs};
+use xenstore::{Client, Xs};
 
-fn blkbackd() -> tokio::process::Command {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
-}
-
-async fn wait_socket(p: &Path) -> Client {
-    for _ in 0..200 {
-        if let Ok(c) = Client::connect_to(&Endpoint::Socket(p.into())).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the daemon's Xenstore never came up");
-}
+mod common;
+use common::{blkbackd, exits_cleanly, signal, wait_socket};
 
 async fn offered(xs: &Client, domid: u16, key: &str) -> String {
     let be = format!("/local/domain/0/backend/vbd/{domid}/51712");
@@ -61,12 +49,7 @@ async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
     assert_eq!(offered(&xs, 2, "feature-persistent").await, "0");
 
     std::fs::write(&cfg, "[offer]\nmax_queues = 3\n").unwrap();
-    let pid = daemon.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&daemon, "HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
     blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/y", "w")
         .await
@@ -76,16 +59,8 @@ async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
     // The first device keeps what it was offered.
     assert_eq!(offered(&xs, 2, "multi-queue-max-queues").await, "1");
 
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let st = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
-        .await
-        .expect("SIGTERM did not stop the daemon")
-        .unwrap();
-    assert!(st.success());
+    signal(&daemon, "TERM");
+    exits_cleanly(&mut daemon).await;
 }
 
 #[tokio::test]
@@ -134,21 +109,13 @@ async fn systemd_hears_ready_then_stopping() {
         .await
         .unwrap();
     assert_eq!(offered(&xs, 3, "feature-flush-cache").await, "1");
-    let pid = daemon.id().unwrap() as i32;
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    signal(&daemon, "TERM");
     let n = tokio::time::timeout(Duration::from_secs(20), sock.recv(&mut buf))
         .await
         .expect("no STOPPING=1 from the daemon")
         .unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
-    let st = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(st.success(), "{st:?}");
+    exits_cleanly(&mut daemon).await;
 }
 
 /// Xenstore dies under the daemon (xenstored crashed or was restarted without
@@ -275,14 +242,6 @@ async fn a_daemon_killed_mid_io_and_restarted_loses_nothing() {
         "the restarted daemon did not adopt the device:\n{log}"
     );
     blkbackd::attach::detach(&xs, d, 51712).await.unwrap();
-    let pid = second.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(20), second.wait())
-        .await
-        .expect("the restarted daemon did not stop")
-        .unwrap();
-    assert!(st.success(), "{st:?}");
+    signal(&second, "TERM");
+    exits_cleanly(&mut second).await;
 }

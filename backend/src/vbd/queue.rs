@@ -172,6 +172,8 @@ pub struct Queue<G, E, D> {
     /// Map each request's grants (and unmap after the copy) instead of
     /// grant-copying them.
     map_mode: bool,
+    /// A notification came since the last pass.
+    kicked: bool,
     /// Requests taken by the last pass.
     taken: usize,
     /// Consecutive notifications that brought no new request.
@@ -219,6 +221,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             halt: None,
             counters: None,
             map_mode: false,
+            kicked: false,
             taken: 0,
             spurious: 0,
         }
@@ -339,7 +342,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                         self.stats.kicks += 1;
                         self.masked = true;
                         // Judged by the pass this kick triggers.
-                        self.taken = usize::MAX;
+                        self.kicked = true;
                     }
                     Err(e) => {
                         tracing::warn!(domid = %self.domid, "event channel failed: {e}");
@@ -355,7 +358,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
 
     /// One pass: take, start, submit, complete, answer.
     fn pass(&mut self) {
-        let kicked = self.taken == usize::MAX;
+        let kicked = std::mem::take(&mut self.kicked);
         self.taken = 0;
         if self.halt.is_none() {
             self.take();

@@ -1,0 +1,44 @@
+//! What the tests that run blkbackd as a process share: starting it,
+//! reaching its Xenstore, signalling it and checking that it stops cleanly.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::Path;
+use std::time::Duration;
+
+use xenstore::{Client, Endpoint};
+
+/// The blkbackd binary, as a command.
+pub fn blkbackd() -> tokio::process::Command {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+}
+
+/// A client of the Xenstore at `sock`, waiting (bounded) for it to come up.
+pub async fn wait_socket(sock: &Path) -> Client {
+    for _ in 0..400 {
+        if let Ok(c) = Client::connect_to(&Endpoint::Socket(sock.into())).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the Xenstore at {} never came up", sock.display());
+}
+
+/// Sends `signal` (e.g. "TERM", "HUP") to `child`.
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("the process already exited").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} {pid} failed");
+}
+
+/// Waits (at most 20 s) for `child` to exit, and requires success.
+pub async fn exits_cleanly(child: &mut tokio::process::Child) {
+    let st = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the daemon did not stop")
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+}
