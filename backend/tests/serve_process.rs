@@ -118,6 +118,19 @@ async fn systemd_hears_ready_then_stopping() {
     exits_cleanly(&mut daemon).await;
 }
 
+/// `blkbackd xenstored` on `socket`, in its own process (as xenstored runs
+/// in dom0), and a client of it.
+async fn xenstored(socket: &std::path::Path) -> (tokio::process::Child, Client) {
+    let child = blkbackd()
+        .args(["xenstored", "--socket"])
+        .arg(socket)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, wait_socket(socket).await)
+}
+
 /// Xenstore dies under the daemon (xenstored crashed or was restarted without
 /// keeping its connections): the daemon stops its rings and exits with an
 /// error naming the cause, so that systemd's Restart=on-failure restarts it.
@@ -125,14 +138,7 @@ async fn systemd_hears_ready_then_stopping() {
 async fn a_lost_xenstore_connection_ends_the_daemon_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("xenstored.sock");
-    let mut xenstored = blkbackd()
-        .args(["xenstored", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let xs = wait_socket(&socket).await;
+    let (mut xenstored, xs) = xenstored(&socket).await;
     let daemon = blkbackd()
         .args(["serve", "--sim"])
         .arg(dir.path().join("sim"))
@@ -168,14 +174,7 @@ async fn a_daemon_killed_mid_io_and_restarted_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("xenstored.sock");
     let sim = dir.path().join("sim");
-    let _xenstored = blkbackd()
-        .args(["xenstored", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let xs = wait_socket(&socket).await;
+    let (_xenstored, xs) = xenstored(&socket).await;
     let daemon = |log: &str| {
         blkbackd()
             .args(["serve", "--sim"])
