@@ -22,8 +22,12 @@
 //!   `$BLKBACKD_COW_DIR` (default `/var/lib/blkbackd/cow`) on another, and a
 //!   dm `snapshot` device `blkbackd-<domid>-<devid>`; `remove` deletes all
 //!   three, so the guest's changes live as long as the vbd;
-//! - `thin:POOL/VOLUME`: parsed, refused for now (a thin volume has no size
-//!   of its own, and the grammar does not carry one yet).
+//! - `thin:POOL/ID:SIZE`: thin volume `ID` (decimal, below 2^24) of the
+//!   existing dm thin pool `POOL`, created in the pool if it is not there yet
+//!   (`create_thin`), activated as the dm `thin` device
+//!   `blkbackd-<domid>-<devid>` of `SIZE` bytes (a multiple of 512, with an
+//!   optional K, M, G or T suffix: a thin volume has no size of its own);
+//!   `remove` deactivates it and keeps the volume's data.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -46,10 +50,12 @@ pub enum Params {
     Snapshot(String),
     /// A thin volume (device-mapper).
     Thin {
-        /// The pool.
+        /// The pool's dm name.
         pool: String,
-        /// The volume.
-        volume: String,
+        /// The volume's thin id in the pool.
+        id: u32,
+        /// Its size in 512-byte sectors.
+        sectors: u64,
     },
 }
 
@@ -136,13 +142,24 @@ impl Params {
             return Ok(Params::Snapshot(t.to_owned()));
         }
         if let Some(t) = raw.strip_prefix("thin:") {
-            let (pool, volume) = t
-                .split_once('/')
-                .filter(|(p, v)| !p.is_empty() && !v.is_empty() && !v.contains('/'))
-                .ok_or_else(|| bad("a thin volume is thin:POOL/VOLUME"))?;
+            let form = "a thin volume is thin:POOL/ID:SIZE, e.g. thin:pool0/7:20G";
+            let (pool, rest) = t.split_once('/').ok_or_else(|| bad(form))?;
+            let (id, size) = rest.split_once(':').ok_or_else(|| bad(form))?;
+            crate::disk::dm::validate_name(pool)
+                .map_err(|_| bad("the pool is not a valid device-mapper name"))?;
+            let id = Some(id)
+                .filter(|i| i.len() == 1 || !i.starts_with('0'))
+                .and_then(xenstore::wire::parse_decimal)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n < 1 << 24)
+                .ok_or_else(|| bad("the thin id is a decimal number below 2^24"))?;
+            let sectors = parse_size(size).ok_or_else(|| {
+                bad("SIZE is bytes (a multiple of 512, not 0) with an optional K, M, G or T")
+            })?;
             return Ok(Params::Thin {
                 pool: pool.to_owned(),
-                volume: volume.to_owned(),
+                id,
+                sectors,
             });
         }
         if raw.starts_with('/') {
@@ -162,7 +179,7 @@ fn same_disk(a: &str, b: &str) -> bool {
         Some(match Params::parse(raw).ok()? {
             Params::Block(p) => (0, p.display().to_string()),
             Params::File(p) | Params::Direct(p) => (1, p.display().to_string()),
-            Params::Thin { pool, volume } => (2, format!("{pool}/{volume}")),
+            Params::Thin { pool, id, .. } => (2, format!("{pool}/{id}")),
             Params::Snapshot(_) => return None,
         })
     }
@@ -322,7 +339,14 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
                 None,
             )
         }
-        Params::Thin { .. } => return Err(HotplugError::Unsupported("thin:")),
+        Params::Thin { pool, id, sectors } => {
+            let d = thin::add(xs, be, pool, *id, *sectors, writable).await?;
+            (
+                d,
+                PathBuf::from(format!("/dev/block/{}:{}", d.major, d.minor)),
+                None,
+            )
+        }
     };
     let publish = xs
         .transaction(|tx| {
@@ -351,11 +375,11 @@ pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
     let Some(raw) = read_opt(xs, &format!("{be}/params")).await? else {
         return Ok(());
     };
-    if matches!(Params::parse(&raw), Ok(Params::Snapshot(_))) {
-        return snapshot::remove(xs, be).await;
-    }
-    if !matches!(Params::parse(&raw), Ok(Params::File(_))) {
-        return Ok(());
+    match Params::parse(&raw) {
+        Ok(Params::Snapshot(_)) => return snapshot::remove(xs, be).await,
+        Ok(Params::Thin { .. }) => return thin::remove(xs, be).await,
+        Ok(Params::File(_)) => {}
+        _ => return Ok(()),
     }
     let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
     let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
@@ -381,7 +405,84 @@ pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
     Ok(())
 }
 
+/// The loop devices the block script made for the vbd at `be` and that
+/// are still in use: the published disk when it is a loop device, and a
+/// snapshot's template and store.
+pub async fn loops_of(xs: &Client, be: &str) -> Result<Vec<DiskId>, HotplugError> {
+    let mut out = snapshot::recorded_loops(xs, be).await?;
+    let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
+    let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
+    if let (Some(phys), Some(seq)) = (phys, seq) {
+        if let (Ok((major, minor)), Ok(diskseq)) = (
+            disk::parse_physical_device(phys.as_bytes()),
+            disk::parse_diskseq(seq.as_bytes()),
+        ) {
+            if major == loopdev::LOOP_MAJOR {
+                out.push(DiskId {
+                    major,
+                    minor,
+                    diskseq,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `SIZE` of `thin:`: bytes with an optional binary K, M, G or T suffix, a
+/// whole number of sectors and not zero; in sectors.
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 10),
+        b'M' => (&s[..s.len() - 1], 20),
+        b'G' => (&s[..s.len() - 1], 30),
+        b'T' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let bytes = xenstore::wire::parse_decimal(num)?.checked_mul(1u64 << shift)?;
+    (bytes > 0 && bytes % 512 == 0).then_some(bytes / 512)
+}
+
+/// Where the block script records the dm device it made for a vbd.
+const DM_NAME: &str = "blkbackd-dm";
+
+/// (domid, devid) from `backend/vbd/<domid>/<devid>`.
+fn vbd_ids(be: &str) -> Result<(u16, u32), HotplugError> {
+    let mut it = be.rsplit('/');
+    let devid = it.next().and_then(|v| v.parse().ok());
+    let domid = it.next().and_then(|v| v.parse().ok());
+    match (domid, devid) {
+        (Some(d), Some(v)) => Ok((d, v)),
+        _ => Err(HotplugError::Params(
+            be.to_owned(),
+            "XENBUS_PATH does not end in <domid>/<devid>",
+        )),
+    }
+}
+
+/// Removes the dm device recorded in `be` (deferred if still open), if it
+/// is still ours; forgets the record.
+async fn remove_dm(xs: &Client, be: &str) -> Result<(), HotplugError> {
+    use crate::disk::dm::{self, Control, DevId};
+    if let Some(name) = read_opt(xs, &format!("{be}/{DM_NAME}")).await? {
+        dm::validate_name(&name)?;
+        let ctl = Control::open()?;
+        let id = DevId::Name(name.clone());
+        match ctl.info(&id) {
+            Ok(info) if info.uuid.starts_with(dm::UUID_PREFIX) => {
+                ctl.remove(&id, true)?;
+                tracing::info!(backend = be, name, "hotplug remove: dm device removed");
+            }
+            Ok(_) => tracing::warn!(name, "not removing a dm device that is not ours"),
+            Err(_) => {} // never made, or already gone
+        }
+        xs.rm(&format!("{be}/{DM_NAME}")).await?;
+    }
+    Ok(())
+}
+
 mod snapshot;
+mod thin;
 pub use snapshot::revoke;
 
 #[cfg(test)]
@@ -420,10 +521,19 @@ mod tests {
             Params::Snapshot("debian-12".into())
         );
         assert_eq!(
-            Params::parse("thin:pool0/vm1").unwrap(),
+            Params::parse("thin:pool0/7:20G").unwrap(),
             Params::Thin {
                 pool: "pool0".into(),
-                volume: "vm1".into()
+                id: 7,
+                sectors: 20 << 21
+            }
+        );
+        assert_eq!(
+            Params::parse("thin:blkbackd-pool/0:4096").unwrap(),
+            Params::Thin {
+                pool: "blkbackd-pool".into(),
+                id: 0,
+                sectors: 8
             }
         );
         for bad in [
@@ -441,9 +551,21 @@ mod tests {
             "snapshot:..",
             "snapshot:.hidden",
             "thin:pool",
-            "thin:/vol",
+            "thin:/7:1G",
             "thin:pool/",
-            "thin:p/v/w",
+            "thin:pool/7",
+            "thin:pool/vm1:1G",
+            "thin:pool/7:",
+            "thin:pool/7:0",
+            "thin:pool/7:1000",
+            "thin:pool/7:1g",
+            "thin:pool/16777216:1G",
+            "thin:pool/-1:1G",
+            "thin:pool/07:1G",
+            "thin:p/v/w:1G",
+            "thin:../7:1G",
+            "thin:control/7:1G",
+            "thin:pool/7:99999999999T",
             "iscsi:whatever",
             "/dev/sdb\n",
         ] {

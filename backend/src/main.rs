@@ -478,6 +478,7 @@ async fn serve(
                 live: live.clone(),
             });
             blkbackd::daemon::reconcile_dm(&ctx.xs).await?;
+            blkbackd::daemon::reconcile_loops(&ctx.xs).await?;
             reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
         }

@@ -177,3 +177,63 @@ async fn a_guest_is_served_from_a_file_through_a_loop_device_opened_by_diskseq()
     let data = std::fs::read(&img).unwrap();
     assert!(data[64 * 512..].iter().any(|&b| b != 0));
 }
+
+#[test]
+fn start_up_reconciliation_releases_only_our_unclaimed_loop_devices() {
+    need_loop();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        backing(dir.path(), "claimed.img", 1, 1),
+        backing(dir.path(), "left.img", 1, 2),
+        backing(dir.path(), "foreign.img", 1, 3),
+    );
+    // Two of ours, left attached as a block script's `add` leaves them.
+    let claimed = loopdev::attach(&a, &LoopOptions::default()).unwrap().keep();
+    let left = loopdev::attach(&b, &LoopOptions::default()).unwrap().keep();
+    // One made by someone else (util-linux).
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let mine: Vec<DiskId> = loopdev::ours().into_iter().map(|f| f.id).collect();
+    assert!(mine.contains(&claimed) && mine.contains(&left), "{mine:?}");
+    let in_dir = |f: &loopdev::Found| f.backing.starts_with(dir.path());
+    assert!(
+        loopdev::ours()
+            .iter()
+            .filter(|f| in_dir(f))
+            .all(|f| f.backing != c),
+        "a device util-linux made was taken for ours"
+    );
+
+    // Only this test's devices are in scope (other tests run beside it).
+    let released = loopdev::reconcile(|id| id == claimed, in_dir);
+    assert_eq!(
+        released.iter().map(|f| f.id).collect::<Vec<_>>(),
+        vec![left]
+    );
+    assert!(
+        matches!(
+            open_by_diskseq(left, false),
+            Err(DiskError::Reused { .. }) | Err(DiskError::Io { .. })
+        ),
+        "the released device still opens under its old diskseq"
+    );
+    open_by_diskseq(claimed, false).expect("the claimed device was touched");
+    assert!(std::path::Path::new(&foreign).exists());
+    let st = std::process::Command::new("losetup")
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "the foreign device was detached");
+
+    loopdev::release_by_id(claimed).unwrap();
+    std::process::Command::new("losetup")
+        .args(["-d", &foreign])
+        .status()
+        .unwrap();
+}

@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(Params::Snapshot(t)) => {
             assert!(!t.contains('/') && !t.starts_with('.') && !t.is_empty())
         }
-        Ok(Params::Thin { pool, volume }) => assert!(!pool.is_empty() && !volume.contains('/')),
+        Ok(Params::Thin { pool, id, sectors }) => {
+            assert!(!pool.is_empty() && !pool.contains('/') && pool != "." && pool != "..");
+            assert!(id < 1 << 24 && sectors > 0);
+        }
         Err(_) => {}
     }
 });

@@ -5,7 +5,8 @@
 # template. Then the disk is revoked (`blkbackd revoke`: its table becomes
 # `error`) while the guest writes: the guest gets I/O errors and nothing
 # more reaches the storage. `xl destroy` leaves no dm device, loop device or
-# store behind; a restarted daemon removes an unclaimed dm device of ours.
+# store behind; a restarted daemon removes an unclaimed dm device and an
+# unclaimed loop device of ours, and leaves everyone else's alone.
 . /vmlib.sh
 N=snapshot-revoke
 start_blkbackd || fail $N "cannot start blkbackd"
@@ -45,7 +46,22 @@ i=0; while [ -n "$(dmsetup ls 2>/dev/null | grep blkbackd)" ]; do i=$((i+1)); [ 
 dmsetup create --noudevsync blkbackd-orphan --uuid BLKBACKD-orphan-1 --table "0 8 zero" || fail $N "dmsetup create"
 dmsetup create --noudevsync someone-else --uuid LVM-xyz --table "0 8 zero" || fail $N "dmsetup create"
 kill -TERM $(pidof blkbackd); i=0; while pidof blkbackd >/dev/null; do i=$((i+1)); [ $i -lt 100 ] || fail $N "daemon did not stop"; sleep 0.1; done
+# Likewise a loop device of ours left by a block script whose vbd is gone
+# (made by `add`, nodes removed without `remove`), and one made by losetup.
+ORPHAN=/local/domain/0/backend/vbd/99/51712
+dd if=/dev/zero of=/tmp/orphan.img bs=1M count=1 2>/dev/null
+cp /tmp/orphan.img /tmp/foreign.img
+xenstore-write $ORPHAN/params file:/tmp/orphan.img $ORPHAN/mode w
+XENBUS_PATH=backend/vbd/99/51712 blkbackd hotplug add || fail $N "hotplug add for the orphan"
+ORPHAN_LOOP=/dev/loop$(xenstore-read $ORPHAN/physical-device | cut -d: -f2)
+xenstore-rm /local/domain/0/backend/vbd/99
+FOREIGN_LOOP=$(losetup -f) && losetup $FOREIGN_LOOP /tmp/foreign.img || fail $N "losetup"
+losetup -a
 start_blkbackd || fail $N "cannot restart blkbackd"
+i=0; until ! losetup $ORPHAN_LOOP >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 100 ] || fail $N "the orphan loop device was not reconciled: $(losetup -a)"; sleep 0.1; done
+losetup $FOREIGN_LOOP >/dev/null 2>&1 || fail $N "a loop device that is not ours was released"
+grep -q "released a loop device no vbd claims" /tmp/blkbackd.log || fail $N "no log line for the loop reconciliation"
+losetup -d $FOREIGN_LOOP
 i=0; until ! dmsetup info blkbackd-orphan >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 100 ] || fail $N "the orphan was not reconciled: $(dmsetup ls)"; sleep 0.1; done
 dmsetup info someone-else >/dev/null 2>&1 || fail $N "a device that is not ours was removed"
 grep -q "removed a dm device no vbd claims" /tmp/blkbackd.log || fail $N "no log line for the reconciliation"

@@ -245,3 +245,30 @@ pub async fn reconcile_dm(xs: &xenstore::Client) -> Result<Vec<String>, xenstore
         }
     }
 }
+
+/// Start-up reconciliation of loop devices: releases those we made (marked
+/// in `lo_file_name`) that no vbd in Xenstore still uses, as a crash between
+/// a block script's `add` and its `remove` leaves them. One still open
+/// elsewhere detaches on its last close.
+pub async fn reconcile_loops(
+    xs: &xenstore::Client,
+) -> Result<Vec<crate::disk::DiskId>, xenstore::Error> {
+    let mut claimed = HashSet::new();
+    for (domid, devid) in scan(xs).await? {
+        let be = format!("{VBD_ROOT}/{}/{devid}", domid.0);
+        match crate::hotplug::loops_of(xs, &be).await {
+            Ok(ids) => claimed.extend(ids),
+            Err(crate::hotplug::HotplugError::Xenstore(e)) => return Err(e),
+            Err(e) => tracing::warn!(backend = be, "cannot read its loop devices: {e}"),
+        }
+    }
+    let released = tokio::task::spawn_blocking(move || {
+        crate::disk::loopdev::reconcile(|id| claimed.contains(&id), |_| true)
+    })
+    .await
+    .unwrap_or_default();
+    for f in &released {
+        tracing::info!(dev = %f.id, backing = %f.backing.display(), "released a loop device no vbd claims");
+    }
+    Ok(released.into_iter().map(|f| f.id).collect())
+}

@@ -23,6 +23,10 @@ use super::{io_err, sys, DiskError, DiskId};
 pub const LOOP_MAJOR: u32 = 7;
 const CONTROL: &str = "/dev/loop-control";
 const ATTEMPTS: usize = 8;
+/// What our loop devices' `lo_file_name` starts with (see
+/// [`sys::LoopConfig::with_owner`]), so that a restarted daemon can tell the
+/// ones a crash left behind from everyone else's.
+pub const OWNER: &[u8] = b"blkbackd:";
 
 /// How to set a loop device up.
 #[derive(Clone, Debug)]
@@ -140,7 +144,8 @@ fn configure(n: u32, back: &File, backing: &Path, opts: &LoopOptions) -> io::Res
     if opts.direct_io {
         flags |= sys::LO_FLAGS_DIRECT_IO;
     }
-    let mut cfg = sys::LoopConfig::new(back.as_raw_fd(), opts.block_size, flags, backing);
+    let mut cfg =
+        sys::LoopConfig::new(back.as_raw_fd(), opts.block_size, flags, backing).with_owner(OWNER);
     sys::loop_configure(&dev, &mut cfg)?;
     let diskseq = sys::diskseq(&dev)?;
     if diskseq == before && !NO_BUMP_WARNED.swap(true, Ordering::Relaxed) {
@@ -272,4 +277,77 @@ impl Drop for LoopDevice {
             }
         }
     }
+}
+
+/// One of our loop devices, found by [`ours`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// Its identity now.
+    pub id: DiskId,
+    /// Its backing file, as sysfs names it.
+    pub backing: PathBuf,
+}
+
+/// The attached loop devices that carry our [`OWNER`] mark.
+pub fn ours() -> Vec<Found> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix("loop"))
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Only attached devices have a backing file.
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let Ok(f) = open_loop(n, false, false) else {
+            continue;
+        };
+        let (Ok(info), Ok(diskseq)) = (sys::loop_status(&f), sys::diskseq(&f)) else {
+            continue;
+        };
+        if info.lo_file_name.starts_with(OWNER) {
+            out.push(Found {
+                id: DiskId {
+                    major: LOOP_MAJOR,
+                    minor: n,
+                    diskseq,
+                },
+                backing: PathBuf::from(backing.trim_end_matches('\n')),
+            });
+        }
+    }
+    out
+}
+
+/// Start-up reconciliation: releases our loop devices for which `claimed`
+/// is false (left by a crash between a block script's `add` and its
+/// `remove`), among those `in_scope` (everything, for the daemon). A device
+/// still open elsewhere is marked to detach on its last close. Returns what
+/// was released or marked.
+pub fn reconcile(
+    claimed: impl Fn(DiskId) -> bool,
+    in_scope: impl Fn(&Found) -> bool,
+) -> Vec<Found> {
+    let mut out = Vec::new();
+    for f in ours() {
+        if claimed(f.id) || !in_scope(&f) {
+            continue;
+        }
+        match release_by_id(f.id) {
+            Ok(_) => out.push(f),
+            Err(e) => {
+                tracing::warn!(dev = %f.id, "unclaimed loop device not released now: {e}");
+                out.push(f);
+            }
+        }
+    }
+    out
 }

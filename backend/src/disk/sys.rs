@@ -131,6 +131,21 @@ impl LoopConfig {
             reserved: [0; 8],
         }
     }
+
+    /// Prefixes the informational `lo_file_name` with `mark` (the kernel
+    /// keeps the 64 bytes verbatim and reports them in `LOOP_GET_STATUS64`;
+    /// util-linux shows sysfs' `backing_file` instead): who made the device.
+    pub fn with_owner(mut self, mark: &[u8]) -> LoopConfig {
+        let name = self.info.lo_file_name;
+        let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        let mut out = [0u8; 64];
+        let m = mark.len().min(63);
+        out[..m].copy_from_slice(&mark[..m]);
+        let k = len.min(63 - m);
+        out[m..m + k].copy_from_slice(&name[..k]);
+        self.info.lo_file_name = out;
+        self
+    }
 }
 
 fn check(r: libc::c_int) -> io::Result<libc::c_int> {

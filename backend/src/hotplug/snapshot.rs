@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use xenstore::{Client, Xs};
 
-use super::{read_opt, HotplugError};
+use super::{read_opt, remove_dm, vbd_ids, HotplugError, DM_NAME};
 use crate::disk::dm::{self, Control, DevId, DevRef, Table, Target};
 use crate::disk::loopdev::{self, LoopOptions};
 use crate::disk::{self, DiskId};
@@ -20,26 +20,11 @@ use crate::disk::{self, DiskId};
 const ORIGIN: &str = "blkbackd-origin";
 const COW: &str = "blkbackd-cow";
 const COW_FILE: &str = "blkbackd-cow-file";
-const DM_NAME: &str = "blkbackd-dm";
 
 fn dir(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(default))
-}
-
-/// (domid, devid) from `backend/vbd/<domid>/<devid>`.
-fn ids(be: &str) -> Result<(u16, u32), HotplugError> {
-    let mut it = be.rsplit('/');
-    let devid = it.next().and_then(|v| v.parse().ok());
-    let domid = it.next().and_then(|v| v.parse().ok());
-    match (domid, devid) {
-        (Some(d), Some(v)) => Ok((d, v)),
-        _ => Err(HotplugError::Params(
-            be.to_owned(),
-            "XENBUS_PATH does not end in <domid>/<devid>",
-        )),
-    }
 }
 
 fn id_value(id: DiskId) -> String {
@@ -57,6 +42,21 @@ fn parse_id(v: &str) -> Option<DiskId> {
     })
 }
 
+/// The loop devices a snapshot disk's `add` recorded in `be`.
+pub(super) async fn recorded_loops(xs: &Client, be: &str) -> Result<Vec<DiskId>, HotplugError> {
+    let mut out = Vec::new();
+    for key in [ORIGIN, COW] {
+        if let Some(id) = read_opt(xs, &format!("{be}/{key}"))
+            .await?
+            .as_deref()
+            .and_then(parse_id)
+        {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
 fn io(what: String) -> impl FnOnce(std::io::Error) -> HotplugError {
     move |e| HotplugError::File(what, e)
 }
@@ -68,7 +68,7 @@ pub(super) async fn add(
     template: &str,
     writable: bool,
 ) -> Result<DiskId, HotplugError> {
-    let (domid, devid) = ids(be)?;
+    let (domid, devid) = vbd_ids(be)?;
     let name = dm::vbd_name(domid, devid, None)?;
     let tmpl =
         dir("BLKBACKD_TEMPLATES", "/var/lib/blkbackd/templates").join(format!("{template}.img"));
@@ -140,20 +140,7 @@ pub(super) async fn add(
 /// Removes the dm device (deferred if still open), releases both loop
 /// devices, deletes the store: whatever of it exists.
 pub(super) async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
-    if let Some(name) = read_opt(xs, &format!("{be}/{DM_NAME}")).await? {
-        dm::validate_name(&name)?;
-        let ctl = Control::open()?;
-        let id = DevId::Name(name.clone());
-        match ctl.info(&id) {
-            Ok(info) if info.uuid.starts_with(dm::UUID_PREFIX) => {
-                ctl.remove(&id, true)?;
-                tracing::info!(backend = be, name, "hotplug remove: dm device removed");
-            }
-            Ok(_) => tracing::warn!(name, "not removing a dm device that is not ours"),
-            Err(_) => {} // never made, or already gone
-        }
-        xs.rm(&format!("{be}/{DM_NAME}")).await?;
-    }
+    remove_dm(xs, be).await?;
     for key in [COW, ORIGIN] {
         if let Some(v) = read_opt(xs, &format!("{be}/{key}")).await? {
             if let Some(id) = parse_id(&v) {
@@ -210,7 +197,7 @@ mod tests {
         for bad in ["", "7:c", "7:c:", "x:c:2a", "7:c:02a"] {
             assert_eq!(parse_id(bad), None, "{bad:?}");
         }
-        assert_eq!(ids("backend/vbd/3/51712").unwrap(), (3, 51712));
-        assert!(ids("backend/vbd/x/51712").is_err());
+        assert_eq!(vbd_ids("backend/vbd/3/51712").unwrap(), (3, 51712));
+        assert!(vbd_ids("backend/vbd/x/51712").is_err());
     }
 }

@@ -1,0 +1,47 @@
+#!/bin/sh
+# Scenario 14: a `thin:POOL/ID:SIZE` disk. The operator's thin pool (dm
+# thin-pool over two loop devices); the block script creates volume 7 in it
+# and activates it as blkbackd-<domid>-51712; the guest writes and reads
+# back its data. `xl destroy` deactivates the volume (no dm device of ours
+# left) and keeps its data in the pool: activated by hand, it holds exactly
+# what the guest wrote. A second vbd on the same volume while it is in use is
+# refused by the block script.
+. /vmlib.sh
+N=thin
+start_blkbackd || fail $N "cannot start blkbackd"
+dd if=/dev/zero of=/tmp/thin-meta.img bs=1M count=8 2>/dev/null
+dd if=/dev/zero of=/tmp/thin-data.img bs=1M count=128 2>/dev/null
+META=$(losetup -f) && losetup $META /tmp/thin-meta.img || fail $N "losetup meta"
+DATA=$(losetup -f) && losetup $DATA /tmp/thin-data.img || fail $N "losetup data"
+dmsetup create --noudevsync pool0 --table "0 262144 thin-pool $META $DATA 128 0" || fail $N "creating the pool"
+guest_cfg domu14 "vdev=xvda,backendtype=phy,script=block-blkbackd,target=thin:pool0/7:32M" 1 ""
+xl create /root/domu14.cfg || fail $N "xl create"
+wait_guest domu14 || fail $N "the guest never finished"
+D=$(xl domid domu14)
+dmsetup table blkbackd-$D-51712 || fail $N "no dm thin device of ours"
+dmsetup table blkbackd-$D-51712 | grep -q " thin .* 7$" || fail $N "not volume 7 of the pool"
+grep -q "DOMU-MARK xvda sectors=65536" /var/log/xen/console/guest-domu14.log || fail $N "the guest does not see 32 MiB"
+MD5=$(guest_md5 domu14); [ -n "$MD5" ] || fail $N "the guest's own read-back differed"
+# The same volume for a second vbd while the first is connected: refused.
+B=/local/domain/0/backend/vbd/98/51712
+xenstore-write $B/params thin:pool0/7:32M $B/mode w
+XENBUS_PATH=backend/vbd/98/51712 blkbackd hotplug add && fail $N "a volume in use was given to a second vbd"
+echo "second vbd refused: $(xenstore-read $B/hotplug-error)"
+# (The daemon, seeing a vbd without a frontend, marks it failed: let it
+# finish before the nodes go, so that nothing writes them again.)
+i=0; until xenstore-exists $B/error; do i=$((i+1)); [ $i -lt 50 ] || break; sleep 0.1; done
+xenstore-rm /local/domain/0/backend/vbd/98
+xl destroy domu14 || fail $N "xl destroy"
+i=0; while dmsetup info blkbackd-$D-51712 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 50 ] || fail $N "the thin device was not removed"; sleep 0.1; done
+# The volume keeps the guest's data.
+dmsetup create --noudevsync check7 --table "0 65536 thin $(dmsetup info -c --noheadings -o major,minor --separator : pool0) 7" || fail $N "activating the volume by hand"
+mknod /tmp/check7 b $(dmsetup info -c --noheadings -o major,minor --separator ' ' check7)
+[ "$(file_md5 /tmp/check7)" = "$MD5" ] || fail $N "the volume does not hold what the guest wrote"
+rm -f /tmp/check7
+dmsetup remove --noudevsync check7
+dmsetup message pool0 0 "delete 7"
+dmsetup remove --noudevsync pool0
+losetup -d $META; losetup -d $DATA
+[ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
+[ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "backend nodes left"
+mark "$N PASS"
