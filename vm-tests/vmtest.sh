@@ -11,7 +11,7 @@ W=${1:?workdir}; TEST=${2:?dom0 test script}; DOMU_INIT=${3:?domU init script}; 
 mkdir -p $W/debs $W/out
 export DEBIAN_FRONTEND=noninteractive
 # 1. host packages (qemu + xen userspace to copy into dom0; kmod for depmod; busybox-static for the rootfs)
-need=(qemu-system-x86 busybox-static cpio kmod xen-utils-4.17 xenstore-utils dmsetup util-linux)
+need=(qemu-system-x86 busybox-static cpio kmod xen-utils-4.17 xenstore-utils dmsetup util-linux e2fsprogs)
 missing=$(for p in "${need[@]}"; do dpkg -s $p >/dev/null 2>&1 || echo $p; done)
 [ -z "$missing" ] || { apt-get update -qq; apt-get install -y -qq --no-install-recommends $missing >/dev/null; }
 # 2. hypervisor + kernel: download and unpack only (never installed on the host)
@@ -34,8 +34,9 @@ M=$W/kroot/lib/modules/$KV
 copy_bin() { local r=$1; shift; for b in "$@"; do for f in $b $(ldd $b | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do [ -e $r$f ] || { mkdir -p $r$(dirname $f); cp -L $f $r$f; }; done; done; }
 copy_mods() { local r=$1; shift; for m in "$@"; do for f in $(grep -E "/$m.ko:" $M/modules.dep | tr -d :); do mkdir -p $r/lib/modules/$KV/$(dirname $f); cp $M/$f $r/lib/modules/$KV/$f; done; done; cp $M/modules.order $M/modules.builtin* $r/lib/modules/$KV/; depmod -b $r $KV; }
 base_root() { rm -rf $1; mkdir -p $1/{bin,sbin,etc,dev,proc,sys,tmp,run,var,root,usr/bin}; cp /bin/busybox $1/bin/; for a in $(busybox --list); do [ -e $1/bin/$a ] || ln -s busybox $1/bin/$a; done; }
-# 3. domU initramfs (busybox + xen-blkfront); its /init is the guest side of the test
-DU=$W/rootfs-domu; base_root $DU; copy_mods $DU xen-blkfront
+# 3. domU initramfs (busybox + xen-blkfront, ext4 and mke2fs); its /init is the guest side of the test
+DU=$W/rootfs-domu; base_root $DU; copy_mods $DU xen-blkfront ext4 crc32c_generic
+copy_bin $DU /sbin/mke2fs; mkdir -p $DU/etc; cp /etc/mke2fs.conf $DU/etc/
 cp "$DOMU_INIT" $DU/init
 chmod +x $DU/init; (cd $DU && find . | cpio -R 0:0 -H newc -o --quiet) > $W/out/domu.cpio
 # 4. dom0 initramfs
@@ -43,7 +44,8 @@ D0=$W/rootfs-dom0; base_root $D0
 copy_mods $D0 xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb
 XB=/usr/lib/xen-4.17/bin
 copy_bin $D0 $XB/xl $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 /usr/bin/xenstore /sbin/dmsetup \
-  /sbin/losetup /sbin/blockdev /usr/bin/flock /bin/bash /lib/x86_64-linux-gnu/libgcc_s.so.1
+  /sbin/losetup /sbin/blockdev /usr/bin/flock /bin/bash /lib/x86_64-linux-gnu/libgcc_s.so.1 \
+  /sbin/e2fsck /sbin/debugfs
 for t in read write ls list rm exists watch chmod; do ln -sf xenstore $D0/usr/bin/xenstore-$t; done
 mkdir -p $D0/etc/xen $D0/var/lib/xen $D0/var/log/xen; cp -a /etc/xen/xl.conf /etc/xen/scripts $D0/etc/xen/
 rmdir $D0/var/run 2>/dev/null || true; ln -s /run $D0/var/run

@@ -22,6 +22,23 @@ if [ -b /dev/xvda ]; then
 else
   echo "DOMU-MARK no-xvda"
 fi
+# blkbackd_ext4 on the command line: an ext4 file system on xvda (over
+# what the raw test wrote), files of random data, their md5s reported, synced
+# and unmounted, so dom0 can fsck the image and read the files back.
+if grep -q blkbackd_ext4 /proc/cmdline && [ -b /dev/xvda ]; then
+  modprobe crc32c_generic; modprobe ext4
+  mkdir -p /mnt
+  if /sbin/mke2fs -q -F -t ext4 /dev/xvda && mount -t ext4 /dev/xvda /mnt; then
+    for i in 1 2 3 4 5 6 7 8; do
+      dd if=/dev/urandom of=/mnt/file$i bs=4k count=$((i * 37)) 2>/dev/null
+      echo "DOMU-MARK ext4-file file$i md5=$(md5sum < /mnt/file$i | cut -d' ' -f1)"
+    done
+    mkdir -p /mnt/dir/sub; echo nested > /mnt/dir/sub/leaf
+    sync; umount /mnt && echo "DOMU-MARK ext4-ok"
+  else
+    echo "DOMU-MARK ext4-FAIL"
+  fi
+fi
 # blkbackd_busy on the command line: keep writing to xvda until destroyed.
 if grep -q blkbackd_busy /proc/cmdline && [ -b /dev/xvda ]; then
   ( while :; do dd if=/dev/urandom of=/dev/xvda bs=64k count=64 seek=32 conv=notrunc,fsync 2>/dev/null; done ) &
