@@ -11,7 +11,8 @@ W=${1:?workdir}; TEST=${2:?dom0 test script}; DOMU_INIT=${3:?domU init script}; 
 mkdir -p $W/debs $W/out
 export DEBIAN_FRONTEND=noninteractive
 # 1. host packages (qemu + xen userspace to copy into dom0; kmod for depmod; busybox-static for the rootfs)
-need=(qemu-system-x86 busybox-static cpio kmod xen-utils-4.17 xenstore-utils dmsetup util-linux e2fsprogs)
+need=(qemu-system-x86 busybox-static cpio kmod xen-utils-4.17 xenstore-utils dmsetup util-linux e2fsprogs \
+  qemu-system-xen qemu-system-data gcc libc6-dev)
 missing=$(for p in "${need[@]}"; do dpkg -s $p >/dev/null 2>&1 || echo $p; done)
 [ -z "$missing" ] || { apt-get update -qq; apt-get install -y -qq --no-install-recommends $missing >/dev/null; }
 # 2. hypervisor + kernel: download and unpack only (never installed on the host)
@@ -37,6 +38,8 @@ base_root() { rm -rf $1; mkdir -p $1/{bin,sbin,etc,dev,proc,sys,tmp,run,var,root
 # 3. domU initramfs (busybox + xen-blkfront, ext4 and mke2fs); its /init is the guest side of the test
 DU=$W/rootfs-domu; base_root $DU; copy_mods $DU xen-blkfront ext4 crc32c_generic
 copy_bin $DU /sbin/mke2fs; mkdir -p $DU/etc; cp /etc/mke2fs.conf $DU/etc/
+# the side-by-side scenario's load generator (static: the domU has no libc)
+gcc -static -O2 -o $DU/bin/iobench "$(dirname "$DOMU_INIT")/iobench.c"
 cp "$DOMU_INIT" $DU/init
 chmod +x $DU/init; (cd $DU && find . | cpio -R 0:0 -H newc -o --quiet) > $W/out/domu.cpio
 # 4. dom0 initramfs
@@ -45,9 +48,10 @@ copy_mods $D0 xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback l
 XB=/usr/lib/xen-4.17/bin
 copy_bin $D0 $XB/xl $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 /usr/bin/xenstore /sbin/dmsetup \
   /sbin/losetup /sbin/blockdev /usr/bin/flock /bin/bash /lib/x86_64-linux-gnu/libgcc_s.so.1 \
-  /sbin/e2fsck /sbin/debugfs
+  /sbin/e2fsck /sbin/debugfs /usr/libexec/xen-qemu-system-i386
 for t in read write ls list rm exists watch chmod; do ln -sf xenstore $D0/usr/bin/xenstore-$t; done
 mkdir -p $D0/etc/xen $D0/var/lib/xen $D0/var/log/xen; cp -a /etc/xen/xl.conf /etc/xen/scripts $D0/etc/xen/
+mkdir -p $D0/usr/share/qemu; cp -a /usr/share/qemu/keymaps $D0/usr/share/qemu/   # QEMU's qdisk backend reads one
 rmdir $D0/var/run 2>/dev/null || true; ln -s /run $D0/var/run
 cp $W/vmlinux $D0/root/vmlinux; cp $W/out/domu.cpio $D0/root/domu.cpio
 printf '#!/bin/sh\nexit 0\n' > $D0/etc/xen/noop-hotplug; chmod +x $D0/etc/xen/noop-hotplug

@@ -39,6 +39,15 @@ if grep -q blkbackd_ext4 /proc/cmdline && [ -b /dev/xvda ]; then
     echo "DOMU-MARK ext4-FAIL"
   fi
 fi
+# blkbackd_bench on the command line: the side-by-side jobs on xvda (4 KiB
+# random read at depth 1 and 32, random write at 32, 128 KiB sequential read
+# and write at 8), with O_DIRECT and Linux AIO, as fio's libaio engine runs them.
+if grep -q blkbackd_bench /proc/cmdline && [ -b /dev/xvda ]; then
+  for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
+    set -- $job
+    /bin/iobench /dev/xvda $1 $2 $3 3 | sed 's/^/DOMU-MARK /' || echo "DOMU-MARK IOBENCH-FAIL $job"
+  done
+fi
 # blkbackd_busy on the command line: keep writing to xvda until destroyed.
 if grep -q blkbackd_busy /proc/cmdline && [ -b /dev/xvda ]; then
   ( while :; do dd if=/dev/urandom of=/dev/xvda bs=64k count=64 seek=32 conv=notrunc,fsync 2>/dev/null; done ) &

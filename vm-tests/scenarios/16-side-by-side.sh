@@ -1,0 +1,46 @@
+#!/bin/sh
+# Scenario 16 (printed, not a gate on speed): the same I/O jobs in a guest
+# against three disks on identical backing files, one backend at a time:
+# blkbackd, QEMU's xen-block (backendtype=qdisk, its own Xenstore kind), and
+# the kernel's xen-blkback (loaded for this scenario only, blkbackd stopped
+# meanwhile: both serve backend/vbd). One table: IOPS or MB/s per backend and
+# blkbackd's ratio to each. Software emulation distorts absolute figures;
+# only the ratios mean anything. Fails only if a backend cannot run the jobs.
+. /vmlib.sh
+N=side-by-side
+# run_jobs NAME DISKSPEC: a guest runs the jobs; its IOBENCH lines to /tmp/NAME.bench
+run_jobs() {
+  guest_cfg $1 "$2" 1 "blkbackd_bench"
+  xl create /root/$1.cfg || return 1
+  i=0; until grep -q "DOMU-MARK done" /var/log/xen/console/guest-$1.log 2>/dev/null; do
+    i=$((i+1)); [ $i -lt 1800 ] || return 1; sleep 0.1; done
+  grep -a "DOMU-MARK IOBENCH " /var/log/xen/console/guest-$1.log | sed 's/.*IOBENCH //' > /tmp/$1.bench
+  cat /tmp/$1.bench
+  xl destroy $1
+  [ "$(wc -l < /tmp/$1.bench)" -eq 5 ]
+}
+for b in blkbackd qdisk blkback; do dd if=/dev/zero of=/tmp/sbs-$b.img bs=1M count=64 2>/dev/null; done
+start_blkbackd || fail $N "cannot start blkbackd"
+run_jobs sbs-blkbackd "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/sbs-blkbackd.img" \
+  || fail $N "the jobs did not run on blkbackd"
+run_jobs sbs-qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/tmp/sbs-qdisk.img" \
+  || { tail -20 /var/log/xen/qemu-dm-sbs-qdisk.log; fail $N "the jobs did not run on QEMU qdisk"; }
+pid=$(pidof blkbackd) && { kill -TERM $pid; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
+modprobe xen-blkback || fail $N "cannot load xen-blkback"
+L=$(losetup -f) && losetup $L /tmp/sbs-blkback.img || fail $N "losetup"
+run_jobs sbs-blkback "phy:$L,xvda,w" || { tail -20 /var/log/xen/xen-hotplug.log; fail $N "the jobs did not run on xen-blkback"; }
+i=0; until rmmod xen-blkback 2>/dev/null; do i=$((i+1)); [ $i -lt 50 ] || fail $N "cannot unload xen-blkback"; sleep 0.1; done
+losetup -d $L
+start_blkbackd || fail $N "cannot restart blkbackd"
+# job bs depth -> figure (IOPS for 4 KiB, MB/s for 128 KiB)
+fig() { awk -v j="$2" -v b="$3" -v d="$4" '$1 == j && $2 == "bs=" b && $3 == "depth=" d {
+  for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print (b == 4096 ? v["iops"] : v["mbps"]) }' /tmp/sbs-$1.bench; }
+echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk"
+for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
+  set -- $job
+  k=$(fig blkback $1 $2 $3); q=$(fig qdisk $1 $2 $3); m=$(fig blkbackd $1 $2 $3)
+  unit=IOPS; [ $2 -eq 4096 ] || unit=MB/s
+  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m 'BEGIN {
+    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f  (%s)\n", j, k, q, m, (k > 0 ? m / k : 0), (q > 0 ? m / q : 0), u }'
+done
+mark "$N PASS"
