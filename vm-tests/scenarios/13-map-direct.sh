@@ -30,6 +30,7 @@ xl destroy domu13 || fail $N "xl destroy"
 [ "$(file_md5 /tmp/disk13.img)" = "$MD5" ] || fail $N "dom0 reads other data than the guest wrote"
 [ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
 [ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "backend nodes left"
+rm -f /tmp/disk13.img   # dom0's /tmp is memory: the later scenarios need it
 pid=$(pidof blkbackd) && kill -TERM $pid; sleep 1
 start_blkbackd || fail $N "cannot restart blkbackd with the defaults"
 mark "$N PASS"

@@ -42,6 +42,7 @@ dmsetup remove --noudevsync check7
 dmsetup message pool0 0 "delete 7"
 dmsetup remove --noudevsync pool0
 losetup -d $META; losetup -d $DATA
+rm -f /tmp/thin-meta.img /tmp/thin-data.img   # dom0's /tmp is memory
 [ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
 [ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "backend nodes left"
 mark "$N PASS"

@@ -26,5 +26,6 @@ done
 [ "$(/sbin/debugfs -R "cat /dir/sub/leaf" /tmp/disk15.img 2>/dev/null)" = nested ] || fail $N "the nested file is missing"
 echo "ext4: e2fsck clean, $n files and a nested one read back"
 xl destroy domu15 || fail $N "xl destroy"
+rm -f /tmp/disk15.img   # dom0's /tmp is memory
 [ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "backend nodes left"
 mark "$N PASS"

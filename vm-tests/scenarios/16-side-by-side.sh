@@ -11,7 +11,7 @@ N=side-by-side
 # run_jobs NAME DISKSPEC: a guest runs the jobs; its IOBENCH lines to /tmp/NAME.bench
 run_jobs() {
   guest_cfg $1 "$2" 1 "blkbackd_bench"
-  xl create /root/$1.cfg || return 1
+  xl create /root/$1.cfg 2>&1 || return 1
   i=0; until grep -q "DOMU-MARK done" /var/log/xen/console/guest-$1.log 2>/dev/null; do
     i=$((i+1)); [ $i -lt 1800 ] || return 1; sleep 0.1; done
   grep -a "DOMU-MARK IOBENCH " /var/log/xen/console/guest-$1.log | sed 's/.*IOBENCH //' > /tmp/$1.bench
@@ -19,7 +19,11 @@ run_jobs() {
   xl destroy $1
   [ "$(wc -l < /tmp/$1.bench)" -eq 5 ]
 }
-for b in blkbackd qdisk blkback; do dd if=/dev/zero of=/tmp/sbs-$b.img bs=1M count=64 2>/dev/null; done
+# dom0's /tmp is memory: 32 MiB each, checked, removed at the end.
+df -m /tmp | tail -1
+for b in blkbackd qdisk blkback; do
+  dd if=/dev/zero of=/tmp/sbs-$b.img bs=1M count=32 2>/dev/null || fail $N "no room for /tmp/sbs-$b.img"
+done
 start_blkbackd || fail $N "cannot start blkbackd"
 run_jobs sbs-blkbackd "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/sbs-blkbackd.img" \
   || fail $N "the jobs did not run on blkbackd"
@@ -31,6 +35,7 @@ L=$(losetup -f) && losetup $L /tmp/sbs-blkback.img || fail $N "losetup"
 run_jobs sbs-blkback "phy:$L,xvda,w" || { tail -20 /var/log/xen/xen-hotplug.log; fail $N "the jobs did not run on xen-blkback"; }
 i=0; until rmmod xen-blkback 2>/dev/null; do i=$((i+1)); [ $i -lt 50 ] || fail $N "cannot unload xen-blkback"; sleep 0.1; done
 losetup -d $L
+rm -f /tmp/sbs-*.img
 start_blkbackd || fail $N "cannot restart blkbackd"
 # job bs depth -> figure (IOPS for 4 KiB, MB/s for 128 KiB)
 fig() { awk -v j="$2" -v b="$3" -v d="$4" '$1 == j && $2 == "bs=" b && $3 == "depth=" d {
