@@ -2,19 +2,24 @@
 //!
 //! One background task reads the connection and routes each message: a reply to
 //! the request waiting on its `req_id`, a watch event to its watch's queue. It
-//! never waits on a consumer (watch queues are unbounded), so a burst of events
-//! cannot stall replies and no event is dropped; consumers that want coalescing
-//! (the daemon does, against XSA-349) do it on their side.
+//! never waits on a consumer, so a burst of events cannot stall replies.
+//!
+//! Watch queues are bounded and coalescing (XSA-349: whoever can write below a
+//! watched path, a guest below its own frontend directory, must not be able to
+//! grow the watcher's memory): an event whose path is already queued is folded
+//! into it, and a queue that reaches [`WATCH_QUEUE_MAX`] distinct paths is
+//! replaced by one event for the watched path itself, meaning "anything at or
+//! below it may have changed: read again", which absorbs every further event
+//! until it is taken. A consumer that re-reads what it watches on each event
+//! (every consumer of Xenstore should) misses nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -165,7 +170,7 @@ pub struct WatchEvent {
 #[derive(Debug, Default)]
 struct Routes {
     pending: HashMap<u32, oneshot::Sender<Message>>,
-    watches: HashMap<String, mpsc::UnboundedSender<WatchEvent>>,
+    watches: HashMap<String, Arc<WatchQueue>>,
     dead: Option<String>,
 }
 
@@ -190,7 +195,9 @@ impl Inner {
             r.dead = Some(why);
         }
         r.pending.clear();
-        r.watches.clear();
+        for (_, q) in r.watches.drain() {
+            q.close();
+        }
     }
 
     fn route(&self, msg: Message) {
@@ -204,8 +211,9 @@ impl Inner {
                 path: String::from_utf8_lossy(strings[0]).into_owned(),
                 token: String::from_utf8_lossy(strings[1]).into_owned(),
             };
-            if let Some(tx) = self.routes().watches.get(&ev.token) {
-                let _ = tx.send(ev);
+            let q = self.routes().watches.get(&ev.token).cloned();
+            if let Some(q) = q {
+                q.push(ev);
             }
             return;
         }
@@ -439,15 +447,15 @@ impl Client {
     pub async fn watch(&self, path: &str) -> Result<Watch> {
         let n = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let token = format!("xs-rs-{n}");
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.inner.routes().watches.insert(token.clone(), tx);
+        let q = Arc::new(WatchQueue::new(path, &token));
+        self.inner.routes().watches.insert(token.clone(), q.clone());
         let args = payload_of(Op::Watch, &[path, &token])?;
         if let Err(e) = self.request(Op::Watch, 0, args).await {
             self.inner.routes().watches.remove(&token);
             return Err(e);
         }
         Ok(Watch {
-            rx,
+            q,
             token,
             path: path.to_owned(),
             client: self.clone(),
@@ -588,25 +596,132 @@ fn text_reply(op: Op, payload: &[u8]) -> Result<String> {
     })
 }
 
-/// A registered watch: a stream of [`WatchEvent`]s. Dropping it unregisters the
-/// watch (in the background, if a runtime is running).
+/// Distinct paths one watch queues before its queue collapses into a single
+/// event for the watched path (see the module docs).
+pub const WATCH_QUEUE_MAX: usize = 64;
+
+/// One watch's pending events: bounded and coalescing.
+#[derive(Debug)]
+struct WatchQueue {
+    state: Mutex<QueueState>,
+    ready: tokio::sync::Notify,
+    /// The event that stands for "anything may have changed".
+    everything: WatchEvent,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    events: std::collections::VecDeque<WatchEvent>,
+    /// The queue is the single `everything` event: later events are folded
+    /// into it until it is taken.
+    collapsed: bool,
+    closed: bool,
+    /// Events folded or absorbed instead of queued.
+    coalesced: u64,
+}
+
+impl WatchQueue {
+    fn new(path: &str, token: &str) -> Self {
+        WatchQueue {
+            state: Mutex::default(),
+            ready: tokio::sync::Notify::new(),
+            everything: WatchEvent {
+                path: path.to_owned(),
+                token: token.to_owned(),
+            },
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, ev: WatchEvent) {
+        {
+            let mut s = self.lock();
+            if s.closed {
+                return;
+            }
+            if s.collapsed || s.events.iter().any(|e| e.path == ev.path) {
+                s.coalesced += 1;
+                return;
+            }
+            if s.events.len() >= WATCH_QUEUE_MAX {
+                s.coalesced += s.events.len() as u64;
+                s.events.clear();
+                s.events.push_back(self.everything.clone());
+                s.collapsed = true;
+            } else {
+                s.events.push_back(ev);
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<WatchEvent> {
+        let mut s = self.lock();
+        let ev = s.events.pop_front();
+        if s.events.is_empty() {
+            s.collapsed = false;
+        }
+        ev
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
+/// A registered watch: a stream of [`WatchEvent`]s, bounded and coalesced as
+/// the module docs say. Dropping it unregisters the watch (in the background,
+/// if a runtime is running).
 #[derive(Debug)]
 pub struct Watch {
-    rx: mpsc::UnboundedReceiver<WatchEvent>,
+    q: Arc<WatchQueue>,
     token: String,
     path: String,
     client: Client,
 }
 
 impl Watch {
-    /// The next event; `None` once the connection is gone.
+    /// The next event; `None` once the connection is gone (and every queued
+    /// event was taken).
     pub async fn next(&mut self) -> Option<WatchEvent> {
-        self.rx.recv().await
+        loop {
+            if let Some(ev) = self.q.pop() {
+                return Some(ev);
+            }
+            if self.q.lock().closed {
+                return None;
+            }
+            // A single consumer: `notify_one` keeps a permit for a push that
+            // came between the check above and this wait.
+            self.q.ready.notified().await;
+        }
     }
 
     /// An event if one is queued now.
     pub fn try_next(&mut self) -> Option<WatchEvent> {
-        self.rx.try_recv().ok()
+        self.q.pop()
+    }
+
+    /// Takes every queued event at once: for consumers that only need to
+    /// know that something changed. `None` once the connection is gone.
+    pub async fn changed(&mut self) -> Option<()> {
+        self.next().await?;
+        while self.q.pop().is_some() {}
+        Some(())
+    }
+
+    /// Events folded into others or absorbed by a collapsed queue so far.
+    pub fn coalesced(&self) -> u64 {
+        self.q.lock().coalesced
+    }
+
+    /// Events queued now (at most [`WATCH_QUEUE_MAX`]).
+    pub fn queued(&self) -> usize {
+        self.q.lock().events.len()
     }
 
     /// The watched path, as given.
@@ -620,20 +735,14 @@ impl Watch {
     }
 }
 
-impl futures_core::Stream for Watch {
-    type Item = WatchEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
 impl Drop for Watch {
     fn drop(&mut self) {
         let inner = &self.client.inner;
         let live = {
             let mut r = inner.routes();
-            r.watches.remove(&self.token);
+            if let Some(q) = r.watches.remove(&self.token) {
+                q.close();
+            }
             r.dead.is_none()
         };
         if !live {
