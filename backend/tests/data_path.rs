@@ -345,3 +345,63 @@ async fn a_4096_byte_sector_disk_is_served_in_whole_sectors() {
     finish(b).await;
     assert_on_file(&img, &[(8, data)]);
 }
+
+/// Requests that wait for bounce-pool room are started as soon as
+/// completions free it, not at the guest's next kick: 64 concurrent 128 KiB
+/// reads through a pool with room for two are all answered, although the
+/// guest kicks only as it produces them and never again while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_buffers_are_answered_without_another_kick() {
+    let s = sim().await;
+    for engine in [EngineChoice::IoUring, EngineChoice::Blocking] {
+        let domid = if engine == EngineChoice::IoUring { 90 } else { 91 };
+        let img = image(s.dir.path(), &format!("stall{domid}.img"), DISK_BYTES);
+        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
+        let b = s
+            .world
+            .serve_with(
+                DomId(domid),
+                DEVID,
+                "file",
+                disk,
+                Offer {
+                    max_indirect_segments: 32,
+                    pool_bytes: 256 << 10,
+                    ..offer(engine, true)
+                },
+            )
+            .await
+            .unwrap();
+        let opts = FrontOptions {
+            ring_order: 4,
+            queues: 1,
+            indirect: 32,
+            persistent: false,
+            ..FrontOptions::default()
+        };
+        let front = Arc::new(s.front(&b, DomId(domid), &opts).await);
+        let mut reads = tokio::task::JoinSet::new();
+        for i in 0..64u64 {
+            let f = front.clone();
+            reads.spawn(async move {
+                let mut buf = vec![0u8; 128 << 10];
+                f.read(i * 256, &mut buf).await
+            });
+        }
+        let answered = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut n = 0;
+            while let Some(r) = reads.join_next().await {
+                r.unwrap().unwrap();
+                n += 1;
+            }
+            n
+        })
+        .await;
+        assert_eq!(answered, Ok(64), "{engine:?}: requests left unanswered");
+        let ends = finish(b).await;
+        assert!(
+            ends.iter().map(|(_, s)| s.buffer_waits).sum::<u64>() > 0,
+            "{engine:?}: the pool never ran short, so this proved nothing"
+        );
+    }
+}

@@ -371,17 +371,54 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 self.spurious = 0;
             }
         }
-        self.start_waiting();
-        self.engine.submit();
-        self.complete();
+        self.advance();
         self.publish();
         self.publish_counters();
     }
 
-    /// Waits (bounded) for in-flight I/O and answers it.
+    /// Starts what waits, submits, and handles the completions; again while
+    /// completions free room for requests that wait for it. A request that
+    /// waits for buffers is started as soon as they come back, not at the
+    /// guest's next kick: a guest that has said all it had to say (and will
+    /// not kick again until answered) must still be answered.
+    fn advance(&mut self) {
+        loop {
+            self.start_waiting();
+            self.engine.submit();
+            let completed = self.complete();
+            if completed == 0 || !self.has_waiting() {
+                break;
+            }
+        }
+        // What the completions resubmitted (the rest of a short transfer).
+        self.engine.submit();
+    }
+
+    fn has_waiting(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.stage, Stage::Waiting(_)))
+    }
+
+    /// Takes nothing more from the ring, and finishes (bounded by [`DRAIN`])
+    /// every request already taken: those that wait for buffers are started
+    /// as room comes back, and every answer is published in ring order. A
+    /// ring stopped to be handed over thus leaves `rsp_prod` at the end of
+    /// everything it took, and the next daemon starts from there.
     async fn drain(&mut self) {
         let deadline = tokio::time::Instant::now() + DRAIN;
-        while self.engine.in_flight() > 0 {
+        loop {
+            self.advance();
+            self.publish();
+            self.publish_counters();
+            if self.engine.in_flight() == 0 {
+                if self.has_waiting() {
+                    // Nothing in flight frees room: cannot happen with a pool
+                    // of at least one largest request, but never spin.
+                    tracing::warn!(domid = %self.domid, "requests wait for buffers that nothing frees");
+                }
+                return;
+            }
             if tokio::time::timeout_at(deadline, self.engine.ready())
                 .await
                 .is_err()
@@ -393,8 +430,6 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 );
                 return;
             }
-            self.complete();
-            self.publish();
         }
     }
 
@@ -537,13 +572,15 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         Ok(())
     }
 
-    /// Handles every completion the engine has.
-    fn complete(&mut self) {
+    /// Handles every completion the engine has; returns how many.
+    fn complete(&mut self) -> usize {
         let mut done = Vec::new();
         self.engine.reap(&mut done);
+        let n = done.len();
         for d in done {
             self.completed(d);
         }
+        n
     }
 
     fn completed(&mut self, d: IoDone) {
