@@ -87,15 +87,27 @@ pub async fn attach(
 ) -> Result<(VbdPaths, hotplug::Published), AttachError> {
     let mode = if writable { "w" } else { "r" };
     let paths = toolstack::create_vbd(xs, domid, devid, params, mode).await?;
-    wait_value(
-        xs,
-        &format!("{}/state", paths.backend),
-        XenbusState::InitWait.as_str(),
-    )
-    .await?;
-    let rel = format!("backend/vbd/{}/{devid}", domid.0);
-    let id = hotplug::add(xs, &rel).await?;
-    Ok((paths, id))
+    let built = async {
+        wait_value(
+            xs,
+            &format!("{}/state", paths.backend),
+            XenbusState::InitWait.as_str(),
+        )
+        .await?;
+        let rel = format!("backend/vbd/{}/{devid}", domid.0);
+        Ok::<_, AttachError>(hotplug::add(xs, &rel).await?)
+    };
+    match built.await {
+        Ok(id) => Ok((paths, id)),
+        Err(e) => {
+            // As libxl does when a block script fails: remove the device
+            // (the daemon closes it at once), so nothing is left behind.
+            if let Err(undo) = detach(xs, domid, devid).await {
+                tracing::warn!("removing the failed vbd: {undo}");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Detaches device `devid` of domain `domid`.

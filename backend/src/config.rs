@@ -8,6 +8,11 @@
 //! # Serve a physical-device published without diskseq, by major:minor alone.
 //! # Unsafe: a released and reused device number could be served.
 //! allow_missing_diskseq = false
+//! # What SIGTERM (systemctl stop/restart, an upgrade) does to the devices:
+//! # "handover" (default) leaves them Connected for the next daemon, which
+//! # adopts them (guests see a stall); "close" closes every device, and Linux
+//! # blkfront does not come back from Closed.
+//! on_stop = "handover"
 //!
 //! [offer]                       # what frontends are offered
 //! max_ring_page_order = 4       # 0..=4: rings of up to 16 pages
@@ -49,6 +54,30 @@ pub struct Config {
     /// How I/O is done.
     #[serde(default)]
     pub io: IoConfig,
+    /// What SIGTERM does to the devices.
+    #[serde(default)]
+    pub on_stop: OnStop,
+}
+
+/// What stopping the daemon does to the devices it serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStop {
+    /// Hand them over as they stand; the next daemon adopts them.
+    #[default]
+    Handover,
+    /// Close every device (guests lose their disks).
+    Close,
+}
+
+impl OnStop {
+    /// The stop this asks the daemon for.
+    pub fn stop(self) -> crate::daemon::Stop {
+        match self {
+            OnStop::Handover => crate::daemon::Stop::Handover,
+            OnStop::Close => crate::daemon::Stop::Close,
+        }
+    }
 }
 
 /// The `[io]` table.

@@ -125,7 +125,7 @@ pub async fn run_with(
         allow_missing_diskseq: false,
         live: Default::default(),
     });
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = tokio::sync::watch::channel(crate::daemon::Stop::Run);
     let daemon = tokio::spawn(crate::daemon::run(ctx, stop_rx));
     say(
         "daemon",
@@ -238,7 +238,7 @@ pub async fn run_with(
         );
         xs.release(*d).await?;
     }
-    let _ = stop.send(true);
+    let _ = stop.send(crate::daemon::Stop::Close);
     daemon.await??;
     println!("demo complete: guest 1's data verified byte for byte and its disk grown while connected; only guest 2's ring was halted; nothing left behind.");
     Ok(())

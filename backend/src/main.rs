@@ -60,8 +60,10 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         engine: blkbackd::io::engine::EngineChoice,
     },
-    /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which closes
-    /// every device cleanly. On real Xen by default; `--sim DIR` runs the
+    /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which hands
+    /// every device over as it stands (answers published, rings left
+    /// Connected) for the next daemon to adopt: a restart or an upgrade is a
+    /// stall to the guests. On real Xen by default; `--sim DIR` runs the
     /// embedded default (its own Xenstore and the simulated hypervisor in DIR).
     Serve {
         /// Run on the embedded default in this directory.
@@ -112,6 +114,19 @@ enum Cmd {
         /// The guest's device name (xvda..xvdp) or Xen device number.
         #[arg(long, default_value = "xvda")]
         vdev: String,
+    },
+    /// Stop the running daemon through its status socket: by default as
+    /// SIGTERM does (every device handed over as it stands, for the next
+    /// daemon to adopt); `--close-devices` closes every device instead, and
+    /// guests lose their disks (Linux blkfront does not reconnect).
+    Shutdown {
+        /// Close every device instead of handing them over.
+        #[arg(long)]
+        close_devices: bool,
+        /// The daemon's status socket (default: /run/blkbackd/status.sock, or
+        /// the one beside $XENSTORED_PATH in an embedded default's directory).
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Show every vbd: state, disk and diskseq, what the frontend negotiated.
     Status {
@@ -283,16 +298,31 @@ fn main() -> anyhow::Result<()> {
                 println!("detached {vdev} of domain {domid}");
                 Ok(())
             }
+            Cmd::Shutdown {
+                close_devices,
+                socket,
+            } => {
+                let socket = status_socket(socket);
+                let answer = blkbackd::status::request_stop(&socket, close_devices)
+                    .await
+                    .with_context(|| format!("asking the daemon on {}", socket.display()))?;
+                if answer != "ok" {
+                    anyhow::bail!("the daemon on {} answered: {answer}", socket.display());
+                }
+                println!(
+                    "blkbackd is stopping; its devices are {}",
+                    if close_devices {
+                        "being closed"
+                    } else {
+                        "handed over to the next daemon"
+                    }
+                );
+                Ok(())
+            }
             Cmd::Status { json, socket } => {
                 let xs = xenstore::Client::connect().await?;
                 let mut vbds = blkbackd::status::collect(&xs).await?;
-                let socket = socket.unwrap_or_else(|| {
-                    let beside = std::env::var_os("XENSTORED_PATH")
-                        .map(PathBuf::from)
-                        .and_then(|p| p.parent().map(|d| d.join(blkbackd::status::SIM_SOCKET)))
-                        .filter(|p| p.exists());
-                    beside.unwrap_or_else(|| PathBuf::from(blkbackd::status::SOCKET))
-                });
+                let socket = status_socket(socket);
                 match blkbackd::status::fetch(&socket).await {
                     Some(live) => blkbackd::status::merge(&mut vbds, &live),
                     None => eprintln!(
@@ -378,6 +408,18 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// The daemon's status socket: as given, else the one beside $XENSTORED_PATH
+/// in an embedded default's directory, else the one on real Xen.
+fn status_socket(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let beside = std::env::var_os("XENSTORED_PATH")
+            .map(PathBuf::from)
+            .and_then(|p| p.parent().map(|d| d.join(blkbackd::status::SIM_SOCKET)))
+            .filter(|p| p.exists());
+        beside.unwrap_or_else(|| PathBuf::from(blkbackd::status::SOCKET))
+    })
+}
+
 async fn serve(
     sim: Option<PathBuf>,
     endpoint: Option<PathBuf>,
@@ -402,13 +444,17 @@ async fn serve(
             "serving disks published without diskseq: a reused device number could be served"
         );
     }
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        if blkbackd::signals::until_terminated().await.is_ok() {
-            tracing::info!("terminating: closing every device");
-            let _ = stop.send(true);
-        }
-    });
+    let (stop, stop_rx) = tokio::sync::watch::channel(blkbackd::daemon::Stop::Run);
+    let on_stop = cfg.on_stop.stop();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if blkbackd::signals::until_terminated().await.is_ok() {
+                tracing::info!("terminating ({on_stop:?})");
+                let _ = stop.send(on_stop);
+            }
+        });
+    }
     // The I/O engine is chosen here, once, and said in the log.
     if offer.read().map(|o| o.engine).unwrap_or_default()
         != blkbackd::io::engine::EngineChoice::Blocking
@@ -423,7 +469,7 @@ async fn serve(
     {
         let (live, path) = (live.clone(), status_socket.clone());
         tokio::spawn(async move {
-            if let Err(e) = live.serve(path.clone()).await {
+            if let Err(e) = live.serve(path.clone(), Some(stop)).await {
                 tracing::warn!("status socket {} failed: {e}", path.display());
             }
         });

@@ -27,32 +27,64 @@ pub struct RingCounters {
     pub engine: String,
     /// Each ring's counters.
     pub rings: Vec<QueueStats>,
+    /// When this daemon connected the rings (seconds since the epoch).
+    #[serde(default)]
+    pub connected_at: u64,
+    /// Whether they were adopted from a previous daemon (left Connected by
+    /// it) rather than negotiated by this one.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 #[derive(Debug, Default)]
 struct LiveVbd {
     engine: String,
     rings: Vec<Arc<Mutex<QueueStats>>>,
+    connected_at: u64,
+    adopted: bool,
+}
+
+#[derive(Debug, Default)]
+struct LiveInner {
+    vbds: BTreeMap<String, LiveVbd>,
+    /// Backend paths being adopted: their next registration says so.
+    adopting: std::collections::BTreeSet<String>,
 }
 
 /// The counters of every ring being served, by backend path; shared by the
 /// queues (each updates its own after every pass) and the status socket.
 #[derive(Clone, Debug, Default)]
-pub struct Live(Arc<Mutex<BTreeMap<String, LiveVbd>>>);
+pub struct Live(Arc<Mutex<LiveInner>>);
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 impl Live {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LiveVbd>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveInner> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The vbd at `be` is being adopted from a previous daemon: its next
+    /// [`Live::register`] is marked so.
+    pub fn note_adopted(&self, be: &str) {
+        self.lock().adopting.insert(be.to_owned());
     }
 
     /// Registers `rings` rings of the vbd at `be`; returns their slots.
     pub fn register(&self, be: &str, engine: &str, rings: usize) -> Vec<Arc<Mutex<QueueStats>>> {
         let slots: Vec<_> = (0..rings).map(|_| Arc::default()).collect();
-        self.lock().insert(
+        let mut l = self.lock();
+        let adopted = l.adopting.remove(be);
+        l.vbds.insert(
             be.to_owned(),
             LiveVbd {
                 engine: engine.to_owned(),
                 rings: slots.clone(),
+                connected_at: now_secs(),
+                adopted,
             },
         );
         slots
@@ -60,12 +92,15 @@ impl Live {
 
     /// Forgets the vbd at `be` (its rings stopped).
     pub fn remove(&self, be: &str) {
-        self.lock().remove(be);
+        let mut l = self.lock();
+        l.vbds.remove(be);
+        l.adopting.remove(be);
     }
 
     /// Every vbd's counters now.
     pub fn snapshot(&self) -> BTreeMap<String, RingCounters> {
         self.lock()
+            .vbds
             .iter()
             .map(|(be, v)| {
                 let rings = v
@@ -78,15 +113,23 @@ impl Live {
                     RingCounters {
                         engine: v.engine.clone(),
                         rings,
+                        connected_at: v.connected_at,
+                        adopted: v.adopted,
                     },
                 )
             })
             .collect()
     }
 
-    /// Answers every connection to `path` with the snapshot as JSON (root
-    /// only: the socket is made 0600). Runs until the listener fails.
-    pub async fn serve(self, path: PathBuf) -> std::io::Result<()> {
+    /// Answers every connection to `path` (root only: the socket is made
+    /// 0600). The client sends one line: `status` (or nothing) gets the
+    /// snapshot as JSON; `stop handover` or `stop close` stops the daemon
+    /// through `control` that way and gets `ok`. Runs until the listener fails.
+    pub async fn serve(
+        self,
+        path: PathBuf,
+        control: Option<tokio::sync::watch::Sender<crate::daemon::Stop>>,
+    ) -> std::io::Result<()> {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;
         }
@@ -96,8 +139,27 @@ impl Live {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         loop {
             let (mut conn, _) = listener.accept().await?;
-            let body = serde_json::to_vec(&self.snapshot()).unwrap_or_default();
+            let (live, control) = (self.clone(), control.clone());
             tokio::spawn(async move {
+                let body = match read_request(&mut conn).await.as_deref() {
+                    Some("stop handover" | "stop close") if control.is_none() => {
+                        b"error: this daemon takes no stop requests".to_vec()
+                    }
+                    Some(r @ ("stop handover" | "stop close")) => {
+                        let how = if r == "stop close" {
+                            crate::daemon::Stop::Close
+                        } else {
+                            crate::daemon::Stop::Handover
+                        };
+                        tracing::info!("stop requested on the status socket: {how:?}");
+                        if let Some(c) = control {
+                            let _ = c.send(how);
+                        }
+                        b"ok".to_vec()
+                    }
+                    Some("status") | None => serde_json::to_vec(&live.snapshot()).unwrap_or_default(),
+                    Some(_) => b"error: unknown request".to_vec(),
+                };
                 let _ = conn.write_all(&body).await;
                 let _ = conn.shutdown().await;
             });
@@ -105,9 +167,44 @@ impl Live {
     }
 }
 
+/// One request line (at most 64 bytes, within a second); `None` when the
+/// client sends nothing (an older `blkbackd status`).
+async fn read_request(conn: &mut tokio::net::UnixStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while line.len() < 64 {
+            match conn.read(&mut byte).await {
+                Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
+    let s = String::from_utf8_lossy(&line).trim().to_owned();
+    (!s.is_empty()).then_some(s)
+}
+
+/// Asks the daemon on `path` to stop: handing its devices over, or closing
+/// them (`close`). Returns its answer.
+pub async fn request_stop(path: &Path, close: bool) -> std::io::Result<String> {
+    let mut c = tokio::net::UnixStream::connect(path).await?;
+    let req = if close { "stop close\n" } else { "stop handover\n" };
+    c.write_all(req.as_bytes()).await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        c.take(4096).read_to_end(&mut body),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("the daemon did not answer within 5 s"))??;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// The daemon's counters from its status socket, if it answers.
 pub async fn fetch(path: &Path) -> Option<BTreeMap<String, RingCounters>> {
-    let c = tokio::net::UnixStream::connect(path).await.ok()?;
+    let mut c = tokio::net::UnixStream::connect(path).await.ok()?;
+    c.write_all(b"status\n").await.ok()?;
     let mut body = Vec::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -126,6 +223,8 @@ pub fn merge(vbds: &mut [VbdStatus], live: &BTreeMap<String, RingCounters>) {
         if let Some(c) = live.get(&be) {
             v.engine = Some(c.engine.clone());
             v.rings = c.rings.clone();
+            v.connected_at = Some(c.connected_at);
+            v.adopted = c.adopted;
         }
     }
 }
@@ -169,6 +268,12 @@ pub struct VbdStatus {
     pub engine: Option<String>,
     /// Per-ring counters (from the daemon, while connected).
     pub rings: Vec<QueueStats>,
+    /// When the running daemon connected (or adopted) the rings, seconds
+    /// since the epoch.
+    pub connected_at: Option<u64>,
+    /// Whether the running daemon adopted the rings from a previous one
+    /// (a restart or an upgrade) instead of negotiating them.
+    pub adopted: bool,
 }
 
 fn state_name(v: Option<&str>) -> String {
@@ -232,6 +337,8 @@ pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
                 devid,
                 engine: None,
                 rings: Vec::new(),
+                connected_at: None,
+                adopted: false,
             });
         }
     }
@@ -270,6 +377,17 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                 .as_ref()
                 .map_or_else(String::new, |e| format!("  [error: {e}]")),
         );
+        if let Some(t) = v.connected_at {
+            let ago = now_secs().saturating_sub(t);
+            s += &format!(
+                "       {} {ago} s ago (at {t}, seconds since the epoch)\n",
+                if v.adopted {
+                    "adopted from the previous daemon"
+                } else {
+                    "connected by this daemon"
+                }
+            );
+        }
         for (i, r) in v.rings.iter().enumerate() {
             s += &format!(
                 "       ring {i}: {} ok, {} errors (reads {}, writes {}, flushes {}, discards {}), \

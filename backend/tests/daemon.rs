@@ -20,7 +20,7 @@ struct World {
     server: Server,
     listening: xenstore::server::Listening,
     xs: Client,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<blkbackd::daemon::Stop>,
     daemon: tokio::task::JoinHandle<Result<(), xenstore::Error>>,
     live: blkbackd::status::Live,
 }
@@ -52,7 +52,7 @@ async fn world() -> World {
         allow_missing_diskseq: false,
         live: live.clone(),
     });
-    let (stop, rx) = watch::channel(false);
+    let (stop, rx) = watch::channel(blkbackd::daemon::Stop::Run);
     let daemon = tokio::spawn(blkbackd::daemon::run(ctx, rx));
     World {
         dir,
@@ -205,7 +205,7 @@ impl World {
     }
 
     async fn finish(self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(blkbackd::daemon::Stop::Close);
         tokio::time::timeout(Duration::from_secs(20), self.daemon)
             .await
             .expect("daemon did not stop")
@@ -245,7 +245,7 @@ async fn a_vbd_goes_from_creation_to_removal_as_libxl_expects() {
     assert_eq!(w.read(&format!("{be}/state")).await.as_deref(), Some("4"));
     // `blkbackd status` gets per-ring counters from the daemon's socket.
     let sock = w.dir.path().join(blkbackd::status::SIM_SOCKET);
-    tokio::spawn(w.live.clone().serve(sock.clone()));
+    tokio::spawn(w.live.clone().serve(sock.clone(), None));
     let mut counters = None;
     for _ in 0..100 {
         counters = blkbackd::status::fetch(&sock).await;

@@ -164,30 +164,52 @@ async fn a_lost_xenstore_connection_ends_the_daemon_with_an_error() {
     assert!(err.contains("Xenstore connection was lost"), "{err}");
 }
 
-/// The daemon is SIGKILLed while a guest does verified I/O and started
-/// again (as systemd would): it adopts the connected device, re-attaches the
-/// rings where the published answers stop, re-executes what was taken but not
-/// answered, and the guest (which never noticed more than a pause) gets every
-/// byte back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_killed_mid_io_and_restarted_loses_nothing() {
+/// How the first daemon of a restart goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Restart {
+    /// SIGKILL: a crash.
+    Kill,
+    /// SIGTERM: `systemctl restart`, an upgrade.
+    Term,
+}
+
+/// What a restart under a verifying guest showed.
+struct Restarted {
+    /// The guest's report (`verified ios=.. max_gap_ms=..`).
+    report: String,
+    /// The second daemon's log.
+    log: String,
+    /// The backend and frontend states once the first daemon was gone.
+    states_between: (String, String),
+    /// From the signal to the first daemon's exit.
+    stop_ms: u128,
+}
+
+/// A guest does verified I/O on a `direct:` file while the daemon serving
+/// it is stopped (`how`) and a second one started with `second_config`
+/// (a config file's text, if any), as systemd would restart it.
+async fn restart_under_io(how: Restart, second_config: Option<&str>) -> Restarted {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("xenstored.sock");
     let sim = dir.path().join("sim");
     let (_xenstored, xs) = xenstored(&socket).await;
-    let daemon = |log: &str| {
-        blkbackd()
-            .args(["serve", "--sim"])
+    let daemon = |log: &str, config: Option<&str>| {
+        let mut cmd = blkbackd();
+        cmd.args(["serve", "--sim"])
             .arg(&sim)
             .arg("--xenstore")
             .arg(&socket)
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
+            .kill_on_drop(true);
+        if let Some(text) = config {
+            let path = dir.path().join(format!("{log}.toml"));
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        cmd.spawn().unwrap()
     };
-    let mut first = daemon("first.log");
+    let mut first = daemon("first.log", None);
     let img = dir.path().join("guest.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -219,28 +241,260 @@ async fn a_daemon_killed_mid_io_and_restarted_loses_nothing() {
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .output();
-    let crash = async {
+    let restart = async {
         blkbackd::attach::wait_value(&xs, &format!("{}/state", paths.frontend), "4")
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        first.kill().await.unwrap();
-        daemon("second.log")
+        let t = std::time::Instant::now();
+        match how {
+            Restart::Kill => first.kill().await.unwrap(),
+            Restart::Term => {
+                signal(&first, "TERM");
+                exits_cleanly(&mut first).await;
+            }
+        }
+        let stop_ms = t.elapsed().as_millis();
+        let state = |p: String| {
+            let xs = xs.clone();
+            async move { xs.read_string(&p).await.unwrap_or_default() }
+        };
+        let states_between = (
+            state(format!("{}/state", paths.backend)).await,
+            state(format!("{}/state", paths.frontend)).await,
+        );
+        (daemon("second.log", second_config), states_between, stop_ms)
     };
-    let (out, mut second) = tokio::join!(guest, crash);
+    let (out, (mut second, states_between, stop_ms)) = tokio::join!(guest, restart);
     let out = out.unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        out.status.success() && text.contains("verified ios=2400"),
-        "{text}{}",
+        out.status.success() && report.contains("verified ios=2400"),
+        "{report}{}",
         String::from_utf8_lossy(&out.stderr)
-    );
-    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
-    assert!(
-        log.contains("adopting a connected device"),
-        "the restarted daemon did not adopt the device:\n{log}"
     );
     blkbackd::attach::detach(&xs, d, 51712).await.unwrap();
     signal(&second, "TERM");
     exits_cleanly(&mut second).await;
+    Restarted {
+        report,
+        log: std::fs::read_to_string(dir.path().join("second.log")).unwrap(),
+        states_between,
+        stop_ms,
+    }
+}
+
+/// The daemon is SIGKILLed while a guest does verified I/O and started
+/// again (as systemd would): it adopts the connected device, re-attaches the
+/// rings where the published answers stop, re-executes what was taken but not
+/// answered, and the guest (which never noticed more than a pause) gets every
+/// byte back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_io_and_restarted_loses_nothing() {
+    let r = restart_under_io(Restart::Kill, None).await;
+    assert!(
+        r.log.contains("adopting a connected device"),
+        "the restarted daemon did not adopt the device:\n{}",
+        r.log
+    );
+}
+
+/// SIGTERM (`systemctl restart`, every upgrade) hands the devices over: the
+/// daemon answers what its rings took, leaves the device Connected (the
+/// guest's blkfront would never come back from Closed) and exits 0; the next
+/// daemon, whose configuration now offers less, adopts the device with what
+/// it negotiated, and the guest verifies every byte. The stall is printed
+/// (`--no-capture`): the guest's longest wait for an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_devices_over_and_the_next_daemon_adopts_them() {
+    let smaller = "[offer]\nmax_ring_page_order = 0\nmax_queues = 1\nmax_indirect_segments = 0\n";
+    let r = restart_under_io(Restart::Term, Some(smaller)).await;
+    assert_eq!(
+        r.states_between,
+        ("4".to_owned(), "4".to_owned()),
+        "the stopped daemon must leave both ends Connected"
+    );
+    assert!(
+        r.log.contains("adopting a connected device"),
+        "the next daemon did not adopt the device:\n{}",
+        r.log
+    );
+    let gap = r
+        .report
+        .split(' ')
+        .find_map(|f| f.trim().strip_prefix("max_gap_ms="))
+        .unwrap_or("?");
+    println!(
+        "handover: SIGTERM to exit {} ms; the guest's longest wait for an answer {gap} ms",
+        r.stop_ms
+    );
+}
+
+/// A daemon and a domain with one `direct:` vbd attached, for the tests
+/// below; the guest is up to each test.
+struct OneVbd {
+    dir: tempfile::TempDir,
+    _xenstored: tokio::process::Child,
+    xs: Client,
+    img: std::path::PathBuf,
+    paths: blkbackd::sim::toolstack::VbdPaths,
+}
+
+impl OneVbd {
+    async fn new() -> OneVbd {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("xenstored.sock");
+        let (xenstored, xs) = xenstored(&socket).await;
+        let img = dir.path().join("guest.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        OneVbd {
+            paths: blkbackd::sim::toolstack::VbdPaths::new(xenstore::DomId(6), 51712),
+            dir,
+            _xenstored: xenstored,
+            xs,
+            img,
+        }
+    }
+
+    fn daemon(&self, log: &str) -> tokio::process::Child {
+        blkbackd()
+            .args(["serve", "--sim"])
+            .arg(self.dir.path().join("sim"))
+            .arg("--xenstore")
+            .arg(self.dir.path().join("xenstored.sock"))
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(self.dir.path().join(log)).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn attach(&self) {
+        let d = xenstore::DomId(6);
+        self.xs.introduce(d, 0, 0).await.unwrap();
+        blkbackd::sim::toolstack::create_domain_home(&self.xs, d)
+            .await
+            .unwrap();
+        let params = format!("direct:{}", self.img.display());
+        blkbackd::attach::attach(&self.xs, d, 51712, &params, true)
+            .await
+            .unwrap();
+    }
+
+    fn guest(&self) -> tokio::process::Child {
+        blkbackd()
+            .args(["sim-guest", "--mode", "verify", "--ios", "1000000"])
+            .args(["--domid", "6", "--dir"])
+            .arg(self.dir.path().join("sim"))
+            .arg("--xenstore")
+            .arg(self.dir.path().join("xenstored.sock"))
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn state(&self, which: &str) -> String {
+        let p = format!("{which}/state");
+        self.xs.read_string(&p).await.unwrap_or_default()
+    }
+}
+
+/// Closing every device stays available as an explicit operator act:
+/// `blkbackd shutdown --close-devices` (through the status socket) stops the
+/// daemon with every device Closed; plain `blkbackd shutdown` hands over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_close_devices_closes_them_and_plain_shutdown_hands_over() {
+    for close in [false, true] {
+        let v = OneVbd::new().await;
+        let mut daemon = v.daemon("daemon.log");
+        v.attach().await;
+        let mut guest = v.guest();
+        blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.frontend), "4")
+            .await
+            .unwrap();
+        let mut cmd = blkbackd();
+        cmd.arg("shutdown")
+            .arg("--socket")
+            .arg(v.dir.path().join("sim").join(blkbackd::status::SIM_SOCKET));
+        if close {
+            cmd.arg("--close-devices");
+        }
+        let out = cmd.output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        exits_cleanly(&mut daemon).await;
+        let want = if close { "6" } else { "4" };
+        assert_eq!(v.state(&v.paths.backend).await, want, "close={close}");
+        guest.kill().await.unwrap();
+    }
+}
+
+/// A device whose disk changed while no daemon ran (the file replaced under
+/// its path) is not adopted: it goes to Closing with the reason in `error`,
+/// and the replacement file is never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_replaced_between_two_daemons_is_not_served_by_the_next() {
+    let v = OneVbd::new().await;
+    let mut first = v.daemon("first.log");
+    v.attach().await;
+    let mut guest = v.guest();
+    blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.frontend), "4")
+        .await
+        .unwrap();
+    signal(&first, "TERM");
+    exits_cleanly(&mut first).await;
+    assert_eq!(v.state(&v.paths.backend).await, "4");
+    // Another file under the same path.
+    std::fs::remove_file(&v.img).unwrap();
+    std::fs::write(&v.img, vec![0x55u8; 16 << 20]).unwrap();
+    let mut second = v.daemon("second.log");
+    blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.backend), "5")
+        .await
+        .unwrap();
+    let err = v
+        .xs
+        .read_string(&format!("{}/error", v.paths.backend))
+        .await
+        .unwrap();
+    assert!(err.contains("the file was replaced"), "{err}");
+    // Nothing of the new file reached the guest, nothing was written to it.
+    guest.kill().await.unwrap();
+    assert!(std::fs::read(&v.img).unwrap().iter().all(|&b| b == 0x55));
+    signal(&second, "TERM");
+    exits_cleanly(&mut second).await;
+}
+
+/// A vbd whose disk was never built closes when the toolstack removes it:
+/// `blkbackd attach` of a missing file fails, removes what it created, and
+/// takes nowhere near libxl's 10 s to do so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attach_is_removed_at_once_and_leaves_nothing() {
+    let v = OneVbd::new().await;
+    let mut daemon = v.daemon("daemon.log");
+    let d = xenstore::DomId(6);
+    v.xs.introduce(d, 0, 0).await.unwrap();
+    blkbackd::sim::toolstack::create_domain_home(&v.xs, d)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let missing = v.dir.path().join("missing.img");
+    let e = blkbackd::attach::attach(&v.xs, d, 51712, &format!("direct:{}", missing.display()), true)
+        .await
+        .unwrap_err()
+        .to_string();
+    let took = t.elapsed();
+    assert!(e.contains("missing.img"), "{e}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the failed attach took {took:?}: the vbd was not closed when removed"
+    );
+    assert_eq!(v.xs.try_read(&v.paths.backend).await.unwrap(), None);
+    assert_eq!(v.xs.try_read(&v.paths.frontend).await.unwrap(), None);
+    println!("failed attach removed in {} ms", took.as_millis());
+    signal(&daemon, "TERM");
+    exits_cleanly(&mut daemon).await;
 }

@@ -1,5 +1,6 @@
 //! The daemon: watches `backend/vbd`, runs one task per vbd, closes the
-//! devices of domains that are gone, and closes every device on shutdown.
+//! devices of domains that are gone, and on shutdown hands every device over
+//! to the next daemon as it stands (or closes them, when asked to).
 //!
 //! Watch events are treated as level-triggered: every burst is coalesced into
 //! one rescan of the directory, so a guest (or anyone) rewriting nodes fast
@@ -15,6 +16,7 @@ use tokio::task::JoinHandle;
 use xenstore::{wire, Xs};
 
 use crate::vbd::lifecycle::{self, VbdCtx};
+pub use crate::vbd::lifecycle::Stop;
 use crate::xen::{DomId, EventChannels, Grants};
 
 /// Where libxl puts the vbds dom0 serves.
@@ -24,7 +26,7 @@ type Key = (DomId, u32);
 
 struct Task {
     handle: JoinHandle<()>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
 }
 
 /// The vbds that exist now: (domid, devid) pairs below [`VBD_ROOT`].
@@ -70,10 +72,16 @@ async fn scan(xs: &xenstore::Client) -> Result<HashSet<Key>, xenstore::Error> {
     Ok(out)
 }
 
-/// Runs until `stop` turns true, then closes every device (within `grace`).
+/// How long a stopping daemon gives its devices to finish what their rings
+/// took (a queue gives its I/O 3 s, then abandons it as a crash would).
+pub const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// Runs until `stop` leaves [`Stop::Run`], then hands every device over
+/// ([`Stop::Handover`]: answers published, nothing closed, the next daemon
+/// adopts them) or closes them ([`Stop::Close`]), within [`STOP_GRACE`].
 pub async fn run<G: Grants, EC: EventChannels>(
     ctx: Arc<VbdCtx<G, EC>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) -> Result<(), xenstore::Error> {
     let xs = ctx.xs.clone();
     let mut vbds = xs.watch(VBD_ROOT).await?;
@@ -91,7 +99,15 @@ pub async fn run<G: Grants, EC: EventChannels>(
     // Set when a watch stream ends: the Xenstore connection is gone.
     let mut lost = false;
     loop {
-        let present = scan(&xs).await?;
+        let present = match scan(&xs).await {
+            Ok(p) => p,
+            // The connection died under the scan, before a watch said so.
+            Err(xenstore::Error::Disconnected(_)) => {
+                lost = true;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         // A device whose directory went away while its task still ran (the
         // task is closing it): when the task ends, a directory at that path
         // is a new device (libxl re-attaching the same vdev), to be served.
@@ -117,7 +133,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
             if tasks.contains_key(key) || done.contains(key) {
                 continue;
             }
-            let (tx, rx) = watch::channel(false);
+            let (tx, rx) = watch::channel(Stop::Run);
             let (c, k, tx_end) = (ctx.clone(), *key, ended_tx.clone());
             let handle = tokio::spawn(async move {
                 lifecycle::run(c, k.0, k.1, rx).await;
@@ -143,13 +159,14 @@ pub async fn run<G: Grants, EC: EventChannels>(
                     forget_idle_domains(&*ctx.grants, &HashSet::from([k.0]), &tasks);
                 }
             }
-            _ = stop.changed() => break,
+            _ = stop.changed() => if *stop.borrow() != Stop::Run { break },
         }
         // Coalesce whatever else is already queued into this one rescan.
         while vbds.try_next().is_some() {}
     }
+    let mode = *stop.borrow();
     crate::signals::sd_notify("STOPPING=1");
-    if lost && !*stop.borrow() {
+    if lost && mode == Stop::Run {
         // Nothing can be negotiated or closed without Xenstore: stop the
         // rings and exit with an error, so that systemd restarts the daemon,
         // which then adopts the connected devices where they stand.
@@ -157,13 +174,27 @@ pub async fn run<G: Grants, EC: EventChannels>(
             devices = tasks.len(),
             "the Xenstore connection is lost: stopping every ring and exiting"
         );
-        shutdown(tasks, Duration::from_secs(8)).await;
+        shutdown(tasks, STOP_GRACE, Stop::Handover).await;
         return Err(xenstore::Error::Disconnected(
             "the Xenstore connection was lost (xenstored restarted or died)".into(),
         ));
     }
-    tracing::info!(devices = tasks.len(), "closing every device");
-    shutdown(tasks, Duration::from_secs(8)).await;
+    let started = std::time::Instant::now();
+    let devices = tasks.len();
+    if mode == Stop::Close {
+        tracing::info!(devices, "closing every device, as asked");
+    } else {
+        tracing::info!(
+            devices,
+            "stopping: handing every device over as it stands (the next daemon adopts them)"
+        );
+    }
+    shutdown(tasks, STOP_GRACE, mode).await;
+    tracing::info!(
+        devices,
+        ms = started.elapsed().as_millis() as u64,
+        "every ring stopped and answered what it took"
+    );
     Ok(())
 }
 
@@ -200,13 +231,13 @@ async fn reap_released(
             // Not to be restarted while its directory remains.
             done.insert(k);
         }
-        shutdown(stopped, Duration::from_secs(5)).await;
+        shutdown(stopped, Duration::from_secs(5), Stop::Close).await;
     }
 }
 
-async fn shutdown(tasks: HashMap<Key, Task>, grace: Duration) {
+async fn shutdown(tasks: HashMap<Key, Task>, grace: Duration, how: Stop) {
     for t in tasks.values() {
-        let _ = t.stop.send(true);
+        let _ = t.stop.send(how);
     }
     for ((d, v), t) in tasks {
         if tokio::time::timeout(grace, t.handle).await.is_err() {

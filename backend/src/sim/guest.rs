@@ -434,6 +434,9 @@ async fn verify(
     }
     let total = u64::from(ios) * lanes;
     let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    // The longest time without any answer while I/O was outstanding: what a
+    // backend restart (or any stall) costs this guest.
+    let gaps = Arc::new(std::sync::Mutex::new((std::time::Instant::now(), Duration::ZERO)));
     let ticker = progress.then(|| {
         let done = done.clone();
         tokio::spawn(async move {
@@ -451,6 +454,13 @@ async fn verify(
     for lane in 0..lanes {
         let front = front.clone();
         let done = done.clone();
+        let gaps = gaps.clone();
+        let answered = move || {
+            let mut g = gaps.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            g.1 = g.1.max(now - g.0);
+            g.0 = now;
+        };
         set.spawn(async move {
             let base = lane * region;
             // Start from what the disk holds (a previous connection may have
@@ -467,11 +477,13 @@ async fn verify(
                 let mut data = vec![0u8; (n * 512) as usize];
                 rng.fill(&mut data);
                 front.write(base + at, &data).await?;
+                answered();
                 model[(at * 512) as usize..((at + n) * 512) as usize].copy_from_slice(&data);
                 let rn = SIZES[(rng.next() % SIZES.len() as u64) as usize];
                 let rat = rng.next() % (region - rn);
                 let mut back = vec![0u8; (rn * 512) as usize];
                 front.read(base + rat, &mut back).await?;
+                answered();
                 let want = &model[(rat * 512) as usize..((rat + rn) * 512) as usize];
                 if back != want {
                     return Err(fail(format!(
@@ -512,7 +524,12 @@ async fn verify(
     if z.iter().any(|&b| b != 0) {
         return Err(fail("discarded range does not read back as zeroes"));
     }
-    Ok(format!("verified ios={} bytes={moved}", total * 2))
+    let max_gap = gaps.lock().unwrap_or_else(|e| e.into_inner()).1;
+    Ok(format!(
+        "verified ios={} bytes={moved} max_gap_ms={:.1}",
+        total * 2,
+        max_gap.as_secs_f64() * 1000.0
+    ))
 }
 
 /// Stops consuming responses, then puts `per_queue` reads of the largest

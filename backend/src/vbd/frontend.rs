@@ -100,9 +100,12 @@ pub async fn read(
             .ok()
             .and_then(|p| Abi::from_protocol(Some(p))),
     }
-    .ok_or_else(|| FrontendError::Invalid {
-        key: "protocol".into(),
-        value: String::from_utf8_lossy(protocol.as_deref().unwrap_or_default()).into_owned(),
+    .ok_or_else(|| {
+        let raw = protocol.as_deref().unwrap_or_default();
+        FrontendError::Invalid {
+            key: "protocol".into(),
+            value: String::from_utf8_lossy(&raw[..raw.len().min(32)]).into_owned(),
+        }
     })?;
     // Like blkback: a ring-page-order key (even 0) means numbered ring-refN keys.
     let order_key = read_u32(xs, &format!("{fe}/ring-page-order")).await?;

@@ -9,9 +9,17 @@
 //! 4. frontend Closing: Closing; frontend Closed, or the toolstack's Closing:
 //!    stop the queues, unmap, Closed; a frontend that comes back
 //!    (Initialising) gets InitWait and a fresh connection;
-//! 5. `online = 0` and Closed, or the directory removed: done.
+//! 5. `online = 0` and Closed, or the directory removed: done. The toolstack
+//!    may remove a device at any stage (a block script that failed, a guest
+//!    that never connected): it reaches Closed at once.
 //!
 //! Any fatal problem: the reason in `error`, Closing; this device only.
+//!
+//! The daemon stopping ([`Stop::Handover`], SIGTERM) leaves every device as it
+//! is for the next daemon: the queues finish and answer what they took,
+//! nothing is written to Xenstore, and the next daemon adopts the connected
+//! devices at `rsp_prod`. [`Stop::Close`] closes them instead (an operator's
+//! explicit choice), as does a domain's release.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -80,22 +88,56 @@ async fn set_state(xs: &Client, be: &str, s: XenbusState) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// Why a vbd task is asked to end (the daemon's stop, per device).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep serving.
+    #[default]
+    Run,
+    /// The daemon is stopping to be replaced (SIGTERM, an upgrade): finish
+    /// and answer what the rings took, then let go of everything without a
+    /// word to Xenstore or the guest. The next daemon adopts the device.
+    Handover,
+    /// Close the device (Closed): the operator asked for it, or its domain
+    /// is gone.
+    Close,
+}
+
+/// Guest-written text put into a log line or an `error` node: at most this
+/// many bytes of it.
+pub const GUEST_TEXT_MAX: usize = 64;
+
+/// `s` cut to [`GUEST_TEXT_MAX`] bytes (on a character boundary), marked
+/// when cut: whatever a guest wrote, a log line about it stays short.
+pub fn truncated(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= GUEST_TEXT_MAX {
+        return s.into();
+    }
+    let mut end = GUEST_TEXT_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len()).into()
+}
+
 /// Puts the reason in `error` and the device in Closing (`xenbus_dev_fatal`).
+/// Logged at debug level: the reason is often the guest's doing, and a guest
+/// cycling its connection must not be able to fill dom0's logs.
 pub async fn fail(xs: &Client, be: &str, why: &str) {
-    tracing::warn!(backend = be, "vbd failed: {why}");
+    tracing::debug!(backend = be, "vbd failed: {}", truncated(why));
     let _ = xs.write(&format!("{be}/error"), why).await;
     let _ = xs
         .write(&format!("{be}/state"), XenbusState::Closing.as_str())
         .await;
 }
 
-/// Runs one vbd until it is removed or `stop` turns true (daemon shutdown:
-/// the device is closed cleanly first).
+/// Runs one vbd until it is removed or `stop` leaves [`Stop::Run`] (handed
+/// over as it stands, or closed, as the value says).
 pub async fn run<G: Grants, EC: EventChannels>(
     ctx: Arc<VbdCtx<G, EC>>,
     domid: DomId,
     devid: u32,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) {
     let be = format!("/local/domain/0/backend/vbd/{}/{devid}", domid.0);
     match lifecycle(&ctx, domid, &be, &mut stop).await {
@@ -150,33 +192,58 @@ async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstac
 }
 
 /// Waits for any change below `be` or `fe` (or `stop`); false if stopping.
+/// Level-triggered: everything queued on both watches is taken at once, so a
+/// guest rewriting its nodes costs one look at the state per wake-up, never
+/// one per write (XSA-349).
 async fn changed(
     be_w: &mut xenstore::Watch,
     fe_w: &mut xenstore::Watch,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<Stop>,
 ) -> bool {
-    if *stop.borrow() {
+    if *stop.borrow() != Stop::Run {
         return false;
     }
-    tokio::select! {
-        e = be_w.next() => e.is_some(),
-        e = fe_w.next() => e.is_some(),
+    let alive = tokio::select! {
+        e = be_w.changed() => e.is_some(),
+        e = fe_w.changed() => e.is_some(),
         _ = stop.changed() => false,
-    }
+    };
+    while be_w.try_next().is_some() {}
+    while fe_w.try_next().is_some() {}
+    alive && *stop.borrow() == Stop::Run
+}
+
+/// Whether the daemon is handing this device over (leave it as it is).
+fn handing_over(stop: &watch::Receiver<Stop>) -> bool {
+    *stop.borrow() == Stop::Handover
+}
+
+/// Whether the toolstack is removing the device (`online = 0`, or it wrote
+/// Closing itself, as libxl's removal does).
+async fn being_removed(xs: &Client, be: &str) -> Result<bool, Fatal> {
+    let (online, state) = (format!("{be}/online"), format!("{be}/state"));
+    let (online, be_state) = tokio::try_join!(read(xs, &online), state_of(xs, &state))?;
+    Ok(online.as_deref() == Some("0") || be_state == Some(XenbusState::Closing))
 }
 
 async fn lifecycle<G: Grants, EC: EventChannels>(
     ctx: &VbdCtx<G, EC>,
     domid: DomId,
     be: &str,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<Stop>,
 ) -> Result<(), Fatal> {
     let xs = &ctx.xs;
-    let offer = ctx.offer.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut offer = ctx.offer.read().unwrap_or_else(|e| e.into_inner()).clone();
     let ts = check_toolstack(xs, be, domid).await?;
     let mut be_w = xs.watch(be).await?;
     let mut fe_w = xs.watch(&format!("{}/state", ts.fe)).await?;
-    if adopting(xs, be, &ts.fe).await? {
+    let adopted = adopting(xs, be, &ts.fe).await?;
+    if adopted {
+        // What this device was offered, not what the configuration says now:
+        // the frontend negotiated against it, and a smaller offer would
+        // refuse the rings it already has.
+        offer = super::adopted_offer(xs, be, &offer).await?;
+        ctx.live.note_adopted(be);
         tracing::info!(%domid, backend = be, "adopting a connected device: re-attaching its rings at rsp_prod");
     } else {
         xs.write(&format!("{be}/opened"), "0").await?;
@@ -189,6 +256,14 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     let disk = loop {
         if read(xs, be).await?.is_none() {
             return Ok(()); // removed before it was used
+        }
+        if !adopted && being_removed(xs, be).await? {
+            // The toolstack gave up on it (its block script failed, or the
+            // guest went away before it was built): Closed at once, as the
+            // kernel backend does, not after libxl's 10 s.
+            set_state(xs, be, XenbusState::Closed).await?;
+            tracing::info!(%domid, backend = be, "vbd removed before its disk was published: closed");
+            return wait_removed(xs, be, &mut be_w, stop).await;
         }
         match published_disk(ctx, be).await? {
             Some(Published::Block(id)) => {
@@ -238,7 +313,9 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 _ => {}
             }
             if !changed(&mut be_w, &mut fe_w, stop).await {
-                set_state(xs, be, XenbusState::Closed).await?;
+                if !handing_over(stop) {
+                    set_state(xs, be, XenbusState::Closed).await?;
+                }
                 return Ok(());
             }
         }
@@ -305,6 +382,11 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         drop(serving);
         if let Err(e) = result {
             fail(xs, be, &e.to_string()).await;
+        } else if handing_over(stop) {
+            // Every answer is published and the rings are let go of as they
+            // stand: the device stays Connected for the next daemon.
+            tracing::debug!(%domid, backend = be, "vbd handed over");
+            return Ok(());
         }
         // Queues stopped and rings unmapped. Closed once the frontend is
         // Closed (Closing until then, as blkback answers a closing frontend),
@@ -330,6 +412,10 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 set_state(xs, be, XenbusState::Closing).await?;
             }
             if !changed(&mut be_w, &mut fe_w, stop).await {
+                if handing_over(stop) {
+                    // Mid-close: the next daemon finishes it.
+                    return Ok(());
+                }
                 break true;
             }
         };
@@ -341,7 +427,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         }
         set_state(xs, be, XenbusState::Closed).await?;
         tracing::info!(%domid, backend = be, "vbd closed");
-        if *stop.borrow() {
+        if *stop.borrow() != Stop::Run {
             return Ok(());
         }
     }
@@ -381,11 +467,14 @@ async fn wait_removed(
     xs: &Client,
     be: &str,
     be_w: &mut xenstore::Watch,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<Stop>,
 ) -> Result<(), Fatal> {
     while read(xs, be).await?.is_some() {
+        if *stop.borrow() != Stop::Run {
+            break;
+        }
         tokio::select! {
-            e = be_w.next() => if e.is_none() { break },
+            e = be_w.changed() => if e.is_none() { break },
             _ = stop.changed() => break,
         }
     }

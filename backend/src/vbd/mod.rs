@@ -63,6 +63,100 @@ impl Default for Offer {
     }
 }
 
+/// Where the backend keeps the offer a device was made (dom0-only, like every
+/// backend node; the guest may read it), for a daemon that adopts it.
+pub const OFFER_KEY: &str = "blkbackd-offer";
+
+impl Offer {
+    /// One line, `key=value` pairs: what [`Offer::decode`] reads back.
+    pub fn encode(&self) -> String {
+        use clap::ValueEnum as _;
+        let engine = self
+            .engine
+            .to_possible_value()
+            .map_or_else(|| "auto".to_owned(), |v| v.get_name().to_owned());
+        format!(
+            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={}",
+            self.max_ring_order,
+            self.max_queues,
+            self.max_indirect_segments,
+            u8::from(self.persistent_grants),
+            u8::from(self.direct_io),
+            u8::from(self.map_grants),
+            self.pool_bytes,
+        )
+    }
+
+    /// Reads what [`Offer::encode`] wrote; keys it does not name keep the
+    /// value of `base`. `None` if anything is malformed.
+    pub fn decode(s: &str, base: &Offer) -> Option<Offer> {
+        use clap::ValueEnum as _;
+        let mut o = base.clone();
+        let flag = |v: &str| match v {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        };
+        for kv in s.split_ascii_whitespace() {
+            let (k, v) = kv.split_once('=')?;
+            match k {
+                "order" => o.max_ring_order = v.parse().ok().filter(|n| *n <= 4)?,
+                "queues" => o.max_queues = v.parse().ok().filter(|n| (1..=32).contains(n))?,
+                "indirect" => o.max_indirect_segments = v.parse().ok()?,
+                "persistent" => o.persistent_grants = flag(v)?,
+                "engine" => o.engine = crate::io::engine::EngineChoice::from_str(v, true).ok()?,
+                "direct" => o.direct_io = flag(v)?,
+                "map" => o.map_grants = flag(v)?,
+                "pool" => o.pool_bytes = v.parse().ok().filter(|n| *n <= 1 << 30)?,
+                _ => {}
+            }
+        }
+        Some(o)
+    }
+}
+
+/// The offer a device being adopted was made: the one its first daemon
+/// recorded, else what its feature nodes say (over `current` for the rest).
+/// A daemon whose configuration changed applies it to new devices only.
+pub async fn adopted_offer(xs: &Client, be: &str, current: &Offer) -> Result<Offer, VbdError> {
+    if let Some(v) = xs.try_read(&format!("{be}/{OFFER_KEY}")).await? {
+        if let Some(o) = Offer::decode(&String::from_utf8_lossy(&v), current) {
+            return Ok(o);
+        }
+        tracing::debug!(backend = be, "unreadable {OFFER_KEY}; using the feature nodes");
+    }
+    let num = |v: Option<Vec<u8>>| {
+        v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
+    };
+    let mut o = current.clone();
+    let keys = [
+        "max-ring-page-order",
+        "multi-queue-max-queues",
+        "feature-max-indirect-segments",
+        "feature-persistent",
+    ]
+    .map(|k| format!("{be}/{k}"));
+    let (order, queues, indirect, persistent) = tokio::try_join!(
+        xs.try_read(&keys[0]),
+        xs.try_read(&keys[1]),
+        xs.try_read(&keys[2]),
+        xs.try_read(&keys[3]),
+    )?;
+    if let Some(n) = num(order).filter(|n| *n <= 4) {
+        o.max_ring_order = n;
+    }
+    if let Some(n) = num(queues).filter(|n| (1..=32).contains(n)) {
+        o.max_queues = n;
+    }
+    if let Some(n) = num(indirect).and_then(|n| u16::try_from(n).ok()) {
+        o.max_indirect_segments = n;
+    }
+    if let Some(n) = num(persistent) {
+        o.persistent_grants = n == 1;
+    }
+    Ok(o)
+}
+
 /// A vbd could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum VbdError {
@@ -131,6 +225,7 @@ pub async fn publish_features(xs: &Client, be: &str, offer: &Offer) -> Result<()
         ),
         ("max-ring-page-order", offer.max_ring_order.to_string()),
         ("multi-queue-max-queues", offer.max_queues.to_string()),
+        (OFFER_KEY, offer.encode()),
     ];
     write_all(xs, be, kv).await
 }
