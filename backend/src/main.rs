@@ -167,10 +167,10 @@ enum Cmd {
         devid: u32,
         /// verify, bogus-prod, too-many-segments, bad-sector, past-end,
         /// write-read-only, unknown-op, bad-grant, revoked-grant, rewrite,
-        /// resize, bench, demo, event-storm or never-answer.
+        /// resize, bench, demo, event-storm, never-answer or xenstore-storm.
         #[arg(long, default_value = "verify")]
         mode: String,
-        /// I/Os per lane in verify mode.
+        /// I/Os per lane in verify mode (seconds in xenstore-storm mode).
         #[arg(long, default_value_t = 50)]
         ios: u32,
         /// Seed of the data pattern.

@@ -373,26 +373,36 @@ impl OneVbd {
     }
 
     async fn attach(&self) {
-        let d = xenstore::DomId(6);
+        self.attach_domain(6, &self.img).await;
+    }
+
+    /// Attaches `img` to domain `domid` (introduced here) as its xvda.
+    async fn attach_domain(&self, domid: u16, img: &std::path::Path) {
+        let d = xenstore::DomId(domid);
         self.xs.introduce(d, 0, 0).await.unwrap();
         blkbackd::sim::toolstack::create_domain_home(&self.xs, d)
             .await
             .unwrap();
-        let params = format!("direct:{}", self.img.display());
+        let params = format!("direct:{}", img.display());
         blkbackd::attach::attach(&self.xs, d, 51712, &params, true)
             .await
             .unwrap();
     }
 
     fn guest(&self) -> tokio::process::Child {
+        self.guest_doing(6, "verify", 1_000_000)
+    }
+
+    /// A guest of domain `domid` in `mode` (`ios` as that mode reads it).
+    fn guest_doing(&self, domid: u16, mode: &str, ios: u32) -> tokio::process::Child {
         blkbackd()
-            .args(["sim-guest", "--mode", "verify", "--ios", "1000000"])
-            .args(["--domid", "6", "--dir"])
+            .args(["sim-guest", "--mode", mode, "--ios", &ios.to_string()])
+            .args(["--domid", &domid.to_string(), "--dir"])
             .arg(self.dir.path().join("sim"))
             .arg("--xenstore")
             .arg(self.dir.path().join("xenstored.sock"))
             .env("RUST_LOG", "off")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap()
@@ -495,6 +505,82 @@ async fn a_failed_attach_is_removed_at_once_and_leaves_nothing() {
     assert_eq!(v.xs.try_read(&v.paths.backend).await.unwrap(), None);
     assert_eq!(v.xs.try_read(&v.paths.frontend).await.unwrap(), None);
     println!("failed attach removed in {} ms", took.as_millis());
+    signal(&daemon, "TERM");
+    exits_cleanly(&mut daemon).await;
+}
+
+/// The daemon's anonymous resident memory (what a queue of events grows).
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssAnon in /proc/PID/status")
+}
+
+/// XSA-349, as the audit reproduced it: a guest rewrites its own frontend
+/// nodes from 16 writers (each write fires the daemon's watch). The daemon's
+/// memory stays flat, a neighbour's verified I/O goes on, and both devices
+/// are then detached as libxl does (the lifecycle kept up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_storming_its_xenstore_nodes_cannot_grow_the_daemon() {
+    let v = OneVbd::new().await;
+    let mut daemon = v.daemon("daemon.log");
+    let pid = daemon.id().unwrap();
+    v.attach().await;
+    let storm_img = v.dir.path().join("storm.img");
+    std::fs::File::create(&storm_img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    v.attach_domain(7, &storm_img).await;
+    let stormer = blkbackd::sim::toolstack::VbdPaths::new(xenstore::DomId(7), 51712);
+    let neighbour = v.guest_doing(6, "verify", 300);
+    let storm = v.guest_doing(7, "xenstore-storm", 5);
+    // Both connected (their rings' buffers allocated) before the baseline.
+    for fe in [&stormer.frontend, &v.paths.frontend] {
+        blkbackd::attach::wait_value(&v.xs, &format!("{fe}/state"), "4")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = rss_anon_kib(pid);
+    let mut peak = before;
+    let sample = async {
+        for _ in 0..24 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            peak = peak.max(rss_anon_kib(pid));
+        }
+    };
+    let (storm, neighbour, ()) = tokio::join!(
+        storm.wait_with_output(),
+        neighbour.wait_with_output(),
+        sample
+    );
+    let (storm, neighbour) = (storm.unwrap(), neighbour.unwrap());
+    let storm_report = String::from_utf8_lossy(&storm.stdout);
+    let report = String::from_utf8_lossy(&neighbour.stdout);
+    assert!(storm.status.success(), "{storm_report}{:?}", storm.stderr);
+    assert!(
+        neighbour.status.success() && report.contains("verified ios=2400"),
+        "the neighbour's I/O: {report}"
+    );
+    println!(
+        "xenstore storm: {} ; daemon RssAnon {before} KiB before, peak {peak} KiB",
+        storm_report.trim()
+    );
+    assert!(
+        peak < before + 12 * 1024,
+        "the daemon grew from {before} KiB to {peak} KiB under the storm"
+    );
+    // The lifecycle kept up: both devices close as libxl removes them.
+    blkbackd::attach::detach(&v.xs, xenstore::DomId(7), 51712)
+        .await
+        .unwrap();
+    blkbackd::attach::detach(&v.xs, xenstore::DomId(6), 51712)
+        .await
+        .unwrap();
     signal(&daemon, "TERM");
     exits_cleanly(&mut daemon).await;
 }

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenstore::{Client, DomId, Endpoint};
+use xenstore::{Client, DomId, Endpoint, Xs};
 
 use super::blkfront::{Blkfront, FrontError, FrontOptions};
 use crate::abi::blkif::*;
@@ -52,6 +52,10 @@ pub enum Mode {
     /// a response (a guest that never answers): what it pins must stay
     /// bounded.
     NeverAnswer,
+    /// Rewrites its own frontend nodes (its `state`, and children it creates
+    /// below it, which the backend's watch also sees) from 16 writers for
+    /// `--ios` seconds, staying connected: the daemon's memory must not grow.
+    XenstoreStorm,
     /// What `blkbackd demo` shows: verified I/O with progress lines
     /// (`SIM-GUEST progress DONE TOTAL BYTES`) and its throughput, then
     /// [`Mode::Resize`].
@@ -60,7 +64,7 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, for tests and help text.
-    pub const ALL: [(&'static str, Mode); 15] = [
+    pub const ALL: [(&'static str, Mode); 16] = [
         ("verify", Mode::Verify),
         ("bogus-prod", Mode::BogusProd),
         ("too-many-segments", Mode::TooManySegments),
@@ -76,6 +80,7 @@ impl Mode {
         ("demo", Mode::Demo),
         ("event-storm", Mode::EventStorm),
         ("never-answer", Mode::NeverAnswer),
+        ("xenstore-storm", Mode::XenstoreStorm),
     ];
 
     /// Whether a correct backend halts the ring for this misbehaviour.
@@ -372,6 +377,7 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
             format!("{sent} notifications sent; {h}")
         }
         Mode::NeverAnswer => never_answer(&front, args.ios).await?,
+        Mode::XenstoreStorm => xenstore_storm(&args, &front).await?,
         Mode::Resize => resized(&front).await?,
         Mode::Bench => {
             let spec = args.bench.ok_or_else(|| fail("bench mode needs --bench"))?;
@@ -535,6 +541,40 @@ async fn verify(
 /// Stops consuming responses, then puts `per_queue` reads of the largest
 /// size it may send on every queue (the ring's worth at most) and keeps them
 /// outstanding for `hold` seconds, kicking the backend now and then.
+/// Sixteen writers rewrite this guest's frontend nodes for `args.ios`
+/// seconds: its `state` (with the value it has, Connected) and children
+/// below it. Reports the writes made.
+async fn xenstore_storm(args: &GuestArgs, front: &Arc<Blkfront>) -> Result<String, FrontError> {
+    let xs = Client::connect_to(&Endpoint::Socket(args.xenstore.clone())).await?;
+    xs.control(&[xenstore::server::SIM_AS_DOMAIN, &args.domid.0.to_string()])
+        .await?;
+    let state = format!("{}/state", front.frontend_path());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(args.ios));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..16u32 {
+        let (xs, state) = (xs.clone(), state.clone());
+        writers.spawn(async move {
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let r = if n % 2 == 0 {
+                    xs.write(&state, "4").await
+                } else {
+                    xs.write(&format!("{state}/w{w}-{}", n % 16), n.to_string())
+                        .await
+                };
+                r?;
+                n += 1;
+            }
+            Ok::<u64, xenstore::Error>(n)
+        });
+    }
+    let mut writes = 0;
+    while let Some(r) = writers.join_next().await {
+        writes += r.map_err(|e| fail(e.to_string()))??;
+    }
+    Ok(format!("STORM writes={writes}"))
+}
+
 async fn never_answer(front: &Arc<Blkfront>, per_queue: u32) -> Result<String, FrontError> {
     front.ignore_responses();
     let per = front.ring_size().min(per_queue) as usize * front.queues();
