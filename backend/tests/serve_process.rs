@@ -584,3 +584,65 @@ async fn a_guest_storming_its_xenstore_nodes_cannot_grow_the_daemon() {
     signal(&daemon, "TERM");
     exits_cleanly(&mut daemon).await;
 }
+
+/// A guest cycling connect failures with a long invalid `protocol` cannot
+/// fill dom0's log: its failures are logged at debug level, what it wrote is
+/// cut short wherever it is repeated, and repeatable events (connect, close)
+/// are said at info level a bounded number of times per vbd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cycling_connect_failures_cannot_flood_the_log() {
+    let v = OneVbd::new().await;
+    let mut daemon = v.daemon("daemon.log");
+    v.attach().await;
+    let guest = xenstore::Client::connect_to(&xenstore::Endpoint::Socket(
+        v.dir.path().join("xenstored.sock"),
+    ))
+    .await
+    .unwrap();
+    guest
+        .control(&[xenstore::server::SIM_AS_DOMAIN, "6"])
+        .await
+        .unwrap();
+    let (fe, be) = (&v.paths.frontend, &v.paths.backend);
+    let long = "P".repeat(1500); // under the value quota
+    const CYCLES: usize = 40;
+    for _ in 0..CYCLES {
+        for (k, val) in [
+            ("protocol", long.as_str()),
+            ("ring-ref", "8"),
+            ("event-channel", "5"),
+            ("state", "3"),
+        ] {
+            guest.write(&format!("{fe}/{k}"), val).await.unwrap();
+        }
+        blkbackd::attach::wait_value(&v.xs, &format!("{be}/state"), "5")
+            .await
+            .unwrap();
+        guest.write(&format!("{fe}/state"), "6").await.unwrap();
+        blkbackd::attach::wait_value(&v.xs, &format!("{be}/state"), "6")
+            .await
+            .unwrap();
+        guest.write(&format!("{fe}/state"), "1").await.unwrap();
+        blkbackd::attach::wait_value(&v.xs, &format!("{be}/state"), "2")
+            .await
+            .unwrap();
+    }
+    let err = v.xs.read_string(&format!("{be}/error")).await.unwrap();
+    assert!(err.contains("protocol") && err.len() < 200, "{err}");
+    signal(&daemon, "TERM");
+    exits_cleanly(&mut daemon).await;
+    let log = std::fs::read_to_string(v.dir.path().join("daemon.log")).unwrap();
+    let warns = log.lines().filter(|l| l.contains("WARN")).count();
+    let guest_text = log.matches('P').count();
+    println!(
+        "{CYCLES} failed connects: {} log lines, {} bytes, {warns} WARN, {guest_text} bytes of the guest's text",
+        log.lines().count(),
+        log.len()
+    );
+    assert_eq!(warns, 0, "{log}");
+    assert!(guest_text < 1000, "the guest's text reached the log whole");
+    assert!(
+        log.lines().count() < CYCLES,
+        "one line or more per cycle:\n{log}"
+    );
+}

@@ -120,6 +120,25 @@ pub fn truncated(s: &str) -> std::borrow::Cow<'_, str> {
     format!("{}... ({} bytes)", &s[..end], s.len()).into()
 }
 
+/// Events a guest can repeat at will (connecting, closing) are logged at
+/// info level this many times per vbd, then at debug level.
+const LOUD_EVENTS: u32 = 16;
+
+/// Counts a vbd's repeatable events, for [`LOUD_EVENTS`].
+#[derive(Debug, Default)]
+struct Chatter(u32);
+
+impl Chatter {
+    /// Whether this event still gets an info line.
+    fn loud(&mut self) -> bool {
+        self.0 = self.0.saturating_add(1);
+        if self.0 == LOUD_EVENTS {
+            tracing::info!("this vbd keeps reconnecting: further connects and closes at debug level");
+        }
+        self.0 < LOUD_EVENTS
+    }
+}
+
 /// Puts the reason in `error` and the device in Closing (`xenbus_dev_fatal`).
 /// Logged at debug level: the reason is often the guest's doing, and a guest
 /// cycling its connection must not be able to fill dom0's logs.
@@ -287,6 +306,8 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     };
     publish_geometry(xs, be, &*disk).await?;
     xs.write(&format!("{be}/opened"), "1").await?;
+    let mut chatter = Chatter::default();
+    let mut size_warned = false;
 
     // Connect, serve, close; again if the frontend comes back.
     loop {
@@ -336,6 +357,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         ));
         let mut size_check = tokio::time::interval(Duration::from_secs(1));
         let mut published = disk.sectors();
+        let mut announced = false;
         // Serve until the frontend or the toolstack closes, or we stop.
         let outcome = loop {
             tokio::select! {
@@ -348,13 +370,25 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                             published = now;
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::warn!(%domid, "cannot re-read the disk size: {e}"),
+                        Err(e) if !size_warned => {
+                            size_warned = true;
+                            tracing::warn!(%domid, backend = be, "cannot re-read the disk size: {e} (said once)");
+                        }
+                        Err(e) => tracing::debug!(%domid, "cannot re-read the disk size: {e}"),
                     }
                 }
                 alive = changed(&mut be_w, &mut fe_w, stop) => {
                     let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
                     let be_state = state_of(xs, &format!("{be}/state")).await?;
                     let online = read(xs, &format!("{be}/online")).await?;
+                    if alive && !announced && be_state == Some(XenbusState::Connected) {
+                        announced = true;
+                        if chatter.loud() {
+                            tracing::info!(%domid, backend = be, adopted_at_start = adopted, "vbd connected");
+                        } else {
+                            tracing::debug!(%domid, backend = be, "vbd connected");
+                        }
+                    }
                     let closing = !alive
                         || read(xs, be).await?.is_none()
                         || matches!(fe_state, None | Some(XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown))
@@ -426,7 +460,11 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             return wait_removed(xs, be, &mut be_w, stop).await;
         }
         set_state(xs, be, XenbusState::Closed).await?;
-        tracing::info!(%domid, backend = be, "vbd closed");
+        if chatter.loud() {
+            tracing::info!(%domid, backend = be, "vbd closed");
+        } else {
+            tracing::debug!(%domid, backend = be, "vbd closed");
+        }
         if *stop.borrow() != Stop::Run {
             return Ok(());
         }

@@ -325,7 +325,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         )
         .map_err(err)?;
         if i == 0 {
-            tracing::info!(%domid, engine = engine.name(), "I/O engine");
+            tracing::debug!(%domid, engine = engine.name(), "I/O engine");
             engine_name = engine.name();
         }
         queues.push(
@@ -345,9 +345,11 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
     }
     xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())
         .await?;
-    tracing::info!(
+    // Debug: a guest can reconnect at will; the lifecycle says it at info
+    // level, rate-limited per vbd.
+    tracing::debug!(
         %domid, queues = queues.len(), order = cfg.order, abi = cfg.abi.protocol(),
-        "vbd connected"
+        engine = engine_name, "rings connected"
     );
     let slots = live.map(|l| l.register(be, engine_name, queues.len()));
     let mut tasks = tokio::task::JoinSet::new();
