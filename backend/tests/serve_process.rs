@@ -646,3 +646,59 @@ async fn a_guest_cycling_connect_failures_cannot_flood_the_log() {
         "one line or more per cycle:\n{log}"
     );
 }
+
+/// The daemon trusts no backend node a guest could write: a vbd whose
+/// directory, or whose published disk node, a guest can write (a
+/// misconfigured toolstack) is refused with the reason in `error`, and the
+/// disk it names is never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_nodes_a_guest_can_write_are_not_trusted() {
+    use xenstore::wire::{Access, Perm};
+    for bad in ["directory", "physical-file"] {
+        let v = OneVbd::new().await;
+        let d = xenstore::DomId(6);
+        v.xs.introduce(d, 0, 0).await.unwrap();
+        blkbackd::sim::toolstack::create_domain_home(&v.xs, d)
+            .await
+            .unwrap();
+        let params = format!("direct:{}", v.img.display());
+        let p = blkbackd::sim::toolstack::create_vbd(&v.xs, d, 51712, &params, "w")
+            .await
+            .unwrap();
+        let (_, id) = blkbackd::disk::identify_file(&v.img, false).unwrap();
+        v.xs.write(&format!("{}/physical-file", p.backend), v.img.to_str().unwrap())
+            .await
+            .unwrap();
+        v.xs.write(&format!("{}/file-id", p.backend), id.to_string())
+            .await
+            .unwrap();
+        let guest_writes = [Perm::new(Access::None, 0), Perm::new(Access::Both, 6)];
+        let node = match bad {
+            "directory" => p.backend.clone(),
+            _ => format!("{}/physical-file", p.backend),
+        };
+        v.xs.set_perms(&node, &guest_writes).await.unwrap();
+        let mut daemon = v.daemon("daemon.log");
+        blkbackd::attach::wait_value(&v.xs, &format!("{}/state", p.backend), "5")
+            .await
+            .unwrap();
+        let err = v
+            .xs
+            .read_string(&format!("{}/error", p.backend))
+            .await
+            .unwrap();
+        assert!(
+            err.contains("can write it") && err.contains(&node),
+            "{bad}: {err}"
+        );
+        assert_ne!(
+            v.xs.read_string(&format!("{}/opened", p.backend))
+                .await
+                .unwrap_or_default(),
+            "1",
+            "{bad}: the disk was opened"
+        );
+        signal(&daemon, "TERM");
+        exits_cleanly(&mut daemon).await;
+    }
+}

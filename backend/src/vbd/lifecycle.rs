@@ -170,12 +170,52 @@ struct Toolstack {
     writable: bool,
 }
 
+/// Refuses a node that anyone but dom0 could have written (its owner is
+/// another domain, or its permissions let one write it): what the backend
+/// trusts to name a disk must come from the toolstack, never from a guest,
+/// even when a toolstack or an operator got the permissions wrong. A node
+/// that does not exist passes (its absence is judged by the caller).
+pub async fn dom0_only(xs: &Client, path: &str) -> Result<(), Fatal> {
+    use xenstore::wire::DomId as XsDom;
+    let perms = match xs.get_perms(path).await {
+        Ok(p) => p,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let foreign_owner = perms
+        .first()
+        .is_none_or(|o| o.domid != XsDom(0) || o.access.can_write());
+    let foreign_writer = perms
+        .iter()
+        .skip(1)
+        .any(|p| p.domid != XsDom(0) && p.access.can_write());
+    if foreign_owner || foreign_writer {
+        let list: Vec<String> = perms.iter().map(|p| p.to_string()).collect();
+        return Err(Fatal::Config(format!(
+            "{path} has permissions {:?}: a domain other than dom0 can write it; refusing to trust it",
+            list.join(" ")
+        )));
+    }
+    Ok(())
+}
+
+/// [`dom0_only`] for several nodes at once (one round trip).
+async fn all_dom0_only(xs: &Client, paths: &[String]) -> Result<(), Fatal> {
+    for r in futures_util::future::join_all(paths.iter().map(|p| dom0_only(xs, p))).await {
+        r?;
+    }
+    Ok(())
+}
+
 async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstack, Fatal> {
     let need = |k: &'static str, v: Option<String>| {
         v.ok_or_else(|| Fatal::Config(format!("the toolstack did not write {k}")))
     };
     // Read together: one round trip.
     let p = ["frontend", "frontend-id", "mode", "device-type"].map(|k| format!("{be}/{k}"));
+    let mut nodes = vec![be.to_owned()];
+    nodes.extend(p.iter().cloned());
+    all_dom0_only(xs, &nodes).await?;
     let (fe, fe_id, mode, device_type) = tokio::try_join!(
         read(xs, &p[0]),
         read(xs, &p[1]),
@@ -540,6 +580,11 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
                 "the hotplug script wrote physical-file without file-id; refusing to serve a file by path alone".into(),
             ));
         };
+        all_dom0_only(
+            xs,
+            &[format!("{be}/physical-file"), format!("{be}/file-id")],
+        )
+        .await?;
         let id = disk::FileId::parse(id.as_bytes())?;
         return Ok(Some(Published::File(path.into(), id)));
     };
@@ -564,6 +609,11 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
             return Ok(None);
         }
     };
+    all_dom0_only(
+        xs,
+        &[format!("{be}/physical-device"), format!("{be}/diskseq")],
+    )
+    .await?;
     Ok(Some(Published::Block(DiskId {
         major,
         minor,
