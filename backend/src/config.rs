@@ -29,6 +29,9 @@
 //! pool_kib = 4096               # 64..=65536: each ring's bounce buffers (never
 //!                               # less than one largest request); pinned
 //!                               # while the ring is connected
+//! max_persistent_maps = 16382   # persistent-grant mappings kept daemon-wide
+//!                               # (default: a quarter of vm.max_map_count);
+//!                               # past it, grants are copied
 //! ```
 #![forbid(unsafe_code)]
 
@@ -92,6 +95,9 @@ pub struct IoConfig {
     pub grants: GrantMode,
     /// Each ring's bounce pool, in KiB.
     pub pool_kib: u32,
+    /// Persistent-grant mappings kept daemon-wide (`None`: a quarter of
+    /// `vm.max_map_count`).
+    pub max_persistent_maps: Option<u32>,
 }
 
 /// How a request's data leaves and reaches guest pages.
@@ -113,6 +119,7 @@ impl Default for IoConfig {
             direct_io: o.direct_io,
             grants: GrantMode::Copy,
             pool_kib: (o.pool_bytes / 1024) as u32,
+            max_persistent_maps: None,
         }
     }
 }

@@ -438,6 +438,14 @@ async fn serve(
             .map_err(|(k, v, r)| anyhow::anyhow!("offer.{k} = {v} is outside {r}"))?,
     );
     let allow_missing_diskseq = allow_missing_diskseq || cfg.allow_missing_diskseq;
+    {
+        let budget = &blkbackd::vbd::queue::MAP_BUDGET;
+        budget.set_limit(cfg.io.max_persistent_maps.map(|n| n as usize));
+        tracing::info!(
+            limit = budget.limit(),
+            "persistent-grant mappings kept daemon-wide (past it, grants are copied)"
+        );
+    }
     let endpoint = endpoint.or(cfg.xenstore.clone());
     if allow_missing_diskseq {
         tracing::warn!(

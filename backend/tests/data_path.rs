@@ -405,3 +405,56 @@ async fn requests_waiting_for_buffers_are_answered_without_another_kick() {
         );
     }
 }
+
+/// The kept mappings of persistent grants are bounded daemon-wide, not only
+/// per ring: four guests with four queues each, doing I/O over many distinct
+/// grants at once against a budget of 200, never hold more than 200 between
+/// them; past it their grants are copied, every byte still comes back, and
+/// the budget is whole again once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_mappings_are_bounded_daemon_wide() {
+    use blkbackd::vbd::queue::MAP_BUDGET;
+    MAP_BUDGET.set_limit(Some(200));
+    let s = sim().await;
+    let mut served = Vec::new();
+    for domid in 60..64u16 {
+        let img = image(s.dir.path(), &format!("b{domid}.img"), DISK_BYTES);
+        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
+        let b = s
+            .world
+            .serve_with(DomId(domid), DEVID, "file", disk, offer(EngineChoice::IoUring, true))
+            .await
+            .unwrap();
+        let opts = FrontOptions {
+            queues: 4,
+            persistent: true,
+            ..FrontOptions::default()
+        };
+        let front = Arc::new(s.front(&b, DomId(domid), &opts).await);
+        served.push((b, front, img));
+    }
+    let mut io = tokio::task::JoinSet::new();
+    for (i, (_, front, _)) in served.iter().enumerate() {
+        let f = front.clone();
+        io.spawn(async move { (i, scatter(&f, 70 + i).await) });
+    }
+    let mut extents = vec![Vec::new(); served.len()];
+    while let Some(r) = io.join_next().await {
+        let (i, e) = r.unwrap();
+        extents[i] = e;
+    }
+    assert!(MAP_BUDGET.used() <= 200, "{} kept", MAP_BUDGET.used());
+    let (mut maps, mut over) = (0, 0);
+    for ((b, front, img), extents) in served.into_iter().zip(&extents) {
+        drop(front);
+        let ends = finish(b).await;
+        maps += ends.iter().map(|(_, s)| s.persistent_maps).sum::<u64>();
+        over += ends.iter().map(|(_, s)| s.persistent_over_budget).sum::<u64>();
+        assert_eq!(ends.iter().map(|(_, s)| s.errors).sum::<u64>(), 0);
+        assert_on_file(&img, extents);
+    }
+    println!("kept mappings made {maps} (budget 200), grants copied for want of budget {over}");
+    assert!(maps <= 200, "{maps} kept mappings made against a budget of 200");
+    assert!(over > 0, "the guests never reached the budget, so this proved nothing");
+    assert_eq!(MAP_BUDGET.used(), 0, "mappings not given back");
+}

@@ -67,6 +67,10 @@ pub struct QueueStats {
     /// Notifications that brought no new request.
     #[serde(default)]
     pub spurious_kicks: u64,
+    /// Grants served by copy because the daemon-wide budget of kept
+    /// mappings was spent.
+    #[serde(default)]
+    pub persistent_over_budget: u64,
 }
 
 /// Persistent grants kept per ring, as Linux blkback keeps at most 1056: past
@@ -106,14 +110,94 @@ pub fn pool_pages(pool_bytes: usize, max_segments: usize) -> usize {
     (pool_bytes / POOL_PAGE).max(max_segments)
 }
 
+/// The daemon-wide budget of kept (persistent-grant) mappings. Each is a
+/// mapping of its own, and a process may hold only `vm.max_map_count` of
+/// them (65,530 by default): without a daemon-wide bound, a few guests with
+/// many queues (1056 per ring) would use them all, and every other guest's
+/// connect would then fail. Past the budget, grants are served by grant copy.
+#[derive(Debug)]
+pub struct MapBudget {
+    limit: std::sync::atomic::AtomicUsize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+/// The budget when nothing sets one: a quarter of `vm.max_map_count`
+/// (the rest is for rings, map mode, threads and libraries).
+fn default_map_budget() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65_530)
+        / 4
+}
+
+/// The budget every queue of this process shares.
+pub static MAP_BUDGET: MapBudget = MapBudget {
+    limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
+    used: std::sync::atomic::AtomicUsize::new(0),
+};
+
+impl MapBudget {
+    /// Sets the limit (the configuration's `io.max_persistent_maps`; `None`:
+    /// a quarter of `vm.max_map_count`). Mappings already held stay.
+    pub fn set_limit(&self, limit: Option<usize>) {
+        let limit = limit.unwrap_or_else(default_map_budget);
+        self.limit.store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        let l = self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        if l == usize::MAX {
+            // Never set: the default, decided once.
+            let d = default_map_budget();
+            let _ = self.limit.compare_exchange(
+                usize::MAX,
+                d,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            return self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        l
+    }
+
+    /// Kept mappings held now, daemon-wide.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn acquire(&self) -> bool {
+        let limit = self.limit();
+        self.used
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Relaxed,
+                |u| (u < limit).then_some(u + 1),
+            )
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Grants the frontend promised to reuse, mapped once and kept until the ring
-/// is torn down (the mappings are dropped with the queue).
+/// is torn down (the mappings are dropped with the queue), within the
+/// per-ring [`MAX_PERSISTENT_GRANTS`] and the daemon-wide [`MAP_BUDGET`].
 #[derive(Debug, Default)]
 struct Persistent {
     enabled: bool,
     maps: std::collections::HashMap<GrantRef, SharedMem>,
     /// Grants that could not be mapped (e.g. granted read-only): copied.
     unmappable: std::collections::HashSet<GrantRef>,
+}
+
+impl Drop for Persistent {
+    fn drop(&mut self) {
+        MAP_BUDGET.release(self.maps.len());
+    }
 }
 
 /// How a queue ended.
@@ -277,12 +361,17 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             if p.maps.len() >= MAX_PERSISTENT_GRANTS {
                 return None;
             }
+            if !MAP_BUDGET.acquire() {
+                self.stats.persistent_over_budget += 1;
+                return None;
+            }
             match self.grants.map(self.domid, &[gref], true) {
                 Ok(m) => {
                     p.maps.insert(gref, m);
                     self.stats.persistent_maps += 1;
                 }
                 Err(e) => {
+                    MAP_BUDGET.release(1);
                     tracing::debug!(domid = %self.domid, gref, "persistent grant not mappable, copying: {e}");
                     if p.unmappable.len() < MAX_PERSISTENT_GRANTS {
                         p.unmappable.insert(gref);
