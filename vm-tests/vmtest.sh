@@ -40,13 +40,15 @@ DU=$W/rootfs-domu; base_root $DU; copy_mods $DU xen-blkfront ext4 crc32c_generic
 copy_bin $DU /sbin/mke2fs; mkdir -p $DU/etc; cp /etc/mke2fs.conf $DU/etc/
 # the side-by-side scenario's load generator (static: the domU has no libc)
 gcc -static -O2 -o $DU/bin/iobench "$(dirname "$DOMU_INIT")/iobench.c"
+# the restart and save/restore scenarios' verifying guest
+gcc -static -O2 -o $DU/bin/verifyloop "$(dirname "$DOMU_INIT")/verifyloop.c"
 cp "$DOMU_INIT" $DU/init
 chmod +x $DU/init; (cd $DU && find . | cpio -R 0:0 -H newc -o --quiet) > $W/out/domu.cpio
 # 4. dom0 initramfs
 D0=$W/rootfs-dom0; base_root $D0
 copy_mods $D0 xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb
 XB=/usr/lib/xen-4.17/bin
-copy_bin $D0 $XB/xl $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 /usr/bin/xenstore /sbin/dmsetup \
+copy_bin $D0 $XB/xl $XB/libxl-save-helper $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 /usr/bin/xenstore /sbin/dmsetup \
   /sbin/losetup /sbin/blockdev /usr/bin/flock /bin/bash /lib/x86_64-linux-gnu/libgcc_s.so.1 \
   /sbin/e2fsck /sbin/debugfs /usr/libexec/xen-qemu-system-i386
 for t in read write ls list rm exists watch chmod; do ln -sf xenstore $D0/usr/bin/xenstore-$t; done

@@ -225,6 +225,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs in files and journald stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -438,6 +440,12 @@ async fn serve(
             .map_err(|(k, v, r)| anyhow::anyhow!("offer.{k} = {v} is outside {r}"))?,
     );
     let allow_missing_diskseq = allow_missing_diskseq || cfg.allow_missing_diskseq;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        build = %option_env!("BLKBACKD_BUILD_TAG").unwrap_or("release"),
+        on_stop = ?cfg.on_stop,
+        "blkbackd starting"
+    );
     {
         let budget = &blkbackd::vbd::queue::MAP_BUDGET;
         budget.set_limit(cfg.io.max_persistent_maps.map(|n| n as usize));

@@ -48,6 +48,17 @@ if grep -q blkbackd_bench /proc/cmdline && [ -b /dev/xvda ]; then
     /bin/iobench /dev/xvda $1 $2 $3 3 | sed 's/^/DOMU-MARK /' || echo "DOMU-MARK IOBENCH-FAIL $job"
   done
 fi
+# blkbackd_verify=SECONDS on the command line: a verified write/read loop on
+# xvda for that long (the daemon is restarted, or the guest saved and
+# restored, under it); its report is a DOMU-MARK line.
+for t in $(cat /proc/cmdline); do
+  case $t in blkbackd_verify=*)
+    if [ -b /dev/xvda ]; then
+      echo "DOMU-MARK verify-start"
+      /bin/verifyloop /dev/xvda ${t#blkbackd_verify=} | sed 's/^/DOMU-MARK /' &
+    fi;;
+  esac
+done
 # blkbackd_busy on the command line: keep writing to xvda until destroyed.
 if grep -q blkbackd_busy /proc/cmdline && [ -b /dev/xvda ]; then
   ( while :; do dd if=/dev/urandom of=/dev/xvda bs=64k count=64 seek=32 conv=notrunc,fsync 2>/dev/null; done ) &

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Scenario 19: xl create naming a missing image. The block script fails,
+# libxl removes the device, and blkbackd closes it at once (it used to wait
+# in InitWait for a script that had given up, and libxl gave up after 10 s,
+# 12 s in all). The failed create is timed and nothing may be left.
+. /vmlib.sh
+N=failed-create
+start_blkbackd || fail $N "cannot start blkbackd"
+guest_cfg dommiss "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/no-such-image.img" 1 ""
+t0=$(cut -d' ' -f1 /proc/uptime)
+xl create /root/dommiss.cfg > /tmp/xl19.log 2>&1 && fail $N "xl create of a missing image succeeded"
+t1=$(cut -d' ' -f1 /proc/uptime)
+SECS=$(awk "BEGIN{print $t1-$t0}")
+tail -3 /tmp/xl19.log
+echo "FAILED-CREATE took $SECS s"
+grep -q "Unable to destroy guest" /tmp/xl19.log && fail $N "libxl could not destroy the guest (the vbd never reached Closed)"
+awk "BEGIN{exit !($SECS < 10)}" || fail $N "the failed create took $SECS s: the device was not closed when removed"
+xl list | grep -q dommiss && fail $N "the domain is left"
+[ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "vbd nodes left: $(xenstore-ls /local/domain/0/backend/vbd)"
+[ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
+mark "$N PASS secs=$SECS"
