@@ -259,6 +259,7 @@ mod tests {
             r#"
             xenstore = "/run/xenstored/socket"
             allow_missing_diskseq = true
+            on_stop = "close"
             [offer]
             max_ring_page_order = 2
             max_queues = 8
@@ -269,9 +270,13 @@ mod tests {
             direct_io = false
             grants = "map"
             pool_kib = 1024
+            max_persistent_maps = 500
             "#,
         )
         .unwrap();
+        assert_eq!(c.on_stop, OnStop::Close);
+        assert_eq!(c.io.max_persistent_maps, Some(500));
+        assert_eq!(Config::default().on_stop, OnStop::Handover);
         assert_eq!(
             c.xenstore.as_deref(),
             Some(Path::new("/run/xenstored/socket"))
@@ -314,6 +319,8 @@ mod tests {
             ),
             ("allow_missing_diskseq = 1", "invalid type"),
             ("[io]\nengine = \"aio\"", "unknown variant `aio`"),
+            ("on_stop = \"halt\"", "unknown variant `halt`"),
+            ("[io]\non_stop = \"close\"", "unknown field `on_stop`"),
             (
                 "[io]\npool_kib = 8",
                 "io.pool_kib = 8 is outside 64..=65536",
