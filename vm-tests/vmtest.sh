@@ -14,7 +14,34 @@ export DEBIAN_FRONTEND=noninteractive
 need=(qemu-system-x86 busybox-static cpio kmod xen-utils-4.17 xenstore-utils dmsetup util-linux e2fsprogs \
   qemu-system-xen qemu-system-data gcc libc6-dev)
 missing=$(for p in "${need[@]}"; do dpkg -s $p >/dev/null 2>&1 || echo $p; done)
-[ -z "$missing" ] || { apt-get update -qq; apt-get install -y -qq --no-install-recommends $missing >/dev/null; }
+# apt_install PKG...: installs them; on failure prints apt's own error, then
+# resolves what it can: a package installed from outside the archive (e.g.
+# qemu-utils from backports) that Breaks what we need is taken back to the
+# archive's version, and what still fails is tried one package at a time,
+# so the error names the package.
+apt_install() {
+  local out fix=() p v
+  out=$(apt-get install -y -q --no-install-recommends "$@" 2>&1) && return 0
+  echo "vmtest: apt-get install $* failed:"; echo "$out" | grep -E '^(E:|W:| )' | sed 's/^/vmtest:   /'
+  for p in $(echo "$out" | sed -n 's/^ *\([^ ]*\) : Breaks: .*/\1/p' | sort -u); do
+    v=$(apt-cache madison "$p" | awk 'NR == 1 {print $3}')
+    [ -n "$v" ] && fix+=("$p=$v")
+  done
+  if [ "${#fix[@]}" -gt 0 ]; then
+    echo "vmtest: taking ${fix[*]} from the archive, as what we install needs"
+    apt-get install -y -qq --no-install-recommends --allow-downgrades "$@" "${fix[@]}" >/dev/null 2>&1 && return 0
+  fi
+  local failed=0
+  for p in "$@"; do
+    out=$(apt-get install -y -qq --no-install-recommends --allow-downgrades "$p" 2>&1) || {
+      echo "vmtest: cannot install $p:"; echo "$out" | grep -E '^(E:| )' | sed 's/^/vmtest:   /'; failed=1; }
+  done
+  return $failed
+}
+if [ -n "$missing" ]; then
+  apt-get update -qq || echo "vmtest: apt-get update failed (rc $?)"
+  apt_install $missing || { echo "VMTEST-HARNESS-FAIL: the host packages could not be installed (above)"; exit 100; }
+fi
 # 2. hypervisor + kernel: download and unpack only (never installed on the host)
 KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 KV=${KPKG#linux-image-}
