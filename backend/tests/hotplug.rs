@@ -2,8 +2,9 @@
 //! dom0's home, the embedded Xenstore via XENSTORED_PATH, judged by exit status.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 
 use blkbackd::disk::{open_by_diskseq, parse_diskseq, parse_physical_device, DiskId};
 use blkbackd::sim::{toolstack, world::SimWorld};
@@ -33,21 +34,36 @@ impl Env {
     }
 
     async fn vbd(&self, domid: u16, params: &str, mode: &str) -> String {
-        toolstack::create_vbd(&self.world.dom0, DomId(domid), 51712, params, mode)
+        self.vbd_at(domid, 51712, params, mode).await
+    }
+
+    async fn vbd_at(&self, domid: u16, devid: u32, params: &str, mode: &str) -> String {
+        toolstack::create_vbd(&self.world.dom0, DomId(domid), devid, params, mode)
             .await
             .unwrap();
         // libxl passes the backend path relative to dom0's home.
-        format!("backend/vbd/{domid}/51712")
+        format!("backend/vbd/{domid}/{devid}")
+    }
+
+    /// Where the block script finds templates and stores: this
+    /// test's own directories.
+    fn state_dir(&self, what: &str) -> PathBuf {
+        self.dir.path().join(what)
+    }
+
+    fn command(&self, action: &str, xenbus_path: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"));
+        cmd.args(["hotplug", action])
+            .env("XENBUS_PATH", xenbus_path)
+            .env("XENSTORED_PATH", self.world.xenstore_socket())
+            .env("BLKBACKD_TEMPLATES", self.state_dir("templates"))
+            .env("BLKBACKD_COW_DIR", self.state_dir("cow"))
+            .kill_on_drop(true);
+        cmd
     }
 
     async fn hotplug(&self, action: &str, xenbus_path: &str) -> Output {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
-            .args(["hotplug", action])
-            .env("XENBUS_PATH", xenbus_path)
-            .env("XENSTORED_PATH", self.world.xenstore_socket())
-            .output()
-            .await
-            .unwrap()
+        self.command(action, xenbus_path).output().await.unwrap()
     }
 
     async fn read(&self, be: &str, key: &str) -> Option<String> {
@@ -174,4 +190,37 @@ async fn without_xenbus_path_the_script_fails_clearly() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("XENBUS_PATH"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_and_character_devices_are_refused_at_once_by_their_type() {
+    let e = env().await;
+    let fifo = e.dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut domid = 70;
+    for (path, kind) in [
+        (fifo.display().to_string(), "FIFO"),
+        ("/dev/null".to_owned(), "character device"),
+    ] {
+        for scheme in ["file:", "direct:", "phy:"] {
+            for mode in ["r", "w"] {
+                let params = format!("{scheme}{path}");
+                let be = e.vbd(domid, &params, mode).await;
+                domid += 1;
+                let out =
+                    tokio::time::timeout(Duration::from_secs(10), e.command("add", &be).output())
+                        .await
+                        .unwrap_or_else(|_| panic!("add of {params} ({mode}) hung"))
+                        .unwrap();
+                assert!(!out.status.success(), "{params} ({mode}) was accepted");
+                let why = e.read(&be, "hotplug-error").await.unwrap();
+                assert!(why.contains(kind), "{params} ({mode}): {why}");
+                ok(&e.hotplug("remove", &be).await);
+            }
+        }
+    }
 }
