@@ -45,7 +45,7 @@ impl Env {
         format!("backend/vbd/{domid}/{devid}")
     }
 
-    /// Where the block script finds templates and stores: this
+    /// Where the block script finds templates, stores and its lock: this
     /// test's own directories.
     fn state_dir(&self, what: &str) -> PathBuf {
         self.dir.path().join(what)
@@ -58,12 +58,42 @@ impl Env {
             .env("XENSTORED_PATH", self.world.xenstore_socket())
             .env("BLKBACKD_TEMPLATES", self.state_dir("templates"))
             .env("BLKBACKD_COW_DIR", self.state_dir("cow"))
+            .env("BLKBACKD_LOCK_DIR", self.state_dir("lock"))
             .kill_on_drop(true);
         cmd
     }
 
     async fn hotplug(&self, action: &str, xenbus_path: &str) -> Output {
         self.command(action, xenbus_path).output().await.unwrap()
+    }
+
+    /// `add`, which must fail; returns its `hotplug-error`.
+    async fn refused(&self, be: &str) -> String {
+        let out = self.hotplug("add", be).await;
+        assert!(!out.status.success(), "{be} was accepted");
+        assert_eq!(
+            self.read(be, "hotplug-status").await.as_deref(),
+            Some("error")
+        );
+        self.read(be, "hotplug-error").await.unwrap()
+    }
+
+    /// What libxl does after `remove`: the backend directory goes.
+    async fn forget(&self, be: &str) {
+        self.world
+            .dom0
+            .rm(&format!("/local/domain/0/{be}"))
+            .await
+            .unwrap();
+    }
+
+    /// The toolstack's `/local/domain/<domid>/vm` (`/vm/<uuid>`).
+    async fn set_vm(&self, domid: u16, uuid: &str) {
+        self.world
+            .dom0
+            .write(&format!("/local/domain/{domid}/vm"), format!("/vm/{uuid}"))
+            .await
+            .unwrap();
     }
 
     async fn read(&self, be: &str, key: &str) -> Option<String> {
@@ -222,5 +252,132 @@ async fn fifos_and_character_devices_are_refused_at_once_by_their_type() {
                 ok(&e.hotplug("remove", &be).await);
             }
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_file_under_another_name_is_refused_beside_a_writer() {
+    let e = env().await;
+    let real = e.dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let img = real.join("a.img");
+    std::fs::write(&img, vec![0x11; 2 << 20]).unwrap();
+    std::os::unix::fs::symlink(&real, e.dir.path().join("alias")).unwrap();
+    std::fs::hard_link(&img, e.dir.path().join("hard.img")).unwrap();
+    let writer = e.vbd(40, &format!("file:{}", img.display()), "w").await;
+    ok(&e.hotplug("add", &writer).await);
+    // A loop device of our own over the same file, reached through a symlink.
+    let dev = blkbackd::disk::loopdev::attach(&img, &Default::default()).unwrap();
+    let loop_link = e.dir.path().join("loop-link");
+    std::os::unix::fs::symlink(&dev.path, &loop_link).unwrap();
+    let d = e.dir.path().display();
+    for (domid, params) in [
+        (41, format!("direct:{d}/real/./a.img")),
+        (42, format!("file:{d}/alias/a.img")),
+        (43, format!("direct:{d}/hard.img")),
+        (44, format!("file:{d}/hard.img")),
+        (45, format!("phy:{}", loop_link.display())),
+    ] {
+        let be = e.vbd(domid, &params, "r").await;
+        let why = e.refused(&be).await;
+        assert!(why.contains("domain 40"), "{params}: {why}");
+        assert!(e.read(&be, "physical-device").await.is_none(), "{params}");
+        ok(&e.hotplug("remove", &be).await);
+    }
+    ok(&e.hotplug("remove", &writer).await);
+    drop(dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_device_is_recognised_by_its_device_number_under_any_path() {
+    let e = env().await;
+    let img = e.image("dev.img");
+    let dev = blkbackd::disk::loopdev::attach(Path::new(&img), &Default::default()).unwrap();
+    let link = e.dir.path().join("disk-link");
+    std::os::unix::fs::symlink(&dev.path, &link).unwrap();
+    let writer = e.vbd(46, &format!("phy:{}", dev.path.display()), "w").await;
+    ok(&e.hotplug("add", &writer).await);
+    let be = e.vbd(47, &format!("phy:{}", link.display()), "r").await;
+    let why = e.refused(&be).await;
+    assert!(why.contains("domain 46"), "{why}");
+    ok(&e.hotplug("remove", &writer).await);
+    e.forget(&writer).await;
+    // The writer gone, the reader is served.
+    let be = e.vbd(48, &format!("phy:{}", link.display()), "r").await;
+    ok(&e.hotplug("add", &be).await);
+    ok(&e.hotplug("remove", &be).await);
+    dev.release().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vbd_without_a_mode_is_taken_for_the_writer_it_is_served_as() {
+    let e = env().await;
+    let img = e.image("nomode.img");
+    let first = e.vbd(50, &format!("file:{img}"), "w").await;
+    e.world
+        .dom0
+        .rm(&format!("/local/domain/0/{first}/mode"))
+        .await
+        .unwrap();
+    ok(&e.hotplug("add", &first).await);
+    let second = e.vbd(51, &format!("file:{img}"), "r").await;
+    let why = e.refused(&second).await;
+    assert!(why.contains("domain 50"), "{why}");
+    ok(&e.hotplug("remove", &first).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_of_one_disk_give_it_to_exactly_one_domain() {
+    let e = env().await;
+    let img = e.image("race.img");
+    for round in 0..25u16 {
+        let a = e.vbd(100 + 2 * round, &format!("file:{img}"), "w").await;
+        let b = e.vbd(101 + 2 * round, &format!("direct:{img}"), "w").await;
+        let (oa, ob) = tokio::join!(e.hotplug("add", &a), e.hotplug("add", &b));
+        let won = [&oa, &ob].iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            won, 1,
+            "round {round}: {won} domains got the disk for writing"
+        );
+        let loser = if oa.status.success() { &b } else { &a };
+        let why = e.read(loser, "hotplug-error").await.unwrap();
+        assert!(why.contains("in use by domain"), "round {round}: {why}");
+        for be in [&a, &b] {
+            ok(&e.hotplug("remove", be).await);
+            e.forget(be).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_vbd_of_the_same_vm_may_share_the_disk() {
+    let e = env().await;
+    let img = e.image("vm.img");
+    let params = format!("file:{img}");
+    e.set_vm(60, "0d5e0c4c-0000-4000-8000-000000000060").await;
+    e.set_vm(61, "0d5e0c4c-0000-4000-8000-000000000060").await; // migration's receiving side
+    e.set_vm(62, "0d5e0c4c-0000-4000-8000-000000000062").await;
+    let first = e.vbd(60, &params, "w").await;
+    ok(&e.hotplug("add", &first).await);
+    let again = e.vbd_at(60, 51728, &format!("direct:{img}"), "w").await;
+    ok(&e.hotplug("add", &again).await);
+    let incoming = e.vbd(61, &params, "w").await;
+    ok(&e.hotplug("add", &incoming).await);
+    // A stub domain serving domain 60 belongs to its VM.
+    e.world
+        .dom0
+        .write("/local/domain/64/target", "60")
+        .await
+        .unwrap();
+    let stubdom = e.vbd(64, &params, "w").await;
+    ok(&e.hotplug("add", &stubdom).await);
+    let other = e.vbd(62, &params, "r").await;
+    let why = e.refused(&other).await;
+    assert!(why.contains("in use by domain"), "{why}");
+    // A domain without a `vm` node is not taken for the same VM.
+    let unknown = e.vbd(63, &params, "r").await;
+    e.refused(&unknown).await;
+    for be in [&first, &again, &incoming, &stubdom] {
+        ok(&e.hotplug("remove", be).await);
     }
 }

@@ -286,6 +286,17 @@ impl Drop for LoopDevice {
     }
 }
 
+/// The file loop device `dev` (an open loop node) reads and writes: the
+/// (major, minor) of its file system and its inode, as `LOOP_GET_STATUS64`
+/// reports them; `None` when nothing is attached.
+pub fn backing_of(dev: &File) -> io::Result<Option<((u32, u32), u64)>> {
+    match sys::loop_status(dev) {
+        Ok(info) => Ok(Some((super::dm::decode_dev(info.lo_device), info.lo_inode))),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// One of our loop devices, found by [`ours`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {

@@ -406,6 +406,39 @@ pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskErr
     describe(file, id, writable)
 }
 
+/// Opens block device `major:minor` read-only to look at it (another vbd's
+/// published disk, for the sharing check): `None` when there is no such
+/// device any more, or when `diskseq` is given and the number now belongs to
+/// another disk.
+pub fn open_published(
+    major: u32,
+    minor: u32,
+    diskseq: Option<u64>,
+) -> Result<Option<File>, DiskError> {
+    let (path, _private) = node_for(major, minor)?;
+    let (file, meta) = match open_node(&path, false) {
+        Ok(opened) => opened,
+        Err(DiskError::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENXIO | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    if sys::split_dev(meta.rdev()) != (major, minor) {
+        return Err(DiskError::NotThatDevice { path, major, minor });
+    }
+    if let Some(want) = diskseq {
+        if sys::diskseq(&file).map_err(io_err("BLKGETDISKSEQ"))? != want {
+            return Ok(None);
+        }
+    }
+    Ok(Some(file))
+}
+
 /// The diskseq the device `major:minor` carries now (for the explicitly
 /// allowed, unsafe case of a script that publishes no diskseq).
 pub fn current_diskseq(major: u32, minor: u32) -> Result<u64, DiskError> {

@@ -12,26 +12,29 @@ use std::path::{Path, PathBuf};
 
 use xenstore::{Client, Xs};
 
-use super::{read_opt, remove_dm, vbd_ids, HotplugError, DM_NAME};
+use super::{env_dir, read_opt, remove_dm, vbd_ids, HotplugError, DM_NAME};
 use crate::disk::dm::{self, Control, DevId, DevRef, Table, Target};
 use crate::disk::loopdev::{self, LoopOptions};
 use crate::disk::{self, DiskId};
 
-const ORIGIN: &str = "blkbackd-origin";
-const COW: &str = "blkbackd-cow";
-const COW_FILE: &str = "blkbackd-cow-file";
+/// The template's loop device, `%x:%x:%llx` (dev_t and diskseq).
+pub(super) const ORIGIN: &str = "blkbackd-origin";
+/// The store's loop device, as [`ORIGIN`].
+pub(super) const COW: &str = "blkbackd-cow";
+/// The store file's path.
+pub(super) const COW_FILE: &str = "blkbackd-cow-file";
 
-fn dir(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(default))
+/// The image of template `template`.
+pub(super) fn template_path(template: &str) -> PathBuf {
+    env_dir("BLKBACKD_TEMPLATES", "/var/lib/blkbackd/templates").join(format!("{template}.img"))
 }
 
 fn id_value(id: DiskId) -> String {
     format!("{}:{}", id.physical_device(), id.diskseq_hex())
 }
 
-fn parse_id(v: &str) -> Option<DiskId> {
+/// A recorded loop device's identity.
+pub(super) fn parse_id(v: &str) -> Option<DiskId> {
     let (phys, seq) = v.rsplit_once(':')?;
     let (major, minor) = disk::parse_physical_device(phys.as_bytes()).ok()?;
     let diskseq = disk::parse_diskseq(seq.as_bytes()).ok()?;
@@ -70,8 +73,7 @@ pub(super) async fn add(
 ) -> Result<DiskId, HotplugError> {
     let (domid, devid) = vbd_ids(be)?;
     let name = dm::vbd_name(domid, devid, None)?;
-    let tmpl =
-        dir("BLKBACKD_TEMPLATES", "/var/lib/blkbackd/templates").join(format!("{template}.img"));
+    let tmpl = template_path(template);
     let size = std::fs::metadata(&tmpl)
         .map_err(io(format!("template {}", tmpl.display())))?
         .len();
@@ -93,7 +95,7 @@ pub(super) async fn add(
         xs.write(&format!("{be}/{ORIGIN}"), id_value(origin))
             .await?;
         // The store: sparse, room for every chunk to change plus metadata.
-        let cow_dir = dir("BLKBACKD_COW_DIR", "/var/lib/blkbackd/cow");
+        let cow_dir = env_dir("BLKBACKD_COW_DIR", "/var/lib/blkbackd/cow");
         std::fs::create_dir_all(&cow_dir).map_err(io(format!("making {}", cow_dir.display())))?;
         let cow_file = cow_dir.join(format!("{domid}-{devid}.cow"));
         let f = std::fs::OpenOptions::new()
@@ -152,7 +154,7 @@ pub(super) async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
     }
     if let Some(f) = read_opt(xs, &format!("{be}/{COW_FILE}")).await? {
         let p = Path::new(&f);
-        let cow_dir = dir("BLKBACKD_COW_DIR", "/var/lib/blkbackd/cow");
+        let cow_dir = env_dir("BLKBACKD_COW_DIR", "/var/lib/blkbackd/cow");
         // Only ever a file we made, in our store directory.
         if p.parent() == Some(cow_dir.as_path()) && f.ends_with(".cow") {
             match std::fs::remove_file(p) {
