@@ -32,7 +32,7 @@
 //! Every path is typed before it is opened (a FIFO or a character device is
 //! refused without being opened). `add` refuses storage another VM's vbd
 //! uses when either writes it, comparing identities, not `params` text
-//! ([`sharing`]), and holds the host's [`HostLock`] from that check until
+//! (`hotplug/sharing.rs`), and holds the host's [`HostLock`] from that check until
 //! its result is written.
 #![forbid(unsafe_code)]
 
@@ -101,6 +101,17 @@ pub enum HotplugError {
         vbd: String,
         /// Why.
         why: String,
+    },
+    /// `add` found what an earlier `add` of the same vbd made.
+    #[error(
+        "{be} already records {key} from an earlier add; refusing to make a second disk \
+         over it (remove undoes the first)"
+    )]
+    AlreadyMade {
+        /// The vbd.
+        be: String,
+        /// The record found.
+        key: &'static str,
     },
     /// The host's hotplug lock could not be taken.
     #[error("the hotplug lock {path}: {source}")]
@@ -255,7 +266,7 @@ pub struct HostLock {
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl HostLock {
-    /// Takes the lock, waiting at most [`LOCK_WAIT`].
+    /// Takes the lock, waiting at most `LOCK_WAIT` (30 s).
     pub async fn acquire() -> Result<HostLock, HotplugError> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let dir = env_dir("BLKBACKD_LOCK_DIR", "/run/blkbackd");
