@@ -351,7 +351,7 @@ fn prepare(params: &Params, writable: bool) -> Result<(Prepared<'_>, sharing::Us
     let prepared = match params {
         Params::Block(p) => {
             let d = disk::identify(p, writable)?;
-            let held = sharing::device(&d.file, d.id.major, d.id.minor)
+            let held = sharing::device(Some(&d.file), d.id.major, d.id.minor)
                 .map_err(|e| HotplugError::File(p.display().to_string(), e))?;
             for s in held {
                 uses.add(s, writable);

@@ -161,11 +161,12 @@ pub(super) fn file(meta: &Metadata) -> Storage {
     }
 }
 
-/// What the open block device `dev` (`major:minor`) holds: itself, for a
-/// loop device its backing file, for a dm thin device its volume.
-pub(super) fn device(dev: &File, major: u32, minor: u32) -> io::Result<Vec<Storage>> {
+/// What block device `major:minor` holds: itself, for a loop device its
+/// backing file (read from `dev`, the device opened), for a dm thin device
+/// its volume.
+pub(super) fn device(dev: Option<&File>, major: u32, minor: u32) -> io::Result<Vec<Storage>> {
     let mut out = vec![Storage::Device { major, minor }];
-    if major == loopdev::LOOP_MAJOR {
+    if let (true, Some(dev)) = (major == loopdev::LOOP_MAJOR, dev) {
         if let Some((dev, ino)) = loopdev::backing_of(dev)? {
             out.push(Storage::File { dev, ino });
         }
@@ -193,10 +194,15 @@ pub(super) fn thin(pool: &str, id: u32) -> Vec<Storage> {
     out
 }
 
-/// What a published block device holds now; nothing if it is gone.
+/// What a published block device holds now; nothing if it is gone. It is
+/// opened (read-only) only to check its `diskseq` or to ask a loop device
+/// for its backing file.
 fn published_device(major: u32, minor: u32, diskseq: Option<u64>) -> Result<Vec<Storage>, String> {
+    if diskseq.is_none() && major != loopdev::LOOP_MAJOR {
+        return device(None, major, minor).map_err(|e| format!("{major}:{minor}: {e}"));
+    }
     match disk::open_published(major, minor, diskseq) {
-        Ok(Some(f)) => device(&f, major, minor).map_err(|e| format!("{major}:{minor}: {e}")),
+        Ok(Some(f)) => device(Some(&f), major, minor).map_err(|e| format!("{major}:{minor}: {e}")),
         Ok(None) => Ok(Vec::new()),
         Err(e) => Err(e.to_string()),
     }
@@ -220,9 +226,9 @@ fn stat(path: &Path, follow: bool) -> Result<Option<Metadata>, String> {
     }
 }
 
-/// What `params` names now, looked up without opening files (a block
-/// device is opened read-only when it is a loop or dm device, to read what
-/// it maps). Thin volumes are added by the caller.
+/// What `params` names now, looked up with `stat`, without opening anything
+/// but a loop device (read-only, for its backing file). Thin volumes are
+/// added by the caller.
 pub(super) fn declared(params: &Params, writes: bool) -> Result<Uses, String> {
     let mut uses = Uses::default();
     match params {
