@@ -28,6 +28,12 @@
 //!   `blkbackd-<domid>-<devid>` of `SIZE` bytes (a multiple of 512, with an
 //!   optional K, M, G or T suffix: a thin volume has no size of its own);
 //!   `remove` deactivates it and keeps the volume's data.
+//!
+//! Every path is typed before it is opened (a FIFO or a character device is
+//! refused without being opened). `add` refuses storage another VM's vbd
+//! uses when either writes it, comparing identities, not `params` text
+//! (`hotplug/sharing.rs`), and holds the host's [`HostLock`] from that check until
+//! its result is written.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -69,16 +75,51 @@ pub enum HotplugError {
     #[error("mode {0:?} is neither r nor w")]
     Mode(String),
     /// Another domain uses the disk in a conflicting mode.
-    #[error("{what} is already in use by domain {domid} (mode {mode}); refusing {want} access")]
+    #[error(
+        "{what} is already in use by domain {domid} ({theirs}): both are {storage}; \
+         refusing {want} access"
+    )]
     Shared {
         /// The disk.
         what: String,
         /// Who has it.
         domid: String,
-        /// Their mode.
-        mode: String,
-        /// Our mode.
-        want: String,
+        /// Their `params` and mode.
+        theirs: String,
+        /// What both use.
+        storage: String,
+        /// Our access: "read" or "write".
+        want: &'static str,
+    },
+    /// What another vbd uses could not be determined.
+    #[error(
+        "cannot tell what storage {vbd} uses ({why}); refusing rather than risk giving \
+         its disk to a second writer"
+    )]
+    Undetermined {
+        /// The other vbd's backend path.
+        vbd: String,
+        /// Why.
+        why: String,
+    },
+    /// `add` found what an earlier `add` of the same vbd made.
+    #[error(
+        "{be} already records {key} from an earlier add; refusing to make a second disk \
+         over it (remove undoes the first)"
+    )]
+    AlreadyMade {
+        /// The vbd.
+        be: String,
+        /// The record found.
+        key: &'static str,
+    },
+    /// The host's hotplug lock could not be taken.
+    #[error("the hotplug lock {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
     },
     /// Not available yet.
     #[error("{0} disks are not supported yet")]
@@ -171,79 +212,11 @@ impl Params {
     }
 }
 
-/// Whether two `params` name the same storage: `file:X` and `direct:X` are
-/// one file, `/dev/X` and `phy:/dev/X` one device. Snapshots never conflict
-/// (each vbd gets its own store; the template is only read).
-fn same_disk(a: &str, b: &str) -> bool {
-    fn target(raw: &str) -> Option<(u8, String)> {
-        Some(match Params::parse(raw).ok()? {
-            Params::Block(p) => (0, p.display().to_string()),
-            Params::File(p) | Params::Direct(p) => (1, p.display().to_string()),
-            Params::Thin { pool, id, .. } => (2, format!("{pool}/{id}")),
-            Params::Snapshot(_) => return None,
-        })
-    }
-    match (target(a), target(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
-}
-
 async fn read_opt(xs: &Client, path: &str) -> Result<Option<String>, HotplugError> {
     Ok(xs
         .try_read(path)
         .await?
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
-}
-
-/// Refuses the disk if another vbd already uses it in a conflicting mode, as the
-/// stock block script does: a writer excludes everyone else, readers share.
-async fn check_sharing(
-    xs: &Client,
-    be: &str,
-    params: &str,
-    writable: bool,
-) -> Result<(), HotplugError> {
-    let root = "/local/domain/0/backend/vbd";
-    let me = xs.get_domain_path(xenstore::DomId::DOM0).await? + "/" + be;
-    // Every request in flight at once (a dom0 with many guests must not pay
-    // a round trip per vbd): the domains, their vbds, then three keys each.
-    let domids = xs.directory(root).await.unwrap_or_default();
-    let dirs: Vec<String> = domids.iter().map(|d| format!("{root}/{d}")).collect();
-    let listings = futures_util::future::join_all(dirs.iter().map(|d| xs.directory(d))).await;
-    let mut others = Vec::new();
-    for ((domid, dir), devids) in domids.iter().zip(&dirs).zip(listings) {
-        for devid in devids.unwrap_or_default() {
-            let other = format!("{dir}/{devid}");
-            if other != me && other != be {
-                others.push((domid.clone(), other));
-            }
-        }
-    }
-    let keys: Vec<String> = others
-        .iter()
-        .flat_map(|(_, o)| ["params", "mode", "hotplug-status"].map(|k| format!("{o}/{k}")))
-        .collect();
-    let values = futures_util::future::join_all(keys.iter().map(|k| read_opt(xs, k)))
-        .await
-        .into_iter()
-        .collect::<Result<Vec<Option<String>>, HotplugError>>()?;
-    for ((domid, _), v) in others.iter().zip(values.chunks(3)) {
-        let [Some(p), mode, status] = v else { continue };
-        let mode = mode.clone().unwrap_or_default();
-        if same_disk(p, params)
-            && status.as_deref() == Some("connected")
-            && (writable || mode == "w")
-        {
-            return Err(HotplugError::Shared {
-                what: params.to_owned(),
-                domid: domid.clone(),
-                mode,
-                want: if writable { "write" } else { "read" }.to_owned(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// What `add` published.
@@ -271,10 +244,75 @@ impl std::fmt::Display for Published {
     }
 }
 
+/// A directory from the environment, or its default.
+fn env_dir(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// The host's hotplug lock: an exclusive `flock` on
+/// `$BLKBACKD_LOCK_DIR/hotplug.lock` (default `/run/blkbackd`), which `add`
+/// holds from its sharing check until its result is written, as Xen's own
+/// `block` script holds `claim_lock block`. The kernel drops it when the
+/// process ends, however it ends; the file is never removed.
+#[derive(Debug)]
+pub struct HostLock {
+    _file: std::fs::File,
+}
+
+/// How long `add` waits for the lock before it fails with a clear error
+/// (libxl's hotplug timeout, 40 s, would kill it silently).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl HostLock {
+    /// Takes the lock, waiting at most `LOCK_WAIT` (30 s).
+    pub async fn acquire() -> Result<HostLock, HotplugError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = env_dir("BLKBACKD_LOCK_DIR", "/run/blkbackd");
+        let path = dir.join("hotplug.lock");
+        let err = |source| HotplugError::Lock {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .map_err(err)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(err)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            if disk::sys::try_lock_exclusive(&file).map_err(err)? {
+                return Ok(HostLock { _file: file });
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("another block script has held it for {LOCK_WAIT:?}"),
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// `add`: builds the disk and publishes it. On failure, reports it in
-/// Xenstore and returns the error (the caller exits non-zero).
+/// Xenstore and returns the error (the caller exits non-zero). Runs under
+/// the host's [`HostLock`] until its result is written, so that a second
+/// `add` sees this one's disk, or its failure, in its sharing check.
 pub async fn add(xs: &Client, be: &str) -> Result<Published, HotplugError> {
-    let made = add_inner(xs, be).await;
+    let (made, _lock) = match HostLock::acquire().await {
+        Ok(lock) => (add_inner(xs, be).await, Some(lock)),
+        Err(e) => (Err(e), None),
+    };
     match &made {
         Ok(id) => {
             xs.write(&format!("{be}/hotplug-status"), "connected")
@@ -291,6 +329,74 @@ pub async fn add(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     made
 }
 
+/// A disk opened and typed for `add`, before the sharing check: the fd
+/// checked is the fd attached or published, so the identity compared is the
+/// identity served.
+enum Prepared<'a> {
+    Block(&'a Path, disk::OpenedDisk),
+    File(&'a Path, std::fs::File, LoopOptions),
+    Direct(&'a Path, FileId),
+    Snapshot(&'a str),
+    Thin {
+        pool: &'a str,
+        id: u32,
+        sectors: u64,
+    },
+}
+
+/// Opens what `params` names (refusing the wrong type of node before it is
+/// opened) and says what storage it uses, for the sharing check.
+fn prepare(params: &Params, writable: bool) -> Result<(Prepared<'_>, sharing::Uses), HotplugError> {
+    let mut uses = sharing::Uses::default();
+    let prepared = match params {
+        Params::Block(p) => {
+            let d = disk::identify(p, writable)?;
+            let held = sharing::device(Some(&d.file), d.id.major, d.id.minor)
+                .map_err(|e| HotplugError::File(p.display().to_string(), e))?;
+            for s in held {
+                uses.add(s, writable);
+            }
+            Prepared::Block(p, d)
+        }
+        Params::File(p) => {
+            let opts = LoopOptions {
+                read_only: !writable,
+                ..LoopOptions::default()
+            };
+            let file = loopdev::open_backing(p, &opts)?;
+            let meta = file
+                .metadata()
+                .map_err(|e| HotplugError::File(format!("fstat of {}", p.display()), e))?;
+            uses.add(sharing::file(&meta), writable);
+            Prepared::File(p, file, opts)
+        }
+        Params::Direct(p) => {
+            let (file, id) = disk::identify_file(p, writable)?;
+            let meta = file
+                .metadata()
+                .map_err(|e| HotplugError::File(format!("fstat of {}", p.display()), e))?;
+            uses.add(sharing::file(&meta), writable);
+            Prepared::Direct(p, id)
+        }
+        Params::Snapshot(t) => {
+            // A template that cannot be looked up fails `snapshot::add`.
+            uses = sharing::declared(params, writable).unwrap_or_default();
+            Prepared::Snapshot(t)
+        }
+        Params::Thin { pool, id, sectors } => {
+            for s in sharing::thin(pool, *id) {
+                uses.add(s, writable);
+            }
+            Prepared::Thin {
+                pool,
+                id: *id,
+                sectors: *sectors,
+            }
+        }
+    };
+    Ok((prepared, uses))
+}
+
 async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     let raw = xs.read_string(&format!("{be}/params")).await?;
     let mode = read_opt(xs, &format!("{be}/mode"))
@@ -302,10 +408,10 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
         _ => return Err(HotplugError::Mode(mode)),
     };
     let params = Params::parse(&raw)?;
-    check_sharing(xs, be, &raw, writable).await?;
-    let (id, path, made_loop) = match &params {
-        Params::Direct(p) => {
-            let (_file, id) = disk::identify_file(p, writable)?;
+    let (prepared, uses) = prepare(&params, writable)?;
+    sharing::check(xs, be, &raw, uses, writable).await?;
+    let (id, path, made_loop) = match prepared {
+        Prepared::Direct(p, id) => {
             let path = p.display().to_string();
             xs.transaction(|tx| {
                 let (be, path) = (be.to_owned(), path.clone());
@@ -315,23 +421,16 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
                 }
             })
             .await?;
-            return Ok(Published::File(p.clone(), id));
+            return Ok(Published::File(p.to_owned(), id));
         }
-        Params::Block(p) => {
-            let d = disk::identify(p, writable)?;
-            (d.id, p.clone(), None)
-        }
-        Params::File(p) => {
-            let opts = LoopOptions {
-                read_only: !writable,
-                ..LoopOptions::default()
-            };
-            let dev = loopdev::attach(p, &opts)?;
+        Prepared::Block(p, d) => (d.id, p.to_owned(), None),
+        Prepared::File(p, file, opts) => {
+            let dev = loopdev::attach_file(&file, p, &opts)?;
             let path = dev.path.clone();
             // The loop device stays attached after we exit; `remove` releases it.
             (dev.keep(), path, Some(()))
         }
-        Params::Snapshot(t) => {
+        Prepared::Snapshot(t) => {
             let id = snapshot::add(xs, be, t, writable).await?;
             (
                 id,
@@ -339,8 +438,8 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
                 None,
             )
         }
-        Params::Thin { pool, id, sectors } => {
-            let d = thin::add(xs, be, pool, *id, *sectors, writable).await?;
+        Prepared::Thin { pool, id, sectors } => {
+            let d = thin::add(xs, be, pool, id, sectors, writable).await?;
             (
                 d,
                 PathBuf::from(format!("/dev/block/{}:{}", d.major, d.minor)),
@@ -481,6 +580,7 @@ async fn remove_dm(xs: &Client, be: &str) -> Result<(), HotplugError> {
     Ok(())
 }
 
+mod sharing;
 mod snapshot;
 mod thin;
 pub use snapshot::revoke;
@@ -488,15 +588,6 @@ pub use snapshot::revoke;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_same_storage_is_recognised_under_either_spelling() {
-        assert!(same_disk("file:/srv/a.img", "direct:/srv/a.img"));
-        assert!(same_disk("/dev/sdb", "phy:/dev/sdb"));
-        assert!(!same_disk("file:/srv/a.img", "file:/srv/b.img"));
-        assert!(!same_disk("snapshot:t", "snapshot:t"));
-        assert!(!same_disk("garbage", "garbage"));
-    }
 
     #[test]
     fn params_grammar() {

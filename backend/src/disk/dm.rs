@@ -619,8 +619,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
         .unwrap_or(0)
 }
 
-/// `huge_encode_dev` decoded.
-fn decode_dev(d: u64) -> (u32, u32) {
+/// `huge_encode_dev` decoded (the encoding of dm's and loop's ioctls).
+pub(crate) fn decode_dev(d: u64) -> (u32, u32) {
     let major = ((d >> 8) & 0xfff) as u32;
     let minor = ((d & 0xff) | ((d >> 12) & 0xfff_ff00)) as u32;
     (major, minor)
@@ -998,6 +998,36 @@ impl DmOps for Control {
         )
         .map(drop)
     }
+}
+
+/// The thin volume a dm device's live table maps, from its table lines: one
+/// `thin` target whose parameters are `POOL_MAJOR:POOL_MINOR DEV_ID
+/// [EXTERNAL_ORIGIN]` (as the kernel prints them); `None` for anything else.
+pub fn thin_target(lines: &[(u64, u64, String, String)]) -> Option<((u32, u32), u32)> {
+    let [(_, _, target, params)] = lines else {
+        return None;
+    };
+    if target != "thin" {
+        return None;
+    }
+    let mut words = params.split_ascii_whitespace();
+    let (major, minor) = words.next()?.split_once(':')?;
+    let pool = (major.parse().ok()?, minor.parse().ok()?);
+    let id = words.next()?.parse().ok()?;
+    Some((pool, id))
+}
+
+/// If block device `major:minor` is a dm device whose live table is one
+/// `thin` target: its pool's dev_t and the volume's thin id (so that a thin
+/// volume activated by hand is recognised as the volume it is). `None` when
+/// it is not, or when device-mapper cannot say.
+pub fn thin_volume_of(major: u32, minor: u32) -> Option<((u32, u32), u32)> {
+    let name = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/dm/name")).ok()?;
+    let name = name.trim_end_matches('\n');
+    validate_name(name).ok()?;
+    let ctl = Control::open().ok()?;
+    // Table lines may hold a crypt key: only a thin line is looked at.
+    thin_target(&ctl.table_lines(&DevId::Name(name.to_owned()), true).ok()?)
 }
 
 /// A dm disk made and verified: its identity and an fd pinning it.

@@ -86,15 +86,26 @@ fn open_loop(n: u32, writable: bool, excl: bool) -> io::Result<File> {
         .open(format!("/dev/loop{n}"))
 }
 
-/// Attaches `backing` to a free loop device.
+/// Opens the regular file a loop device is to read and write (anything else
+/// is refused before it is opened: a FIFO would block, a device's driver would
+/// run).
+pub fn open_backing(backing: &Path, opts: &LoopOptions) -> Result<File, DiskError> {
+    super::open_checked(backing, super::NodeKind::File, !opts.read_only, true).map(|(f, _)| f)
+}
+
+/// Attaches the regular file `backing` to a free loop device.
 pub fn attach(backing: &Path, opts: &LoopOptions) -> Result<LoopDevice, DiskError> {
-    let writable = !opts.read_only;
-    let back = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(backing)
-        .map_err(io_err(format!("opening {}", backing.display())))?;
+    attach_file(&open_backing(backing, opts)?, backing, opts)
+}
+
+/// Attaches the open file `back` (opened by [`open_backing`], so that what
+/// was checked is what is attached) to a free loop device; `backing` is its
+/// name, for messages and `lo_file_name`.
+pub fn attach_file(
+    back: &File,
+    backing: &Path,
+    opts: &LoopOptions,
+) -> Result<LoopDevice, DiskError> {
     let ctl = File::open(CONTROL).map_err(io_err(format!("opening {CONTROL}")))?;
     let mut last = None;
     for attempt in 0..ATTEMPTS {
@@ -104,7 +115,7 @@ pub fn attach(backing: &Path, opts: &LoopOptions) -> Result<LoopDevice, DiskErro
             sys::ioctl_int(&ctl, sys::LOOP_CTL_ADD, libc::c_ulong::MAX)
         }
         .map_err(io_err("asking /dev/loop-control for a free loop device"))? as u32;
-        match configure(n, &back, backing, opts) {
+        match configure(n, back, backing, opts) {
             Ok(dev) => return Ok(dev),
             Err(e) if retryable(&e) => {
                 tracing::debug!(
@@ -123,11 +134,7 @@ pub fn attach(backing: &Path, opts: &LoopOptions) -> Result<LoopDevice, DiskErro
 
 /// Attaches `backing` to loop device `n` exactly (for tests that need a given minor).
 pub fn attach_at(n: u32, backing: &Path, opts: &LoopOptions) -> Result<LoopDevice, DiskError> {
-    let back = OpenOptions::new()
-        .read(true)
-        .write(!opts.read_only)
-        .open(backing)
-        .map_err(io_err(format!("opening {}", backing.display())))?;
+    let back = open_backing(backing, opts)?;
     configure(n, &back, backing, opts).map_err(io_err(format!("configuring /dev/loop{n}")))
 }
 
@@ -276,6 +283,17 @@ impl Drop for LoopDevice {
                 tracing::warn!("releasing {}: {e}", self.path.display());
             }
         }
+    }
+}
+
+/// The file loop device `dev` (an open loop node) reads and writes: the
+/// (major, minor) of its file system and its inode, as `LOOP_GET_STATUS64`
+/// reports them; `None` when nothing is attached.
+pub fn backing_of(dev: &File) -> io::Result<Option<((u32, u32), u64)>> {
+    match sys::loop_status(dev) {
+        Ok(info) => Ok(Some((super::dm::decode_dev(info.lo_device), info.lo_inode))),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

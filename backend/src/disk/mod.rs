@@ -14,6 +14,7 @@ pub mod sys;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -137,6 +138,17 @@ pub enum DiskError {
         /// The diskseq found.
         found: u64,
     },
+    /// The path names a node of another type than the one wanted (found
+    /// before anything opened it).
+    #[error("{path} is {found}, not {want}")]
+    WrongType {
+        /// The path.
+        path: PathBuf,
+        /// What it is, e.g. "a FIFO (named pipe)".
+        found: &'static str,
+        /// What was wanted, e.g. "a regular file".
+        want: &'static str,
+    },
     /// The path now names another file than the one published.
     #[error(
         "{path} is now file {found}, not {wanted}: the file was replaced; refusing to serve it"
@@ -258,26 +270,124 @@ fn node_for(major: u32, minor: u32) -> Result<(PathBuf, Option<tempfile::TempDir
     Ok((dir.path().join("disk"), Some(dir)))
 }
 
-/// Opens a node for I/O and reads its metadata from the same fd.
-fn open_node(path: &Path, writable: bool) -> Result<(File, std::fs::Metadata), DiskError> {
+/// The kind of node an operator's path must name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A block device (`phy:`, a device node).
+    Block,
+    /// A regular file (`file:`, `direct:`, templates, stores).
+    File,
+}
+
+impl NodeKind {
+    fn is(self, ft: std::fs::FileType) -> bool {
+        match self {
+            NodeKind::Block => ft.is_block_device(),
+            NodeKind::File => ft.is_file(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            NodeKind::Block => "a block device",
+            NodeKind::File => "a regular file",
+        }
+    }
+}
+
+/// What a node is, for error messages.
+pub fn type_name(ft: std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "a node of unknown type"
+    }
+}
+
+/// Opens `path` for I/O only once it is known to be `want`, reads its
+/// metadata from the opened fd.
+///
+/// The path is first resolved with `O_PATH` (with `O_NOFOLLOW` unless
+/// `follow`), which opens nothing: no FIFO waits for a writer, no device
+/// driver's `open` runs. Its type is read from that fd with `fstat`; a wrong
+/// type is refused there, naming it. Only then is the same inode opened for
+/// I/O, through `/proc/self/fd/N` (the path is not looked up again, so it
+/// cannot be swapped meanwhile), and checked to be the inode that was typed.
+pub fn open_checked(
+    path: &Path,
+    want: NodeKind,
+    writable: bool,
+    follow: bool,
+) -> Result<(File, std::fs::Metadata), DiskError> {
+    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let shown = path.display();
+    let node = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(io_err(format!("looking up {shown}")))?;
+    let typed = node
+        .metadata()
+        .map_err(io_err(format!("fstat of {shown}")))?;
+    if !want.is(typed.file_type()) {
+        return Err(DiskError::WrongType {
+            path: path.to_owned(),
+            found: type_name(typed.file_type()),
+            want: want.name(),
+        });
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io_err(format!("opening {}", path.display())))?;
+        .open(format!("/proc/self/fd/{}", node.as_raw_fd()))
+        .map_err(io_err(format!("opening {shown} (through /proc/self/fd)")))?;
     let meta = file
         .metadata()
-        .map_err(io_err(format!("fstat of {}", path.display())))?;
+        .map_err(io_err(format!("fstat of {shown}")))?;
+    if (meta.dev(), meta.ino()) != (typed.dev(), typed.ino()) || !want.is(meta.file_type()) {
+        return Err(io_err(format!("opening {shown}"))(io::Error::other(
+            "/proc/self/fd reopened another file",
+        )));
+    }
     Ok((file, meta))
+}
+
+/// Opens a block-device node for I/O (symlinks followed: `/dev/vg/lv` and
+/// `/dev/disk/by-id/...` are symlinks) and reads its metadata from the same
+/// fd; anything else is refused before it is opened.
+fn open_node(path: &Path, writable: bool) -> Result<(File, std::fs::Metadata), DiskError> {
+    open_checked(path, NodeKind::Block, writable, true)
 }
 
 /// Opens block device (major, minor) and checks it is the disk `diskseq` names.
 /// On any mismatch the fd is closed and the error names both numbers.
 pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
     let (path, _private) = node_for(id.major, id.minor)?;
-    let (file, meta) = open_node(&path, writable)?;
-    if !meta.file_type().is_block_device() || sys::split_dev(meta.rdev()) != (id.major, id.minor) {
+    let (file, meta) = open_node(&path, writable).map_err(|e| match e {
+        DiskError::WrongType { .. } => DiskError::NotThatDevice {
+            path: path.clone(),
+            major: id.major,
+            minor: id.minor,
+        },
+        e => e,
+    })?;
+    if sys::split_dev(meta.rdev()) != (id.major, id.minor) {
         return Err(DiskError::NotThatDevice {
             path,
             major: id.major,
@@ -296,6 +406,39 @@ pub fn open_by_diskseq(id: DiskId, writable: bool) -> Result<OpenedDisk, DiskErr
     describe(file, id, writable)
 }
 
+/// Opens block device `major:minor` read-only to look at it (another vbd's
+/// published disk, for the sharing check): `None` when there is no such
+/// device any more, or when `diskseq` is given and the number now belongs to
+/// another disk.
+pub fn open_published(
+    major: u32,
+    minor: u32,
+    diskseq: Option<u64>,
+) -> Result<Option<File>, DiskError> {
+    let (path, _private) = node_for(major, minor)?;
+    let (file, meta) = match open_node(&path, false) {
+        Ok(opened) => opened,
+        Err(DiskError::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENXIO | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    if sys::split_dev(meta.rdev()) != (major, minor) {
+        return Err(DiskError::NotThatDevice { path, major, minor });
+    }
+    if let Some(want) = diskseq {
+        if sys::diskseq(&file).map_err(io_err("BLKGETDISKSEQ"))? != want {
+            return Ok(None);
+        }
+    }
+    Ok(Some(file))
+}
+
 /// The diskseq the device `major:minor` carries now (for the explicitly
 /// allowed, unsafe case of a script that publishes no diskseq).
 pub fn current_diskseq(major: u32, minor: u32) -> Result<u64, DiskError> {
@@ -306,15 +449,9 @@ pub fn current_diskseq(major: u32, minor: u32) -> Result<u64, DiskError> {
 
 /// Opens a block device by path and reads its identity from the same fd
 /// (what a hotplug script publishes for a `params` naming a block device).
+/// Anything but a block device is refused before it is opened.
 pub fn identify(path: &Path, writable: bool) -> Result<OpenedDisk, DiskError> {
     let (file, meta) = open_node(path, writable)?;
-    if !meta.file_type().is_block_device() {
-        return Err(DiskError::Format {
-            key: "params",
-            value: path.display().to_string(),
-            want: "a block device",
-        });
-    }
     let (major, minor) = sys::split_dev(meta.rdev());
     let diskseq = sys::diskseq(&file).map_err(io_err("BLKGETDISKSEQ"))?;
     describe(
@@ -356,6 +493,8 @@ pub fn open_file_by_id(path: &Path, id: FileId, writable: bool) -> Result<File, 
     Ok(file)
 }
 
+/// A regular file at an absolute path, no symlink in the last component;
+/// anything else is refused before it is opened.
 fn open_file_node(path: &Path, writable: bool) -> Result<(File, std::fs::Metadata), DiskError> {
     if !path.is_absolute() {
         return Err(DiskError::Format {
@@ -364,23 +503,7 @@ fn open_file_node(path: &Path, writable: bool) -> Result<(File, std::fs::Metadat
             want: "an absolute path",
         });
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(io_err(format!("opening {}", path.display())))?;
-    let meta = file
-        .metadata()
-        .map_err(io_err(format!("fstat of {}", path.display())))?;
-    if !meta.file_type().is_file() {
-        return Err(DiskError::Format {
-            key: "physical-file",
-            value: path.display().to_string(),
-            want: "a regular file",
-        });
-    }
-    Ok((file, meta))
+    open_checked(path, NodeKind::File, writable, false)
 }
 
 fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskError> {
@@ -508,6 +631,66 @@ mod tests {
         assert!(identify_file(&l, false).is_err());
         assert!(identify_file(dir.path(), false).is_err());
         assert!(identify_file(Path::new("rel.img"), false).is_err());
+    }
+
+    /// Runs `f` on another thread; fails if it has not returned within 5 s
+    /// (a FIFO opened for reading waits for a writer for ever).
+    fn promptly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the open blocked")
+    }
+
+    #[test]
+    fn a_node_of_the_wrong_type_is_refused_before_it_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        for (path, want, follow, found) in [
+            (fifo.clone(), NodeKind::File, true, "a FIFO (named pipe)"),
+            (fifo.clone(), NodeKind::Block, true, "a FIFO (named pipe)"),
+            (
+                "/dev/null".into(),
+                NodeKind::File,
+                true,
+                "a character device",
+            ),
+            (
+                "/dev/null".into(),
+                NodeKind::Block,
+                true,
+                "a character device",
+            ),
+            (link.clone(), NodeKind::File, false, "a symbolic link"),
+            (dir.path().to_owned(), NodeKind::File, true, "a directory"),
+            (img.clone(), NodeKind::Block, true, "a regular file"),
+        ] {
+            for writable in [false, true] {
+                let p = path.clone();
+                let e = promptly(move || open_checked(&p, want, writable, follow)).unwrap_err();
+                match &e {
+                    DiskError::WrongType { found: f, .. } => assert_eq!(*f, found, "{e}"),
+                    _ => panic!("{}: {e}", path.display()),
+                }
+                assert!(e.to_string().contains(found), "{e}");
+            }
+        }
+        // The right type opens, through a symlink only when following.
+        let (_f, meta) = open_checked(&link, NodeKind::File, true, true).unwrap();
+        assert_eq!(meta.ino(), std::fs::metadata(&img).unwrap().ino());
+        let e = identify_file(&fifo, false).unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        let e = identify(Path::new("/dev/null"), false).unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
     }
 
     #[test]

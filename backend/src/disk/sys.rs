@@ -280,6 +280,19 @@ pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
     .map(drop)
 }
 
+/// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(false)` if another open file holds it.
+pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+        match check(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// `makedev(major, minor)`.
 pub fn makedev(major: u32, minor: u32) -> libc::dev_t {
     libc::makedev(major, minor)

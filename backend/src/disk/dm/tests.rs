@@ -252,3 +252,23 @@ fn revoke_swaps_to_an_error_table_of_the_same_size() {
         Table::single(4096, Target::Error)
     );
 }
+
+#[test]
+fn a_thin_table_names_its_pool_and_volume_and_nothing_else_does() {
+    let line = |t: &str, p: &str| (0u64, 2048u64, t.to_owned(), p.to_owned());
+    assert_eq!(thin_target(&[line("thin", "253:0 7")]), Some(((253, 0), 7)));
+    assert_eq!(
+        thin_target(&[line("thin", "253:4 16777215 7:3")]),
+        Some(((253, 4), 16777215))
+    );
+    for bad in [
+        vec![],
+        vec![line("linear", "7:0 0")],
+        vec![line("thin", "253:0")],
+        vec![line("thin", "pool 7")],
+        vec![line("thin", "253:0 x")],
+        vec![line("thin", "253:0 7"), line("thin", "253:0 8")],
+    ] {
+        assert_eq!(thin_target(&bad), None, "{bad:?}");
+    }
+}
