@@ -702,3 +702,71 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
         exits_cleanly(&mut daemon).await;
     }
 }
+
+/// The backend side of a live migration on one host (what `xl migrate`
+/// does to the disks, with the toolstack's steps done here): the receiving
+/// domain of the same VM gets its vbd of the same disk built while the
+/// sender still writes through its own (the same VM is not a second writer;
+/// another VM still is), the sender's vbd is then torn down, and only then
+/// does the receiver connect and do its I/O, from what the sender left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
+    let v = OneVbd::new().await;
+    let mut daemon = v.daemon("daemon.log");
+    let lock_dir = v.dir.path().join("lock");
+    std::env::set_var("BLKBACKD_LOCK_DIR", &lock_dir);
+    // Sender (domain 6) and receiver (domain 9): the same VM.
+    v.attach().await;
+    v.xs.write("/local/domain/6/vm", "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20")
+        .await
+        .unwrap();
+    let mut sender = v.guest();
+    blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.frontend), "4")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let home = |d: u16| {
+        let xs = v.xs.clone();
+        async move {
+            xs.introduce(xenstore::DomId(d), 0, 0).await.unwrap();
+            blkbackd::sim::toolstack::create_domain_home(&xs, xenstore::DomId(d))
+                .await
+                .unwrap();
+        }
+    };
+    home(9).await;
+    v.xs.write("/local/domain/9/vm", "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20")
+        .await
+        .unwrap();
+    let params = format!("direct:{}", v.img.display());
+    blkbackd::attach::attach(&v.xs, xenstore::DomId(9), 51712, &params, true)
+        .await
+        .expect("the receiving side of the same VM was refused the disk");
+    // Another VM is refused while the sender writes.
+    home(10).await;
+    v.xs.write("/local/domain/10/vm", "/vm/another").await.unwrap();
+    let e = blkbackd::attach::attach(&v.xs, xenstore::DomId(10), 51712, &params, true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use"), "{e}");
+    // The sender goes (its guest stops, its vbd is removed), then the
+    // receiver runs.
+    sender.kill().await.unwrap();
+    blkbackd::attach::detach(&v.xs, xenstore::DomId(6), 51712)
+        .await
+        .unwrap();
+    let written = std::fs::read(&v.img).unwrap();
+    assert!(written.iter().any(|&b| b != 0), "the sender wrote nothing");
+    let out = v.guest_doing(9, "verify", 100).wait_with_output().await.unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains("verified ios=800"),
+        "the receiver: {report}"
+    );
+    blkbackd::attach::detach(&v.xs, xenstore::DomId(9), 51712)
+        .await
+        .unwrap();
+    signal(&daemon, "TERM");
+    exits_cleanly(&mut daemon).await;
+}
