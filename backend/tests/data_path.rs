@@ -52,6 +52,18 @@ fn offer(engine: EngineChoice, direct_io: bool) -> Offer {
 }
 
 impl Sim {
+    /// A fresh image file `name` served to `domid` with `offer`.
+    async fn serve_file(&self, domid: u16, name: &str, offer: Offer) -> (Served<FileDisk>, std::path::PathBuf) {
+        let img = image(self.dir.path(), name, DISK_BYTES);
+        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
+        let b = self
+            .world
+            .serve_with(DomId(domid), DEVID, "file", disk, offer)
+            .await
+            .unwrap();
+        (b, img)
+    }
+
     /// A blkfront in this process for the vbd `b` serves, asking for `opts`.
     async fn front<D: Disk>(&self, b: &Served<D>, domid: DomId, opts: &FrontOptions) -> Blkfront {
         tokio::time::timeout(
@@ -145,22 +157,16 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
                 for indirect in [0u32, 64] {
                     for (persistent, map_grants) in [(false, false), (false, true), (true, false)] {
                         domid += 1;
-                        let img = image(s.dir.path(), &format!("d{domid}.img"), DISK_BYTES);
-                        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
-                        let b = s
-                            .world
-                            .serve_with(
-                                DomId(domid),
-                                DEVID,
-                                "file",
-                                disk,
+                        let (b, img) = s
+                            .serve_file(
+                                domid,
+                                &format!("d{domid}.img"),
                                 Offer {
                                     map_grants,
                                     ..offer(engine, true)
                                 },
                             )
-                            .await
-                            .unwrap();
+                            .await;
                         let opts = FrontOptions {
                             ring_order,
                             queues,
@@ -355,23 +361,17 @@ async fn requests_waiting_for_buffers_are_answered_without_another_kick() {
     let s = sim().await;
     for engine in [EngineChoice::IoUring, EngineChoice::Blocking] {
         let domid = if engine == EngineChoice::IoUring { 90 } else { 91 };
-        let img = image(s.dir.path(), &format!("stall{domid}.img"), DISK_BYTES);
-        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
-        let b = s
-            .world
-            .serve_with(
-                DomId(domid),
-                DEVID,
-                "file",
-                disk,
+        let (b, _) = s
+            .serve_file(
+                domid,
+                &format!("stall{domid}.img"),
                 Offer {
                     max_indirect_segments: 32,
                     pool_bytes: 256 << 10,
                     ..offer(engine, true)
                 },
             )
-            .await
-            .unwrap();
+            .await;
         let opts = FrontOptions {
             ring_order: 4,
             queues: 1,
@@ -418,13 +418,9 @@ async fn persistent_mappings_are_bounded_daemon_wide() {
     let s = sim().await;
     let mut served = Vec::new();
     for domid in 60..64u16 {
-        let img = image(s.dir.path(), &format!("b{domid}.img"), DISK_BYTES);
-        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
-        let b = s
-            .world
-            .serve_with(DomId(domid), DEVID, "file", disk, offer(EngineChoice::IoUring, true))
-            .await
-            .unwrap();
+        let (b, img) = s
+            .serve_file(domid, &format!("b{domid}.img"), offer(EngineChoice::IoUring, true))
+            .await;
         let opts = FrontOptions {
             queues: 4,
             persistent: true,

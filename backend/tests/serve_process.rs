@@ -376,13 +376,19 @@ impl OneVbd {
         self.attach_domain(6, &self.img).await;
     }
 
-    /// Attaches `img` to domain `domid` (introduced here) as its xvda.
-    async fn attach_domain(&self, domid: u16, img: &std::path::Path) {
+    /// Introduces domain `domid` and gives it its home, as domain creation does.
+    async fn home(&self, domid: u16) -> xenstore::DomId {
         let d = xenstore::DomId(domid);
         self.xs.introduce(d, 0, 0).await.unwrap();
         blkbackd::sim::toolstack::create_domain_home(&self.xs, d)
             .await
             .unwrap();
+        d
+    }
+
+    /// Attaches `img` to domain `domid` (introduced here) as its xvda.
+    async fn attach_domain(&self, domid: u16, img: &std::path::Path) {
+        let d = self.home(domid).await;
         let params = format!("direct:{}", img.display());
         blkbackd::attach::attach(&self.xs, d, 51712, &params, true)
             .await
@@ -485,11 +491,7 @@ async fn a_disk_replaced_between_two_daemons_is_not_served_by_the_next() {
 async fn a_failed_attach_is_removed_at_once_and_leaves_nothing() {
     let v = OneVbd::new().await;
     let mut daemon = v.daemon("daemon.log");
-    let d = xenstore::DomId(6);
-    v.xs.introduce(d, 0, 0).await.unwrap();
-    blkbackd::sim::toolstack::create_domain_home(&v.xs, d)
-        .await
-        .unwrap();
+    let d = v.home(6).await;
     let t = std::time::Instant::now();
     let missing = v.dir.path().join("missing.img");
     let e = blkbackd::attach::attach(&v.xs, d, 51712, &format!("direct:{}", missing.display()), true)
@@ -656,11 +658,7 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
     use xenstore::wire::{Access, Perm};
     for bad in ["directory", "physical-file"] {
         let v = OneVbd::new().await;
-        let d = xenstore::DomId(6);
-        v.xs.introduce(d, 0, 0).await.unwrap();
-        blkbackd::sim::toolstack::create_domain_home(&v.xs, d)
-            .await
-            .unwrap();
+        let d = v.home(6).await;
         let params = format!("direct:{}", v.img.display());
         let p = blkbackd::sim::toolstack::create_vbd(&v.xs, d, 51712, &params, "w")
             .await
@@ -725,16 +723,7 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let home = |d: u16| {
-        let xs = v.xs.clone();
-        async move {
-            xs.introduce(xenstore::DomId(d), 0, 0).await.unwrap();
-            blkbackd::sim::toolstack::create_domain_home(&xs, xenstore::DomId(d))
-                .await
-                .unwrap();
-        }
-    };
-    home(9).await;
+    v.home(9).await;
     v.xs.write("/local/domain/9/vm", "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20")
         .await
         .unwrap();
@@ -743,7 +732,7 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
         .await
         .expect("the receiving side of the same VM was refused the disk");
     // Another VM is refused while the sender writes.
-    home(10).await;
+    v.home(10).await;
     v.xs.write("/local/domain/10/vm", "/vm/another").await.unwrap();
     let e = blkbackd::attach::attach(&v.xs, xenstore::DomId(10), 51712, &params, true)
         .await

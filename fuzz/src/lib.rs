@@ -41,6 +41,11 @@ impl<'a> Input<'a> {
         a
     }
 
+    /// Whether the input is spent.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
     /// What is left.
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.data)

@@ -27,21 +27,7 @@
 #define BLOCKS 256
 #define BASE (8ull << 20)
 
-static double now(void)
-{
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec + t.tv_nsec / 1e9;
-}
-
-static uint64_t rng = 0x9E3779B97F4A7C15ull;
-static uint64_t next_rand(void)
-{
-	rng ^= rng << 13;
-	rng ^= rng >> 7;
-	rng ^= rng << 17;
-	return rng;
-}
+#include "clock-rand.h"
 
 static void fill(unsigned char *buf, uint64_t seed)
 {
@@ -67,6 +53,20 @@ static int io(int fd, int write, unsigned char *buf, unsigned block)
 		max_gap = d;
 	if (n != BLOCK) {
 		printf("VERIFY FAIL %s of block %u returned %zd\n", write ? "write" : "read", block, n);
+		return -1;
+	}
+	return 0;
+}
+
+/* Reads block b back and compares it with the pattern of `seed`; 0 if equal. */
+static int check(int fd, unsigned char *buf, unsigned char *want, unsigned b, uint64_t seed,
+		 const char *when)
+{
+	if (io(fd, 0, buf, b))
+		return -1;
+	fill(want, seed);
+	if (memcmp(buf, want, BLOCK)) {
+		printf("VERIFY FAIL block %u does not hold what was written%s\n", b, when);
 		return -1;
 	}
 	return 0;
@@ -98,15 +98,8 @@ int main(int argc, char **argv)
 		if (io(fd, 1, buf, b))
 			return 1;
 		unsigned r = next_rand() % BLOCKS;
-		if (seeds[r]) {
-			if (io(fd, 0, buf, r))
-				return 1;
-			fill(want, seeds[r]);
-			if (memcmp(buf, want, BLOCK)) {
-				printf("VERIFY FAIL block %u does not hold what was written\n", r);
-				return 1;
-			}
-		}
+		if (seeds[r] && check(fd, buf, want, r, seeds[r], ""))
+			return 1;
 		ios += 2;
 		if (now() > report) {
 			printf("VERIFY progress ios=%llu max_gap_ms=%.1f\n", (unsigned long long)ios, max_gap * 1e3);
@@ -117,13 +110,8 @@ int main(int argc, char **argv)
 	for (unsigned b = 0; b < BLOCKS; b++) {
 		if (!seeds[b])
 			continue;
-		if (io(fd, 0, buf, b))
+		if (check(fd, buf, want, b, seeds[b], " (final pass)"))
 			return 1;
-		fill(want, seeds[b]);
-		if (memcmp(buf, want, BLOCK)) {
-			printf("VERIFY FAIL block %u does not hold what was written (final pass)\n", b);
-			return 1;
-		}
 		ios++;
 	}
 	printf("VERIFY ok ios=%llu max_gap_ms=%.1f\n", (unsigned long long)ios, max_gap * 1e3);

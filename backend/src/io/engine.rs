@@ -103,6 +103,35 @@ pub enum Engine {
     Uring(Box<UringEngine>),
     /// Blocking worker thread.
     Threads(ThreadEngine),
+    /// Completions decided by the owner (the serving loop's fuzz target and
+    /// tests): their order, errors and short transfers.
+    Scripted(ScriptedEngine),
+}
+
+/// An engine that does no I/O: operations wait in [`ScriptedEngine::pending`]
+/// until [`ScriptedEngine::complete`] says how each ends.
+#[derive(Debug, Default)]
+pub struct ScriptedEngine {
+    /// Operations pushed and not completed yet, in push order.
+    pub pending: Vec<IoOp>,
+    done: VecDeque<IoDone>,
+}
+
+impl ScriptedEngine {
+    /// Completes pending operation `index` with `result` (bytes
+    /// transferred, or an error); false if there is no such operation.
+    pub fn complete(&mut self, index: usize, result: io::Result<usize>) -> bool {
+        if index >= self.pending.len() {
+            return false;
+        }
+        let op = self.pending.remove(index);
+        self.done.push_back(IoDone {
+            tag: op.tag,
+            result,
+            buf: op.buf,
+        });
+        true
+    }
 }
 
 impl Engine {
@@ -130,6 +159,7 @@ impl Engine {
             Engine::Uring(u) if u.direct() => "io_uring+O_DIRECT",
             Engine::Uring(_) => "io_uring",
             Engine::Threads(_) => "blocking",
+            Engine::Scripted(_) => "scripted",
         }
     }
 
@@ -138,6 +168,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.push(op),
             Engine::Threads(t) => t.push(op),
+            Engine::Scripted(s) => s.pending.push(op),
         }
     }
 
@@ -145,7 +176,7 @@ impl Engine {
     pub fn submit(&mut self) {
         match self {
             Engine::Uring(u) => u.submit(),
-            Engine::Threads(_) => {}
+            Engine::Threads(_) | Engine::Scripted(_) => {}
         }
     }
 
@@ -154,6 +185,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.reap(out),
             Engine::Threads(t) => t.reap(out),
+            Engine::Scripted(s) => out.extend(s.done.drain(..)),
         }
     }
 
@@ -162,6 +194,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.in_flight(),
             Engine::Threads(t) => t.in_flight,
+            Engine::Scripted(s) => s.pending.len() + s.done.len(),
         }
     }
 
@@ -171,6 +204,11 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.ready().await,
             Engine::Threads(t) => t.ready().await,
+            Engine::Scripted(s) => {
+                if s.done.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     }
 }

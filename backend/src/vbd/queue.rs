@@ -445,8 +445,31 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         }
     }
 
-    /// One pass: take, start, submit, complete, answer.
-    fn pass(&mut self) {
+    /// The engine, for a caller that drives the queue pass by pass (the
+    /// serving loop's fuzz target completes a scripted engine's operations).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Requests taken from the ring and not yet answered.
+    pub fn unanswered(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Why the ring stopped being served, if a request broke the protocol.
+    pub fn halted(&self) -> Option<&RingError> {
+        self.halt.as_ref()
+    }
+
+    /// What the queue counted so far.
+    pub fn stats(&self) -> &QueueStats {
+        &self.stats
+    }
+
+    /// One pass: take (unless halted), start, submit, complete, answer; the
+    /// serving loop's unit of work ([`Queue::run`] calls it), public so a
+    /// caller can drive the queue pass by pass.
+    pub fn pass(&mut self) {
         let kicked = std::mem::take(&mut self.kicked);
         self.taken = 0;
         if self.halt.is_none() {
@@ -839,7 +862,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         for s in &req.segments {
             let chunk = &data[at..at + s.len()];
             match self.persistent_page(s.gref) {
-                Some(page) => page.write(s.offset(), chunk),
+                Some(page) => page.write_data(s.offset(), chunk),
                 None => rest.push((s.gref, s.offset() as u16, at, s.len())),
             }
             at += s.len();
@@ -847,7 +870,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         if self.map_mode && !rest.is_empty() {
             let m = self.map_rest(&rest, true)?;
             for (i, &(_, off, at, len)) in rest.iter().enumerate() {
-                m.write(i * XEN_PAGE_SIZE + usize::from(off), &data[at..at + len]);
+                m.write_data(i * XEN_PAGE_SIZE + usize::from(off), &data[at..at + len]);
             }
             return Ok(()); // unmapped as `m` drops
         }
@@ -866,7 +889,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         let mut rest = Vec::new();
         for s in &req.segments {
             match self.persistent_page(s.gref) {
-                Some(page) => page.read(s.offset(), &mut buf[at..at + s.len()]),
+                Some(page) => page.read_data(s.offset(), &mut buf[at..at + s.len()]),
                 None => rest.push((s.gref, s.offset() as u16, at, s.len())),
             }
             at += s.len();
@@ -874,7 +897,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         if self.map_mode && !rest.is_empty() {
             let m = self.map_rest(&rest, false)?;
             for (i, &(_, off, at, len)) in rest.iter().enumerate() {
-                m.read(i * XEN_PAGE_SIZE + usize::from(off), &mut buf[at..at + len]);
+                m.read_data(i * XEN_PAGE_SIZE + usize::from(off), &mut buf[at..at + len]);
             }
             return Ok(());
         }

@@ -207,6 +207,36 @@ impl SharedMem {
         }
     }
 
+    /// Copies `dst.len()` bytes at `off` out in bulk (`memcpy`), for data
+    /// pages: bytes the backend moves and never interprets (a request's
+    /// payload). The guest may change them meanwhile; what is copied is then
+    /// some mix of old and new bytes, as a device's DMA would see, and
+    /// nothing is decided on it. Ring indices and request slots, which are
+    /// validated, go through [`SharedMem::read`] (per-word atomics) instead.
+    pub fn read_data(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len());
+        // SAFETY: the source range is inside the mapping (checked) and lives
+        // as long as `self`; the destination is our own buffer, which cannot
+        // overlap a guest mapping. No reference into guest memory is formed:
+        // the copy goes through raw pointers, as rust-vmm's volatile slices
+        // copy guest memory in bulk.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len());
+        }
+    }
+
+    /// Copies `src` in at `off` in bulk, for data pages (see
+    /// [`SharedMem::read_data`]).
+    pub fn write_data(&self, off: usize, src: &[u8]) {
+        self.check(off, src.len());
+        // SAFETY: the destination range is inside the mapping (checked),
+        // mapped writable by whoever gave it to us for data; the source is our
+        // own buffer. Raw pointers only: no reference into guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len());
+        }
+    }
+
     /// Writes `src` at `off`, word by word where aligned.
     pub fn write(&self, off: usize, src: &[u8]) {
         self.check(off, src.len());
@@ -270,6 +300,24 @@ impl Drop for SharedMem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bulk_data_copies_round_trip_and_stay_inside_the_mapping() {
+        let m = SharedMem::anonymous(8192).unwrap();
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        m.write_data(3, &data);
+        let mut back = vec![0u8; 5000];
+        m.read_data(3, &mut back);
+        assert_eq!(back, data);
+        // The word-wise reader sees the same bytes.
+        let mut words = vec![0u8; 5000];
+        m.read(3, &mut words);
+        assert_eq!(words, data);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.read_data(8000, &mut [0u8; 200])
+        }));
+        assert!(r.is_err(), "a copy past the mapping must not happen");
+    }
 
     #[test]
     fn reads_and_writes_of_any_alignment_round_trip() {

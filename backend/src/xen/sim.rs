@@ -404,8 +404,8 @@ impl Grants for SimGrants {
                 Ok(frame) => {
                     let at = frame as usize * XEN_PAGE_SIZE + usize::from(s.offset);
                     match &mut s.dir {
-                        CopyDir::FromGuest(buf) => f.mem.read(at, buf),
-                        CopyDir::ToGuest(buf) => f.mem.write(at, buf),
+                        CopyDir::FromGuest(buf) => f.mem.read_data(at, buf),
+                        CopyDir::ToGuest(buf) => f.mem.write_data(at, buf),
                     }
                     s.status = GNTST_OKAY;
                 }
