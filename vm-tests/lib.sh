@@ -10,7 +10,7 @@ fail() {
 # Starts the daemon once per boot.
 start_blkbackd() {
   lsmod | grep -q xen_blkback && { echo "xen-blkback is loaded"; return 1; }
-  pidof blkbackd >/dev/null && return 0
+  pidof blkbackd blkbackd-alt >/dev/null && return 0
   RUST_LOG=${RUST_LOG:-info} blkbackd serve >> /tmp/blkbackd.log 2>&1 &
 }
 # make_disk PATH MIB MARKER

@@ -422,6 +422,34 @@ fn status_socket(given: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// Takes the daemon's instance lock at `path` (held until the process
+/// exits), or says that another daemon holds it.
+fn one_instance(path: PathBuf) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if !blkbackd::disk::sys::try_lock_exclusive(&file)
+        .with_context(|| format!("locking {}", path.display()))?
+    {
+        anyhow::bail!(
+            "another blkbackd serve is running ({} is locked): stop it first; two daemons \
+             would both drive every device",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
 async fn serve(
     sim: Option<PathBuf>,
     endpoint: Option<PathBuf>,
@@ -477,6 +505,12 @@ async fn serve(
     {
         blkbackd::io::engine::uring_available();
     }
+    // One daemon per Xenstore: two would both drive every device (seen in
+    // the VM when an operator started a second one beside an upgraded one).
+    let _instance = one_instance(match &sim {
+        Some(dir) => dir.join("serve.lock"),
+        None => PathBuf::from("/run/blkbackd/serve.lock"),
+    })?;
     let live = blkbackd::status::Live::default();
     let status_socket = match &sim {
         Some(dir) => dir.join(blkbackd::status::SIM_SOCKET),

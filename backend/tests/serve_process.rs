@@ -759,3 +759,27 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
     signal(&daemon, "TERM");
     exits_cleanly(&mut daemon).await;
 }
+
+/// A second `blkbackd serve` for the same Xenstore refuses to start, saying
+/// why, and the first goes on: two daemons would both drive every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_for_the_same_xenstore_refuses_to_start() {
+    let v = OneVbd::new().await;
+    let mut first = v.daemon("first.log");
+    v.attach().await; // the first one serves (InitWait reached)
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        v.daemon("second.log").wait_with_output(),
+    )
+    .await
+    .expect("the second daemon kept running")
+    .unwrap();
+    assert!(!out.status.success());
+    let log = std::fs::read_to_string(v.dir.path().join("second.log")).unwrap();
+    assert!(log.contains("another blkbackd serve is running"), "{log}");
+    blkbackd::attach::detach(&v.xs, xenstore::DomId(6), 51712)
+        .await
+        .unwrap();
+    signal(&first, "TERM");
+    exits_cleanly(&mut first).await;
+}

@@ -36,6 +36,9 @@ handover blkbackd
 sleep 4
 handover blkbackd-alt
 grep -q "build=upgraded" /tmp/blkbackd.log || fail $N "the second daemon is not the other build"
+# A second daemon beside the running one refuses to start.
+blkbackd serve > /tmp/second17.log 2>&1 && fail $N "a second daemon started"
+grep -q "another blkbackd serve is running" /tmp/second17.log || fail $N "the second daemon did not say why it stopped"
 blkbackd status | tee /tmp/status17.txt | grep -q "adopted from the previous daemon" \
   || fail $N "status does not say the rings were adopted"
 i=0; until grep -q -E "DOMU-MARK VERIFY (ok|FAIL)" $GL; do
@@ -45,6 +48,8 @@ grep -q "DOMU-MARK VERIFY ok" $GL || fail $N "the guest's verify loop failed"
 grep -i -E "I/O error|blk_update_request|Buffer I/O|op failed" $GL && fail $N "the guest saw I/O errors"
 GAP=$(sed -n 's/.*DOMU-MARK VERIFY ok .*max_gap_ms=\([0-9.]*\).*/\1/p' $GL)
 echo "HANDOVER the guest's longest I/O over both restarts: $GAP ms"
+# Back to the usual binary for the scenarios after this one (a third handover).
+handover blkbackd
 xl destroy domho || fail $N "xl destroy"
 [ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
 rm -f /tmp/disk17.img
