@@ -58,6 +58,57 @@ struct Served {
     rate: f64,
     cpu_us_per_io: f64,
     notifications_per_io: f64,
+    /// Latency p50 and p99 in µs, at depth 1.
+    latency: Option<(f64, f64)>,
+}
+
+/// One fio run: the rate and, at depth 1, latency p50 and p99 in µs.
+#[derive(Clone, Copy, Debug)]
+struct FioRun {
+    rate: f64,
+    latency: Option<(f64, f64)>,
+}
+
+/// fio with its io_uring engine on the same file and the same job, as a
+/// second raw baseline (`None` where fio is not installed or fails).
+fn fio_baseline(img: &Path, direct: bool, spec: &BenchSpec) -> Option<FioRun> {
+    let rw = match (spec.write, spec.random) {
+        (false, true) => "randread",
+        (true, true) => "randwrite",
+        (false, false) => "read",
+        (true, false) => "write",
+    };
+    let out = std::process::Command::new("fio")
+        .arg("--name=blkbackd-bench")
+        .arg(format!("--filename={}", img.display()))
+        .arg("--ioengine=io_uring")
+        .arg(format!("--direct={}", u8::from(direct)))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={}", spec.bs))
+        .arg(format!("--iodepth={}", spec.depth))
+        .arg(format!("--runtime={}ms", (spec.seconds * 1000.0) as u64))
+        .args(["--time_based", "--norandommap", "--randrepeat=0", "--lat_percentiles=1"])
+        .arg("--output-format=json")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notes before its JSON.
+    let v: serde_json::Value = serde_json::from_str(&text[text.find('{')?..]).ok()?;
+    let side = &v["jobs"][0][if spec.write { "write" } else { "read" }];
+    let rate = if spec.bs >= 65536 {
+        side["bw_bytes"].as_f64()? / 1e6
+    } else {
+        side["iops"].as_f64()?
+    };
+    let pct = |k: &str| side["lat_ns"]["percentile"][k].as_f64().map(|ns| ns / 1000.0);
+    let latency = (spec.depth == 1)
+        .then(|| Some((pct("50.000000")?, pct("99.000000")?)))
+        .flatten();
+    Some(FioRun { rate, latency })
 }
 
 /// This process's user + system CPU seconds.
@@ -164,6 +215,9 @@ impl Bench {
                 .unwrap_or(0.0)
         };
         let (ops, secs) = (field("ops="), field("secs="));
+        let latency = line
+            .contains("p50_us=")
+            .then(|| (field("p50_us="), field("p99_us=")));
         let notifications: u64 = ends.iter().map(|(_, s)| s.notifications).sum();
         let errors: u64 = ends.iter().map(|(_, s)| s.errors).sum();
         anyhow::ensure!(errors == 0, "{errors} requests failed during the bench");
@@ -172,6 +226,7 @@ impl Bench {
             rate: rate(spec, ops as u64, secs),
             cpu_us_per_io: (cpu1 - cpu0) * 1e6 / ops,
             notifications_per_io: notifications as f64 / ops,
+            latency,
         })
     }
 }
@@ -210,43 +265,103 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         next_domid: 0,
     };
     let rss0 = status_kib("VmRSS:");
+    let have_fio = std::process::Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fio {
+        println!("(fio is not installed: the raw io_uring loop is the only baseline)");
+    }
     let mut rows = Vec::new();
+    let mut latency_rows = Vec::new();
     for (cache, direct) in [("page cache", false), ("O_DIRECT", true)] {
         for (name, w) in WORKLOADS {
             let text = format!("{w}:{}", opts.seconds);
             let spec: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
-            let (mut raw, mut ours, mut cpu, mut notif) = (vec![], vec![], vec![], vec![]);
+            let (mut raw, mut fio, mut ours, mut cpu, mut notif) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            let (mut lat_raw, mut lat_fio, mut lat_ours) = (vec![], vec![], vec![]);
             for _ in 0..opts.reps {
-                let r = raw_baseline(&img, direct, &spec)
+                let mut r = raw_baseline(&img, direct, &spec)
                     .with_context(|| format!("raw io_uring baseline of {name}"))?;
                 raw.push(rate(&spec, r.ops, r.secs));
+                if spec.depth == 1 {
+                    let p50 = crate::sim::guest::quantile_us(&mut r.latency_ns, 0.5);
+                    lat_raw.push((p50, crate::sim::guest::quantile_us(&mut r.latency_ns, 0.99)));
+                }
+                if have_fio {
+                    if let Some(f) = fio_baseline(&img, direct, &spec) {
+                        fio.push(f.rate);
+                        lat_fio.extend(f.latency);
+                    }
+                }
                 let s = bench.served(&spec, &text, direct).await?;
                 ours.push(s.rate);
                 cpu.push(s.cpu_us_per_io);
                 notif.push(s.notifications_per_io);
+                lat_ours.extend(s.latency);
             }
             let (raw, ours) = (median(&mut raw), median(&mut ours));
+            let fio = (!fio.is_empty()).then(|| median(&mut fio));
+            // The ratio is quoted against the faster baseline.
+            let best = fio.map_or(raw, |f| f.max(raw));
             let unit = if spec.bs >= 65536 { "MB/s" } else { "IOPS" };
             let row = format!(
-                "{name:<18} {cache:<10} {raw:>10.0} {ours:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3}",
-                ours / raw,
+                "{name:<18} {cache:<10} {raw:>10.0} {:>10} {ours:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3}",
+                fio.map_or_else(|| "-".to_owned(), |f| format!("{f:.0}")),
+                ours / best,
                 median(&mut cpu),
                 median(&mut notif),
             );
             println!("{row}");
             rows.push(row);
+            if spec.depth == 1 {
+                let med = |v: &mut Vec<(f64, f64)>| {
+                    let mut a: Vec<f64> = v.iter().map(|x| x.0).collect();
+                    let mut b: Vec<f64> = v.iter().map(|x| x.1).collect();
+                    (!v.is_empty()).then(|| (median(&mut a), median(&mut b)))
+                };
+                let show = |l: Option<(f64, f64)>| {
+                    l.map_or_else(|| "-".to_owned(), |(a, b)| format!("{a:.1}/{b:.1}"))
+                };
+                let (r, f, o) = (med(&mut lat_raw), med(&mut lat_fio), med(&mut lat_ours));
+                let base = match (r, f) {
+                    (Some(r), Some(f)) => Some(if f.0 < r.0 { f } else { r }),
+                    (r, f) => r.or(f),
+                };
+                latency_rows.push(format!(
+                    "{name:<18} {cache:<10} {:>14} {:>14} {:>14} {:>12}",
+                    show(r),
+                    show(f),
+                    show(o),
+                    match (o, base) {
+                        (Some(o), Some(b)) => format!("{:.1}", o.0 - b.0),
+                        _ => "-".to_owned(),
+                    }
+                ));
+            }
         }
     }
     let hwm = status_kib("VmHWM:");
     println!();
     println!(
-        "{:<18} {:<10} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8}",
-        "workload", "cache", "raw", "blkbackd", "unit", "ratio", "cpu-us/io", "notif/io"
+        "{:<18} {:<10} {:>10} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8}",
+        "workload", "cache", "raw", "fio", "blkbackd", "unit", "ratio", "cpu-us/io", "notif/io"
     );
     for r in &rows {
         println!("{r}");
     }
     println!();
+    println!("depth-1 latency, p50/p99 in µs (added: blkbackd's p50 over the faster baseline's)");
+    println!(
+        "{:<18} {:<10} {:>14} {:>14} {:>14} {:>12}",
+        "workload", "cache", "raw", "fio", "blkbackd", "added p50"
+    );
+    for r in &latency_rows {
+        println!("{r}");
+    }
+    println!();
+    println!("ratio: blkbackd over the faster of the raw io_uring loop and fio (io_uring engine)");
     println!(
         "memory: bench process peak RSS {} MiB (backend, embedded Xenstore, the baseline's \
          buffers; {} MiB at the start); per ring the bounce pool is at most {} MiB \

@@ -446,12 +446,14 @@ impl Abandoned {
 }
 
 /// What a raw io_uring run did.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RawRun {
     /// Requests completed.
     pub ops: u64,
     /// Wall-clock seconds.
     pub secs: f64,
+    /// Each request's latency in ns, at depth 1.
+    pub latency_ns: Vec<u32>,
 }
 
 /// The benchmark's baseline: the same requests `spec` describes, issued with
@@ -488,6 +490,8 @@ pub fn raw_baseline(
     let mut ring = IoUring::new(depth.next_power_of_two().max(8) as u32)?;
     let fd = types::Fd(file.as_raw_fd());
     let mut issued = vec![0u64; depth];
+    let mut latency_ns = Vec::new();
+    let mut sent_at;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(spec.seconds);
     let mut ops = 0u64;
@@ -510,6 +514,7 @@ pub fn raw_baseline(
         push(&mut ring, lane, 0)?;
         in_flight += 1;
     }
+    sent_at = Instant::now();
     while in_flight > 0 {
         ring.submit_and_wait(1)?;
         let done: Vec<(u64, i32)> = ring
@@ -529,14 +534,20 @@ pub fn raw_baseline(
             ops += 1;
             let lane = lane as usize;
             issued[lane] += 1;
-            if Instant::now() < deadline {
+            let now = Instant::now();
+            if depth == 1 && latency_ns.len() < crate::sim::guest::LATENCY_SAMPLES {
+                latency_ns.push((now - sent_at).as_nanos().min(u128::from(u32::MAX)) as u32);
+            }
+            if now < deadline {
                 push(&mut ring, lane, issued[lane])?;
                 in_flight += 1;
+                sent_at = Instant::now();
             }
         }
     }
     Ok(RawRun {
         ops,
         secs: started.elapsed().as_secs_f64(),
+        latency_ns,
     })
 }

@@ -199,6 +199,19 @@ pub fn bench_offset(spec: &BenchSpec, bytes: u64, lane: u32, n: u64) -> u64 {
     }
 }
 
+/// Latency samples a bench lane keeps (about a minute at depth 1).
+pub const LATENCY_SAMPLES: usize = 1 << 20;
+
+/// The `q`th quantile (0..=1) of `samples` (sorted here), in µs.
+pub fn quantile_us(samples: &mut [u32], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_unstable();
+    let i = ((samples.len() - 1) as f64 * q).round() as usize;
+    f64::from(samples[i.min(samples.len() - 1)]) / 1000.0
+}
+
 async fn bench(front: &Arc<Blkfront>, spec: BenchSpec) -> Result<String, FrontError> {
     let bytes = front.sectors * 512;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(spec.seconds);
@@ -209,25 +222,42 @@ async fn bench(front: &Arc<Blkfront>, spec: BenchSpec) -> Result<String, FrontEr
         lanes.spawn(async move {
             let mut buf = vec![0xA5u8; spec.bs as usize];
             let mut n = 0u64;
+            // Each I/O's latency in ns, at depth 1 (where latency is the figure).
+            let mut lat: Vec<u32> = Vec::new();
             while tokio::time::Instant::now() < deadline {
                 let sector = bench_offset(&spec, bytes, lane, n) / 512;
+                let t = std::time::Instant::now();
                 if spec.write {
                     f.write(sector, &buf).await?;
                 } else {
                     f.read(sector, &mut buf).await?;
                 }
+                if spec.depth == 1 && lat.len() < LATENCY_SAMPLES {
+                    lat.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
+                }
                 n += 1;
             }
-            Ok::<u64, FrontError>(n)
+            Ok::<(u64, Vec<u32>), FrontError>((n, lat))
         });
     }
-    let mut ops = 0;
+    let (mut ops, mut lat) = (0, Vec::new());
     while let Some(r) = lanes.join_next().await {
-        ops += r.map_err(|e| fail(format!("bench lane failed: {e}")))??;
+        let (n, l) = r.map_err(|e| fail(format!("bench lane failed: {e}")))??;
+        ops += n;
+        lat.extend(l);
     }
     let secs = started.elapsed().as_secs_f64();
+    let latency = if lat.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " p50_us={:.2} p99_us={:.2}",
+            quantile_us(&mut lat, 0.5),
+            quantile_us(&mut lat, 0.99)
+        )
+    };
     Ok(format!(
-        "BENCH ops={ops} bytes={} secs={secs:.4}",
+        "BENCH ops={ops} bytes={} secs={secs:.4}{latency}",
         ops * u64::from(spec.bs)
     ))
 }
