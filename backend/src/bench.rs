@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub engine: EngineChoice,
     /// The blkbackd binary for the guest processes.
     pub exe: PathBuf,
+    /// Adaptive polling's largest window in µs (0: off).
+    pub poll_us: u32,
 }
 
 const WORKLOADS: [(&str, &str); 5] = [
@@ -161,6 +163,7 @@ struct Bench {
     img: PathBuf,
     exe: PathBuf,
     engine: EngineChoice,
+    poll_us: u32,
     next_domid: u16,
 }
 
@@ -177,6 +180,7 @@ impl Bench {
         let offer = Offer {
             engine: self.engine,
             direct_io: direct,
+            poll_us: self.poll_us,
             ..Offer::default()
         };
         let b = self
@@ -249,12 +253,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     };
     let img = dir.join("disk.img");
     println!(
-        "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}",
+        "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}, polling {}",
         opts.size_mib,
         dir.display(),
         opts.seconds,
         opts.reps,
-        opts.engine
+        opts.engine,
+        if opts.poll_us == 0 {
+            "off".to_owned()
+        } else {
+            format!("up to {} µs", opts.poll_us)
+        }
     );
     make_disk(&img, opts.size_mib)?;
     let mut bench = Bench {
@@ -262,6 +271,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         img: img.clone(),
         exe: opts.exe.clone(),
         engine: opts.engine,
+        poll_us: opts.poll_us,
         next_domid: 0,
     };
     let rss0 = status_kib("VmRSS:");

@@ -29,6 +29,9 @@
 //! pool_kib = 4096               # 64..=65536: each ring's bounce buffers (never
 //!                               # less than one largest request); pinned
 //!                               # while the ring is connected
+//! poll_us = 0                   # 0..=1000: after a pass that found work, poll
+//!                               # the ring this long (self-tuning, at most) before
+//!                               # sleeping; 0 turns polling off
 //! max_persistent_maps = 16382   # persistent-grant mappings kept daemon-wide
 //!                               # (default: a quarter of vm.max_map_count);
 //!                               # past it, grants are copied
@@ -98,6 +101,8 @@ pub struct IoConfig {
     /// Persistent-grant mappings kept daemon-wide (`None`: a quarter of
     /// `vm.max_map_count`).
     pub max_persistent_maps: Option<u32>,
+    /// Adaptive polling's largest window in µs (0: off).
+    pub poll_us: u32,
 }
 
 /// How a request's data leaves and reaches guest pages.
@@ -120,6 +125,7 @@ impl Default for IoConfig {
             grants: GrantMode::Copy,
             pool_kib: (o.pool_bytes / 1024) as u32,
             max_persistent_maps: None,
+            poll_us: o.poll_us,
         }
     }
 }
@@ -225,6 +231,9 @@ impl Config {
         if !(64..=65536).contains(&self.io.pool_kib) {
             return Err(("io.pool_kib", self.io.pool_kib, "64..=65536"));
         }
+        if self.io.poll_us > 1000 {
+            return Err(("io.poll_us", self.io.poll_us, "0..=1000"));
+        }
         Ok(Offer {
             pool_bytes: self.io.pool_kib as usize * 1024,
             max_ring_order: o.max_ring_page_order,
@@ -234,6 +243,7 @@ impl Config {
             engine: self.io.engine,
             direct_io: self.io.direct_io,
             map_grants: self.io.grants == GrantMode::Map,
+            poll_us: self.io.poll_us,
         })
     }
 }
@@ -271,11 +281,13 @@ mod tests {
             grants = "map"
             pool_kib = 1024
             max_persistent_maps = 500
+            poll_us = 50
             "#,
         )
         .unwrap();
         assert_eq!(c.on_stop, OnStop::Close);
         assert_eq!(c.io.max_persistent_maps, Some(500));
+        assert_eq!(c.offer().unwrap().poll_us, 50);
         assert_eq!(Config::default().on_stop, OnStop::Handover);
         assert_eq!(
             c.xenstore.as_deref(),
@@ -320,6 +332,7 @@ mod tests {
             ("allow_missing_diskseq = 1", "invalid type"),
             ("[io]\nengine = \"aio\"", "unknown variant `aio`"),
             ("on_stop = \"halt\"", "unknown variant `halt`"),
+            ("[io]\npoll_us = 5000", "io.poll_us = 5000 is outside 0..=1000"),
             ("[io]\non_stop = \"close\"", "unknown field `on_stop`"),
             (
                 "[io]\npool_kib = 8",

@@ -59,6 +59,9 @@ enum Cmd {
         /// I/O engine of the serving path.
         #[arg(long, value_enum, default_value = "auto")]
         engine: blkbackd::io::engine::EngineChoice,
+        /// Adaptive polling's largest window in µs (0: off), as `[io] poll_us`.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        poll_us: u32,
     },
     /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which hands
     /// every device over as it stands (answers published, rings left
@@ -252,6 +255,7 @@ fn main() -> anyhow::Result<()> {
                 reps,
                 size_mib,
                 engine,
+                poll_us,
             } => {
                 blkbackd::bench::run(blkbackd::bench::BenchOptions {
                     dir,
@@ -259,6 +263,7 @@ fn main() -> anyhow::Result<()> {
                     reps,
                     size_mib,
                     engine,
+                    poll_us,
                     exe: std::env::current_exe().context("finding the blkbackd binary")?,
                 })
                 .await

@@ -454,3 +454,35 @@ async fn persistent_mappings_are_bounded_daemon_wide() {
     assert!(over > 0, "the guests never reached the budget, so this proved nothing");
     assert_eq!(MAP_BUDGET.used(), 0, "mappings not given back");
 }
+
+/// Adaptive polling on: the same bytes come back with either engine, the
+/// rings did poll after passes that found work, and with polling off they
+/// never spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_on_and_off_returns_the_guests_bytes() {
+    let s = sim().await;
+    let mut domid = 100u16;
+    for engine in [EngineChoice::IoUring, EngineChoice::Blocking] {
+        for poll_us in [0u32, 50] {
+            domid += 1;
+            let (b, img) = s
+                .serve_file(
+                    domid,
+                    &format!("poll{domid}.img"),
+                    Offer {
+                        poll_us,
+                        ..offer(engine, true)
+                    },
+                )
+                .await;
+            let front = Arc::new(s.front(&b, DomId(domid), &FrontOptions::default()).await);
+            let extents = scatter(&front, domid as usize).await;
+            drop(front);
+            let ends = finish(b).await;
+            assert_on_file(&img, &extents);
+            let spun: u64 = ends.iter().map(|(_, s)| s.poll_ns).sum();
+            assert_eq!(spun > 0, poll_us > 0, "{engine:?} poll_us={poll_us}: spun {spun} ns");
+            assert_eq!(ends.iter().map(|(_, s)| s.errors).sum::<u64>(), 0);
+        }
+    }
+}

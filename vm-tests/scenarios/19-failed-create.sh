@@ -11,9 +11,14 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 xl create /root/dommiss.cfg > /tmp/xl19.log 2>&1 && fail $N "xl create of a missing image succeeded"
 t1=$(cut -d' ' -f1 /proc/uptime)
 SECS=$(awk "BEGIN{print $t1-$t0}")
-tail -3 /tmp/xl19.log
+grep -v '^Parsing' /tmp/xl19.log | sed 's/^/xl: /'
 echo "FAILED-CREATE took $SECS s"
-grep -q "Unable to destroy guest" /tmp/xl19.log && fail $N "libxl could not destroy the guest (the vbd never reached Closed)"
+# Before, libxl waited its whole 10 s for a Closed the daemon never wrote
+# (12 s in all). libxl may still report a second destroy of a domain its
+# failure path already destroyed ("Non-existant domain"): what counts is
+# the time, that the daemon closed the device, and that nothing is left.
+grep -q "vbd removed before its disk was published: closed" /tmp/blkbackd.log \
+  || fail $N "the daemon did not close the vbd the toolstack removed"
 awk "BEGIN{exit !($SECS < 10)}" || fail $N "the failed create took $SECS s: the device was not closed when removed"
 xl list | grep -q dommiss && fail $N "the domain is left"
 [ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "vbd nodes left: $(xenstore-ls /local/domain/0/backend/vbd)"

@@ -189,6 +189,16 @@ impl Engine {
         }
     }
 
+    /// Whether [`Engine::reap`] has something now, without waiting (what a
+    /// polling ring looks at).
+    pub fn has_completions(&mut self) -> bool {
+        match self {
+            Engine::Uring(u) => u.has_completions(),
+            Engine::Threads(t) => t.has_completions(),
+            Engine::Scripted(s) => !s.done.is_empty(),
+        }
+    }
+
     /// Operations pushed and not yet reaped.
     pub fn in_flight(&self) -> usize {
         match self {
@@ -266,6 +276,13 @@ impl ThreadEngine {
                 });
             }
         }
+    }
+
+    pub(super) fn has_completions(&mut self) -> bool {
+        while let Ok(d) = self.rx.try_recv() {
+            self.ready.push_back(d);
+        }
+        !self.ready.is_empty()
     }
 
     pub(super) fn reap(&mut self, out: &mut Vec<IoDone>) {

@@ -285,6 +285,13 @@ impl UringEngine {
     }
 
     /// Moves the completions available now into `out`.
+    /// Whether [`UringEngine::reap`] has something now (no system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+            || !self.ring.completion().is_empty()
+            || self.side.as_mut().is_some_and(|s| s.has_completions())
+    }
+
     pub fn reap(&mut self, out: &mut Vec<IoDone>) {
         out.append(&mut self.done);
         for cqe in self.ring.completion() {

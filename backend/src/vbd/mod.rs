@@ -46,6 +46,8 @@ pub struct Offer {
     pub map_grants: bool,
     /// Each ring's bounce pool in bytes (raised to one largest request).
     pub pool_bytes: usize,
+    /// Adaptive polling's largest window, µs (0: off).
+    pub poll_us: u32,
 }
 
 impl Default for Offer {
@@ -59,6 +61,7 @@ impl Default for Offer {
             direct_io: true,
             map_grants: false,
             pool_bytes: queue::DEFAULT_POOL_BYTES,
+            poll_us: 0,
         }
     }
 }
@@ -76,7 +79,7 @@ impl Offer {
             .to_possible_value()
             .map_or_else(|| "auto".to_owned(), |v| v.get_name().to_owned());
         format!(
-            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={}",
+            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={} poll={}",
             self.max_ring_order,
             self.max_queues,
             self.max_indirect_segments,
@@ -84,6 +87,7 @@ impl Offer {
             u8::from(self.direct_io),
             u8::from(self.map_grants),
             self.pool_bytes,
+            self.poll_us,
         )
     }
 
@@ -108,6 +112,7 @@ impl Offer {
                 "direct" => o.direct_io = flag(v)?,
                 "map" => o.map_grants = flag(v)?,
                 "pool" => o.pool_bytes = v.parse().ok().filter(|n| *n <= 1 << 30)?,
+                "poll" => o.poll_us = v.parse().ok().filter(|n| *n <= 1000)?,
                 _ => {}
             }
         }
@@ -340,7 +345,8 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
                 limits.clone(),
             )
             .with_persistent_grants(cfg.persistent && offer.persistent_grants)
-            .with_map_mode(offer.map_grants),
+            .with_map_mode(offer.map_grants)
+            .with_polling(Duration::from_micros(u64::from(offer.poll_us))),
         );
     }
     xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())
