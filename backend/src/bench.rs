@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub exe: PathBuf,
     /// Adaptive polling's largest window in µs (0: off).
     pub poll_us: u32,
+    /// Run only the workloads whose name contains this (e.g. "128k write").
+    pub only: Option<String>,
 }
 
 const WORKLOADS: [(&str, &str); 5] = [
@@ -89,7 +91,12 @@ fn fio_baseline(img: &Path, direct: bool, spec: &BenchSpec) -> Option<FioRun> {
         .arg(format!("--bs={}", spec.bs))
         .arg(format!("--iodepth={}", spec.depth))
         .arg(format!("--runtime={}ms", (spec.seconds * 1000.0) as u64))
-        .args(["--time_based", "--norandommap", "--randrepeat=0", "--lat_percentiles=1"])
+        .args([
+            "--time_based",
+            "--norandommap",
+            "--randrepeat=0",
+            "--lat_percentiles=1",
+        ])
         .arg("--output-format=json")
         .stderr(std::process::Stdio::null())
         .output()
@@ -106,7 +113,11 @@ fn fio_baseline(img: &Path, direct: bool, spec: &BenchSpec) -> Option<FioRun> {
     } else {
         side["iops"].as_f64()?
     };
-    let pct = |k: &str| side["lat_ns"]["percentile"][k].as_f64().map(|ns| ns / 1000.0);
+    let pct = |k: &str| {
+        side["lat_ns"]["percentile"][k]
+            .as_f64()
+            .map(|ns| ns / 1000.0)
+    };
     let latency = (spec.depth == 1)
         .then(|| Some((pct("50.000000")?, pct("99.000000")?)))
         .flatten();
@@ -286,6 +297,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let mut latency_rows = Vec::new();
     for (cache, direct) in [("page cache", false), ("O_DIRECT", true)] {
         for (name, w) in WORKLOADS {
+            if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
+                continue;
+            }
             let text = format!("{w}:{}", opts.seconds);
             let spec: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
             let (mut raw, mut fio, mut ours, mut cpu, mut notif) =

@@ -332,7 +332,10 @@ mod tests {
             ("allow_missing_diskseq = 1", "invalid type"),
             ("[io]\nengine = \"aio\"", "unknown variant `aio`"),
             ("on_stop = \"halt\"", "unknown variant `halt`"),
-            ("[io]\npoll_us = 5000", "io.poll_us = 5000 is outside 0..=1000"),
+            (
+                "[io]\npoll_us = 5000",
+                "io.poll_us = 5000 is outside 0..=1000",
+            ),
             ("[io]\non_stop = \"close\"", "unknown field `on_stop`"),
             (
                 "[io]\npool_kib = 8",

@@ -62,6 +62,9 @@ enum Cmd {
         /// Adaptive polling's largest window in µs (0: off), as `[io] poll_us`.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
         poll_us: u32,
+        /// Run only the workloads whose name contains this (e.g. "128k write").
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which hands
     /// every device over as it stands (answers published, rings left
@@ -256,6 +259,7 @@ fn main() -> anyhow::Result<()> {
                 size_mib,
                 engine,
                 poll_us,
+                only,
             } => {
                 blkbackd::bench::run(blkbackd::bench::BenchOptions {
                     dir,
@@ -264,6 +268,7 @@ fn main() -> anyhow::Result<()> {
                     size_mib,
                     engine,
                     poll_us,
+                    only,
                     exe: std::env::current_exe().context("finding the blkbackd binary")?,
                 })
                 .await

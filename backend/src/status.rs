@@ -157,7 +157,9 @@ impl Live {
                         }
                         b"ok".to_vec()
                     }
-                    Some("status") | None => serde_json::to_vec(&live.snapshot()).unwrap_or_default(),
+                    Some("status") | None => {
+                        serde_json::to_vec(&live.snapshot()).unwrap_or_default()
+                    }
                     Some(_) => b"error: unknown request".to_vec(),
                 };
                 let _ = conn.write_all(&body).await;
@@ -189,7 +191,11 @@ async fn read_request(conn: &mut tokio::net::UnixStream) -> Option<String> {
 /// them (`close`). Returns its answer.
 pub async fn request_stop(path: &Path, close: bool) -> std::io::Result<String> {
     let mut c = tokio::net::UnixStream::connect(path).await?;
-    let req = if close { "stop close\n" } else { "stop handover\n" };
+    let req = if close {
+        "stop close\n"
+    } else {
+        "stop handover\n"
+    };
     c.write_all(req.as_bytes()).await?;
     let mut body = Vec::new();
     tokio::time::timeout(

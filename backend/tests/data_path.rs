@@ -53,7 +53,12 @@ fn offer(engine: EngineChoice, direct_io: bool) -> Offer {
 
 impl Sim {
     /// A fresh image file `name` served to `domid` with `offer`.
-    async fn serve_file(&self, domid: u16, name: &str, offer: Offer) -> (Served<FileDisk>, std::path::PathBuf) {
+    async fn serve_file(
+        &self,
+        domid: u16,
+        name: &str,
+        offer: Offer,
+    ) -> (Served<FileDisk>, std::path::PathBuf) {
         let img = image(self.dir.path(), name, DISK_BYTES);
         let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
         let b = self
@@ -360,7 +365,11 @@ async fn a_4096_byte_sector_disk_is_served_in_whole_sectors() {
 async fn requests_waiting_for_buffers_are_answered_without_another_kick() {
     let s = sim().await;
     for engine in [EngineChoice::IoUring, EngineChoice::Blocking] {
-        let domid = if engine == EngineChoice::IoUring { 90 } else { 91 };
+        let domid = if engine == EngineChoice::IoUring {
+            90
+        } else {
+            91
+        };
         let (b, _) = s
             .serve_file(
                 domid,
@@ -419,7 +428,11 @@ async fn persistent_mappings_are_bounded_daemon_wide() {
     let mut served = Vec::new();
     for domid in 60..64u16 {
         let (b, img) = s
-            .serve_file(domid, &format!("b{domid}.img"), offer(EngineChoice::IoUring, true))
+            .serve_file(
+                domid,
+                &format!("b{domid}.img"),
+                offer(EngineChoice::IoUring, true),
+            )
             .await;
         let opts = FrontOptions {
             queues: 4,
@@ -445,13 +458,22 @@ async fn persistent_mappings_are_bounded_daemon_wide() {
         drop(front);
         let ends = finish(b).await;
         maps += ends.iter().map(|(_, s)| s.persistent_maps).sum::<u64>();
-        over += ends.iter().map(|(_, s)| s.persistent_over_budget).sum::<u64>();
+        over += ends
+            .iter()
+            .map(|(_, s)| s.persistent_over_budget)
+            .sum::<u64>();
         assert_eq!(ends.iter().map(|(_, s)| s.errors).sum::<u64>(), 0);
         assert_on_file(&img, extents);
     }
     println!("kept mappings made {maps} (budget 200), grants copied for want of budget {over}");
-    assert!(maps <= 200, "{maps} kept mappings made against a budget of 200");
-    assert!(over > 0, "the guests never reached the budget, so this proved nothing");
+    assert!(
+        maps <= 200,
+        "{maps} kept mappings made against a budget of 200"
+    );
+    assert!(
+        over > 0,
+        "the guests never reached the budget, so this proved nothing"
+    );
     assert_eq!(MAP_BUDGET.used(), 0, "mappings not given back");
 }
 
@@ -481,7 +503,11 @@ async fn polling_on_and_off_returns_the_guests_bytes() {
             let ends = finish(b).await;
             assert_on_file(&img, &extents);
             let spun: u64 = ends.iter().map(|(_, s)| s.poll_ns).sum();
-            assert_eq!(spun > 0, poll_us > 0, "{engine:?} poll_us={poll_us}: spun {spun} ns");
+            assert_eq!(
+                spun > 0,
+                poll_us > 0,
+                "{engine:?} poll_us={poll_us}: spun {spun} ns"
+            );
             assert_eq!(ends.iter().map(|(_, s)| s.errors).sum::<u64>(), 0);
         }
     }

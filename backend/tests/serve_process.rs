@@ -471,11 +471,10 @@ async fn a_disk_replaced_between_two_daemons_is_not_served_by_the_next() {
     blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.backend), "5")
         .await
         .unwrap();
-    let err = v
-        .xs
-        .read_string(&format!("{}/error", v.paths.backend))
-        .await
-        .unwrap();
+    let err =
+        v.xs.read_string(&format!("{}/error", v.paths.backend))
+            .await
+            .unwrap();
     assert!(err.contains("the file was replaced"), "{err}");
     // Nothing of the new file reached the guest, nothing was written to it.
     guest.kill().await.unwrap();
@@ -494,10 +493,16 @@ async fn a_failed_attach_is_removed_at_once_and_leaves_nothing() {
     let d = v.home(6).await;
     let t = std::time::Instant::now();
     let missing = v.dir.path().join("missing.img");
-    let e = blkbackd::attach::attach(&v.xs, d, 51712, &format!("direct:{}", missing.display()), true)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = blkbackd::attach::attach(
+        &v.xs,
+        d,
+        51712,
+        &format!("direct:{}", missing.display()),
+        true,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     let took = t.elapsed();
     assert!(e.contains("missing.img"), "{e}");
     assert!(
@@ -664,9 +669,12 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
             .await
             .unwrap();
         let (_, id) = blkbackd::disk::identify_file(&v.img, false).unwrap();
-        v.xs.write(&format!("{}/physical-file", p.backend), v.img.to_str().unwrap())
-            .await
-            .unwrap();
+        v.xs.write(
+            &format!("{}/physical-file", p.backend),
+            v.img.to_str().unwrap(),
+        )
+        .await
+        .unwrap();
         v.xs.write(&format!("{}/file-id", p.backend), id.to_string())
             .await
             .unwrap();
@@ -680,11 +688,10 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
         blkbackd::attach::wait_value(&v.xs, &format!("{}/state", p.backend), "5")
             .await
             .unwrap();
-        let err = v
-            .xs
-            .read_string(&format!("{}/error", p.backend))
-            .await
-            .unwrap();
+        let err =
+            v.xs.read_string(&format!("{}/error", p.backend))
+                .await
+                .unwrap();
         assert!(
             err.contains("can write it") && err.contains(&node),
             "{bad}: {err}"
@@ -715,25 +722,33 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
     std::env::set_var("BLKBACKD_LOCK_DIR", &lock_dir);
     // Sender (domain 6) and receiver (domain 9): the same VM.
     v.attach().await;
-    v.xs.write("/local/domain/6/vm", "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20")
-        .await
-        .unwrap();
+    v.xs.write(
+        "/local/domain/6/vm",
+        "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20",
+    )
+    .await
+    .unwrap();
     let mut sender = v.guest();
     blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.frontend), "4")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     v.home(9).await;
-    v.xs.write("/local/domain/9/vm", "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20")
-        .await
-        .unwrap();
+    v.xs.write(
+        "/local/domain/9/vm",
+        "/vm/5d0a1e2b-7c3f-4a51-9e0d-20b1c0ffee20",
+    )
+    .await
+    .unwrap();
     let params = format!("direct:{}", v.img.display());
     blkbackd::attach::attach(&v.xs, xenstore::DomId(9), 51712, &params, true)
         .await
         .expect("the receiving side of the same VM was refused the disk");
     // Another VM is refused while the sender writes.
     v.home(10).await;
-    v.xs.write("/local/domain/10/vm", "/vm/another").await.unwrap();
+    v.xs.write("/local/domain/10/vm", "/vm/another")
+        .await
+        .unwrap();
     let e = blkbackd::attach::attach(&v.xs, xenstore::DomId(10), 51712, &params, true)
         .await
         .unwrap_err()
@@ -747,7 +762,11 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
         .unwrap();
     let written = std::fs::read(&v.img).unwrap();
     assert!(written.iter().any(|&b| b != 0), "the sender wrote nothing");
-    let out = v.guest_doing(9, "verify", 100).wait_with_output().await.unwrap();
+    let out = v
+        .guest_doing(9, "verify", 100)
+        .wait_with_output()
+        .await
+        .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && report.contains("verified ios=800"),

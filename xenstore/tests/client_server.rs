@@ -105,7 +105,11 @@ async fn a_burst_of_10000_watch_events_stays_bounded_and_never_stalls_replies() 
     // The writer's last reply came after its last event was sent to us; one
     // more round trip on our connection makes sure every event was routed.
     watcher.read("/burst/k0").await.unwrap();
-    assert!(w.queued() <= xenstore::client::WATCH_QUEUE_MAX, "{} queued", w.queued());
+    assert!(
+        w.queued() <= xenstore::client::WATCH_QUEUE_MAX,
+        "{} queued",
+        w.queued()
+    );
     let mut got = Vec::new();
     while let Some(ev) = w.try_next() {
         got.push(ev.path);
@@ -115,7 +119,10 @@ async fn a_burst_of_10000_watch_events_stays_bounded_and_never_stalls_replies() 
         got.iter().any(|p| p == "/burst"),
         "the overflow is one event for the watched path: {got:?}"
     );
-    assert!(w.coalesced() as usize + got.len() >= N, "every event is accounted for");
+    assert!(
+        w.coalesced() as usize + got.len() >= N,
+        "every event is accounted for"
+    );
     // Drained, the watch works as before.
     watcher.write("/burst/after", b"y").await.unwrap();
     assert_eq!(within(w.next()).await.unwrap().path, "/burst/after");

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use xenstore::{wire, Xs};
 
-use crate::vbd::lifecycle::{self, VbdCtx};
 pub use crate::vbd::lifecycle::Stop;
+use crate::vbd::lifecycle::{self, VbdCtx};
 use crate::xen::{DomId, EventChannels, Grants};
 
 /// Where libxl puts the vbds dom0 serves.

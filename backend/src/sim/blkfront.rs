@@ -432,7 +432,9 @@ impl Blkfront {
         for chunk in data.chunks(XEN_PAGE_SIZE) {
             let p = self.data_page(&q, op == BLKIF_OP_WRITE)?;
             if op == BLKIF_OP_WRITE {
-                self.dom.mem().write(p.0 as usize * XEN_PAGE_SIZE, chunk);
+                self.dom
+                    .mem()
+                    .write_data(p.0 as usize * XEN_PAGE_SIZE, chunk);
             }
             segs.push(Segment {
                 gref: p.1,
@@ -467,7 +469,9 @@ impl Blkfront {
         }
         if matches!(status, Ok(BLKIF_RSP_OKAY)) && op == BLKIF_OP_READ {
             for (chunk, p) in data.chunks_mut(XEN_PAGE_SIZE).zip(&pages) {
-                self.dom.mem().read(p.0 as usize * XEN_PAGE_SIZE, chunk);
+                self.dom
+                    .mem()
+                    .read_data(p.0 as usize * XEN_PAGE_SIZE, chunk);
             }
         }
         for p in pages {

@@ -472,7 +472,10 @@ async fn verify(
     let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     // The longest time without any answer while I/O was outstanding: what a
     // backend restart (or any stall) costs this guest.
-    let gaps = Arc::new(std::sync::Mutex::new((std::time::Instant::now(), Duration::ZERO)));
+    let gaps = Arc::new(std::sync::Mutex::new((
+        std::time::Instant::now(),
+        Duration::ZERO,
+    )));
     let ticker = progress.then(|| {
         let done = done.clone();
         tokio::spawn(async move {

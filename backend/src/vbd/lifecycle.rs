@@ -133,7 +133,9 @@ impl Chatter {
     fn loud(&mut self) -> bool {
         self.0 = self.0.saturating_add(1);
         if self.0 == LOUD_EVENTS {
-            tracing::info!("this vbd keeps reconnecting: further connects and closes at debug level");
+            tracing::info!(
+                "this vbd keeps reconnecting: further connects and closes at debug level"
+            );
         }
         self.0 < LOUD_EVENTS
     }

@@ -128,11 +128,13 @@ pub async fn adopted_offer(xs: &Client, be: &str, current: &Offer) -> Result<Off
         if let Some(o) = Offer::decode(&String::from_utf8_lossy(&v), current) {
             return Ok(o);
         }
-        tracing::debug!(backend = be, "unreadable {OFFER_KEY}; using the feature nodes");
+        tracing::debug!(
+            backend = be,
+            "unreadable {OFFER_KEY}; using the feature nodes"
+        );
     }
-    let num = |v: Option<Vec<u8>>| {
-        v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
-    };
+    let num =
+        |v: Option<Vec<u8>>| v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok());
     let mut o = current.clone();
     let keys = [
         "max-ring-page-order",

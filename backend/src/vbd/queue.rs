@@ -179,7 +179,8 @@ impl MapBudget {
     /// a quarter of `vm.max_map_count`). Mappings already held stay.
     pub fn set_limit(&self, limit: Option<usize>) {
         let limit = limit.unwrap_or_else(default_map_budget);
-        self.limit.store(limit, std::sync::atomic::Ordering::Relaxed);
+        self.limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The limit in force.
