@@ -33,7 +33,7 @@ async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
     let cfg = dir.path().join("blkbackd.toml");
     std::fs::write(&cfg, "[offer]\nmax_queues = 1\npersistent_grants = false\n").unwrap();
     let sim = dir.path().join("sim");
-    let mut daemon = blkbackd()
+    let daemon = blkbackd()
         .args(["serve", "--sim"])
         .arg(&sim)
         .arg("--config")
@@ -59,8 +59,7 @@ async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
     // The first device keeps what it was offered.
     assert_eq!(offered(&xs, 2, "multi-queue-max-queues").await, "1");
 
-    signal(&daemon, "TERM");
-    exits_cleanly(&mut daemon).await;
+    stop(daemon).await;
 }
 
 #[tokio::test]
@@ -414,6 +413,13 @@ impl OneVbd {
             .unwrap()
     }
 
+    /// Detaches domain `domid`'s xvda as libxl does (Closed, remove, nodes gone).
+    async fn detach(&self, domid: u16) {
+        blkbackd::attach::detach(&self.xs, xenstore::DomId(domid), 51712)
+            .await
+            .unwrap();
+    }
+
     async fn state(&self, which: &str) -> String {
         let p = format!("{which}/state");
         self.xs.read_string(&p).await.unwrap_or_default()
@@ -467,7 +473,7 @@ async fn a_disk_replaced_between_two_daemons_is_not_served_by_the_next() {
     // Another file under the same path.
     std::fs::remove_file(&v.img).unwrap();
     std::fs::write(&v.img, vec![0x55u8; 16 << 20]).unwrap();
-    let mut second = v.daemon("second.log");
+    let second = v.daemon("second.log");
     blkbackd::attach::wait_value(&v.xs, &format!("{}/state", v.paths.backend), "5")
         .await
         .unwrap();
@@ -479,8 +485,7 @@ async fn a_disk_replaced_between_two_daemons_is_not_served_by_the_next() {
     // Nothing of the new file reached the guest, nothing was written to it.
     guest.kill().await.unwrap();
     assert!(std::fs::read(&v.img).unwrap().iter().all(|&b| b == 0x55));
-    signal(&second, "TERM");
-    exits_cleanly(&mut second).await;
+    stop(second).await;
 }
 
 /// A vbd whose disk was never built closes when the toolstack removes it:
@@ -489,7 +494,7 @@ async fn a_disk_replaced_between_two_daemons_is_not_served_by_the_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attach_is_removed_at_once_and_leaves_nothing() {
     let v = OneVbd::new().await;
-    let mut daemon = v.daemon("daemon.log");
+    let daemon = v.daemon("daemon.log");
     let d = v.home(6).await;
     let t = std::time::Instant::now();
     let missing = v.dir.path().join("missing.img");
@@ -512,6 +517,11 @@ async fn a_failed_attach_is_removed_at_once_and_leaves_nothing() {
     assert_eq!(v.xs.try_read(&v.paths.backend).await.unwrap(), None);
     assert_eq!(v.xs.try_read(&v.paths.frontend).await.unwrap(), None);
     println!("failed attach removed in {} ms", took.as_millis());
+    stop(daemon).await;
+}
+
+/// SIGTERM, then a clean exit.
+async fn stop(mut daemon: tokio::process::Child) {
     signal(&daemon, "TERM");
     exits_cleanly(&mut daemon).await;
 }
@@ -533,7 +543,7 @@ fn rss_anon_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_storming_its_xenstore_nodes_cannot_grow_the_daemon() {
     let v = OneVbd::new().await;
-    let mut daemon = v.daemon("daemon.log");
+    let daemon = v.daemon("daemon.log");
     let pid = daemon.id().unwrap();
     v.attach().await;
     let storm_img = v.dir.path().join("storm.img");
@@ -582,14 +592,9 @@ async fn a_guest_storming_its_xenstore_nodes_cannot_grow_the_daemon() {
         "the daemon grew from {before} KiB to {peak} KiB under the storm"
     );
     // The lifecycle kept up: both devices close as libxl removes them.
-    blkbackd::attach::detach(&v.xs, xenstore::DomId(7), 51712)
-        .await
-        .unwrap();
-    blkbackd::attach::detach(&v.xs, xenstore::DomId(6), 51712)
-        .await
-        .unwrap();
-    signal(&daemon, "TERM");
-    exits_cleanly(&mut daemon).await;
+    v.detach(7).await;
+    v.detach(6).await;
+    stop(daemon).await;
 }
 
 /// A guest cycling connect failures with a long invalid `protocol` cannot
@@ -684,7 +689,7 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
             _ => format!("{}/physical-file", p.backend),
         };
         v.xs.set_perms(&node, &guest_writes).await.unwrap();
-        let mut daemon = v.daemon("daemon.log");
+        let daemon = v.daemon("daemon.log");
         blkbackd::attach::wait_value(&v.xs, &format!("{}/state", p.backend), "5")
             .await
             .unwrap();
@@ -703,8 +708,7 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
             "1",
             "{bad}: the disk was opened"
         );
-        signal(&daemon, "TERM");
-        exits_cleanly(&mut daemon).await;
+        stop(daemon).await;
     }
 }
 
@@ -717,7 +721,7 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
     let v = OneVbd::new().await;
-    let mut daemon = v.daemon("daemon.log");
+    let daemon = v.daemon("daemon.log");
     let lock_dir = v.dir.path().join("lock");
     std::env::set_var("BLKBACKD_LOCK_DIR", &lock_dir);
     // Sender (domain 6) and receiver (domain 9): the same VM.
@@ -757,9 +761,7 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
     // The sender goes (its guest stops, its vbd is removed), then the
     // receiver runs.
     sender.kill().await.unwrap();
-    blkbackd::attach::detach(&v.xs, xenstore::DomId(6), 51712)
-        .await
-        .unwrap();
+    v.detach(6).await;
     let written = std::fs::read(&v.img).unwrap();
     assert!(written.iter().any(|&b| b != 0), "the sender wrote nothing");
     let out = v
@@ -772,11 +774,8 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
         out.status.success() && report.contains("verified ios=800"),
         "the receiver: {report}"
     );
-    blkbackd::attach::detach(&v.xs, xenstore::DomId(9), 51712)
-        .await
-        .unwrap();
-    signal(&daemon, "TERM");
-    exits_cleanly(&mut daemon).await;
+    v.detach(9).await;
+    stop(daemon).await;
 }
 
 /// A second `blkbackd serve` for the same Xenstore refuses to start, saying
@@ -784,7 +783,7 @@ async fn a_migration_receiver_is_built_beside_the_sender_and_serves_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_for_the_same_xenstore_refuses_to_start() {
     let v = OneVbd::new().await;
-    let mut first = v.daemon("first.log");
+    let first = v.daemon("first.log");
     v.attach().await; // the first one serves (InitWait reached)
     let out = tokio::time::timeout(
         Duration::from_secs(20),
@@ -796,9 +795,6 @@ async fn a_second_daemon_for_the_same_xenstore_refuses_to_start() {
     assert!(!out.status.success());
     let log = std::fs::read_to_string(v.dir.path().join("second.log")).unwrap();
     assert!(log.contains("another blkbackd serve is running"), "{log}");
-    blkbackd::attach::detach(&v.xs, xenstore::DomId(6), 51712)
-        .await
-        .unwrap();
-    signal(&first, "TERM");
-    exits_cleanly(&mut first).await;
+    v.detach(6).await;
+    stop(first).await;
 }
