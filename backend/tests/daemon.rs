@@ -26,6 +26,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(false).await
+}
+
+/// A world whose daemon serves disks published without diskseq if `allow`.
+async fn world_with(allow_missing_diskseq: bool) -> World {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("blkbackd=debug")
         .with_test_writer()
@@ -49,7 +54,7 @@ async fn world() -> World {
         grants: Arc::new(SimGrants::new(dir.path(), DomId::DOM0)),
         evtchn: Arc::new(SimEvtchn::new(dir.path(), DomId::DOM0)),
         offer: std::sync::RwLock::new(Offer::default()),
-        allow_missing_diskseq: false,
+        allow_missing_diskseq,
         live: live.clone(),
     });
     let (stop, rx) = watch::channel(blkbackd::daemon::Stop::Run);
@@ -307,6 +312,42 @@ async fn a_diskseq_that_does_not_match_is_refused_with_an_error_node() {
     assert!(err.contains("released and the number reused"), "{err}");
     dev.release().unwrap();
     w.finish().await;
+}
+
+/// A script that publishes `physical-device` without `diskseq` (and says it
+/// is done): refused by default, with the reason; served by number alone
+/// when the operator allowed it (`--allow-missing-diskseq`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_without_diskseq_is_refused_unless_the_operator_allowed_it() {
+    for allow in [false, true] {
+        let w = world_with(allow).await;
+        let img = w.image("nodiskseq.img", 1);
+        let dev = loopdev::attach(Path::new(&img), &LoopOptions::default()).unwrap();
+        let p = w.vbd(4, "phy:/dev/whatever").await;
+        let be = &p.backend;
+        w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+            .await;
+        let published = [
+            ("physical-device", dev.id.physical_device()),
+            ("hotplug-status", "connected".to_owned()),
+        ];
+        if allow {
+            for (k, v) in &published {
+                w.xs.write(&format!("{be}/{k}"), v).await.unwrap();
+            }
+            w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+                .await;
+            assert_eq!(w.read(&format!("{be}/error")).await, None);
+        } else {
+            let err = w.refused(be, published).await;
+            assert!(err.contains("without diskseq"), "{err}");
+        }
+        if allow {
+            w.close(be).await; // lets go of the disk before the release
+        }
+        dev.release().unwrap();
+        w.finish().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

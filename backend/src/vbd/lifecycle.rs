@@ -569,15 +569,60 @@ enum Published {
     File(std::path::PathBuf, disk::FileId),
 }
 
+/// The nodes the hotplug script publishes a disk by, read together.
+#[derive(Debug, Default)]
+struct PublishedNodes {
+    physical_device: Option<String>,
+    diskseq: Option<String>,
+    physical_file: Option<String>,
+    file_id: Option<String>,
+    hotplug_status: Option<String>,
+}
+
+/// Reads the published-disk nodes in one Xenstore transaction, so that
+/// `physical-device` and `diskseq` (or `physical-file` and `file-id`) are
+/// seen as one snapshot, never one from before a rewrite and one after.
+async fn read_published(xs: &Client, be: &str) -> Result<PublishedNodes, Fatal> {
+    let nodes = xs
+        .transaction(|tx| async move {
+            let keys = [
+                "physical-device",
+                "diskseq",
+                "physical-file",
+                "file-id",
+                "hotplug-status",
+            ]
+            .map(|k| format!("{be}/{k}"));
+            let reads = keys.iter().map(|k| tx.try_read(k));
+            let mut v = futures_util::future::join_all(reads).await.into_iter();
+            let mut next = || -> xenstore::client::Result<Option<String>> {
+                Ok(v.next()
+                    .transpose()?
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned()))
+            };
+            Ok(PublishedNodes {
+                physical_device: next()?,
+                diskseq: next()?,
+                physical_file: next()?,
+                file_id: next()?,
+                hotplug_status: next()?,
+            })
+        })
+        .await?;
+    Ok(nodes)
+}
+
 /// The disk the hotplug script published, if it has.
 async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<Published>, Fatal> {
     let xs = &ctx.xs;
-    let Some(phys) = read(xs, &format!("{be}/physical-device")).await? else {
+    let n = read_published(xs, be).await?;
+    let Some(phys) = n.physical_device else {
         // A file to serve directly is published in one transaction.
-        let Some(path) = read(xs, &format!("{be}/physical-file")).await? else {
+        let Some(path) = n.physical_file else {
             return Ok(None);
         };
-        let Some(id) = read(xs, &format!("{be}/file-id")).await? else {
+        let Some(id) = n.file_id else {
             return Err(Fatal::Config(
                 "the hotplug script wrote physical-file without file-id; refusing to serve a file by path alone".into(),
             ));
@@ -591,7 +636,7 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
         return Ok(Some(Published::File(path.into(), id)));
     };
     let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
-    let diskseq = match read(xs, &format!("{be}/diskseq")).await? {
+    let diskseq = match n.diskseq {
         Some(s) => disk::parse_diskseq(s.as_bytes())?,
         None if ctx.allow_missing_diskseq => {
             tracing::warn!(
@@ -601,15 +646,12 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
             disk::current_diskseq(major, minor)?
         }
         // The script may write diskseq right after physical-device: wait.
-        None => {
-            let status = read(xs, &format!("{be}/hotplug-status")).await?;
-            if status.as_deref() == Some("connected") {
-                return Err(Fatal::Config(
-                    "the hotplug script wrote physical-device without diskseq; refusing to serve a disk by major:minor alone".into(),
-                ));
-            }
-            return Ok(None);
+        None if n.hotplug_status.as_deref() == Some("connected") => {
+            return Err(Fatal::Config(
+                "the hotplug script wrote physical-device without diskseq; refusing to serve a disk by major:minor alone".into(),
+            ));
         }
+        None => return Ok(None),
     };
     all_dom0_only(
         xs,
