@@ -64,6 +64,9 @@ struct Served {
     notifications_per_io: f64,
     /// Latency p50 and p99 in µs, at depth 1.
     latency: Option<(f64, f64)>,
+    /// Time in the backend (taken off the ring to answered), p50 and p99 as
+    /// power-of-two bucket bounds in µs.
+    in_backend: Option<(u64, u64)>,
 }
 
 /// One fio run: the rate and, at depth 1, latency p50 and p99 in µs.
@@ -235,6 +238,11 @@ impl Bench {
             .then(|| (field("p50_us="), field("p99_us=")));
         let notifications: u64 = ends.iter().map(|(_, s)| s.notifications).sum();
         let errors: u64 = ends.iter().map(|(_, s)| s.errors).sum();
+        let mut hist = crate::vbd::queue::LatencyHistogram::default();
+        for (_, s) in &ends {
+            hist.merge(&s.latency);
+        }
+        let in_backend = hist.quantile_us(0.5).zip(hist.quantile_us(0.99));
         anyhow::ensure!(errors == 0, "{errors} requests failed during the bench");
         anyhow::ensure!(ops > 0.0, "the guest completed no request");
         Ok(Served {
@@ -242,6 +250,7 @@ impl Bench {
             cpu_us_per_io: (cpu1 - cpu0) * 1e6 / ops,
             notifications_per_io: notifications as f64 / ops,
             latency,
+            in_backend,
         })
     }
 }
@@ -304,6 +313,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             let spec: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
             let (mut raw, mut fio, mut ours, mut cpu, mut notif) =
                 (vec![], vec![], vec![], vec![], vec![]);
+            let mut inside = Vec::new();
             let (mut lat_raw, mut lat_fio, mut lat_ours) = (vec![], vec![], vec![]);
             for _ in 0..opts.reps {
                 let mut r = raw_baseline(&img, direct, &spec)
@@ -324,14 +334,19 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 cpu.push(s.cpu_us_per_io);
                 notif.push(s.notifications_per_io);
                 lat_ours.extend(s.latency);
+                inside.extend(s.in_backend);
             }
+            // The last repetition's in-backend quantiles (bucket bounds).
+            let inside = inside
+                .last()
+                .map_or_else(|| "-".to_owned(), |(a, b)| format!("<{a}/<{b}"));
             let (raw, ours) = (median(&mut raw), median(&mut ours));
             let fio = (!fio.is_empty()).then(|| median(&mut fio));
             // The ratio is quoted against the faster baseline.
             let best = fio.map_or(raw, |f| f.max(raw));
             let unit = if spec.bs >= 65536 { "MB/s" } else { "IOPS" };
             let row = format!(
-                "{name:<18} {cache:<10} {raw:>10.0} {:>10} {ours:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3}",
+                "{name:<18} {cache:<10} {raw:>10.0} {:>10} {ours:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3} {inside:>12}",
                 fio.map_or_else(|| "-".to_owned(), |f| format!("{f:.0}")),
                 ours / best,
                 median(&mut cpu),
@@ -369,8 +384,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let hwm = status_kib("VmHWM:");
     println!();
     println!(
-        "{:<18} {:<10} {:>10} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8}",
-        "workload", "cache", "raw", "fio", "blkbackd", "unit", "ratio", "cpu-us/io", "notif/io"
+        "{:<18} {:<10} {:>10} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8} {:>12}",
+        "workload",
+        "cache",
+        "raw",
+        "fio",
+        "blkbackd",
+        "unit",
+        "ratio",
+        "cpu-us/io",
+        "notif/io",
+        "in-be p50/99"
     );
     for r in &rows {
         println!("{r}");
@@ -386,6 +410,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     }
     println!();
     println!("ratio: blkbackd over the faster of the raw io_uring loop and fio (io_uring engine)");
+    println!(
+        "in-be p50/99: µs a request spent in the backend, taken off the ring to answered \
+         (power-of-two bounds): the rest of a guest's latency is wake-ups and the guest"
+    );
     println!(
         "memory: bench process peak RSS {} MiB (backend, embedded Xenstore, the baseline's \
          buffers; {} MiB at the start); per ring the bounce pool is at most {} MiB \

@@ -397,7 +397,8 @@ pub fn table(vbds: &[VbdStatus]) -> String {
         for (i, r) in v.rings.iter().enumerate() {
             s += &format!(
                 "       ring {i}: {} ok, {} errors (reads {}, writes {}, flushes {}, discards {}), \
-                 {} bytes, {} kicks in, {} notifications out, {} persistent hits, peak {} in flight{}\n",
+                 {} bytes, {} kicks in, {} notifications out, {} persistent hits, peak {} in flight, \
+                 in the backend p50 <{} µs p99 <{} µs{}\n",
                 r.ok,
                 r.errors,
                 r.reads,
@@ -409,6 +410,8 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                 r.notifications,
                 r.persistent_hits,
                 r.in_flight_peak,
+                r.latency.quantile_us(0.5).unwrap_or(0),
+                r.latency.quantile_us(0.99).unwrap_or(0),
                 if i == 0 {
                     v.engine
                         .as_ref()

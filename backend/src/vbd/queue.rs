@@ -77,6 +77,89 @@ pub struct QueueStats {
     /// Nanoseconds spent polling.
     #[serde(default)]
     pub poll_ns: u64,
+    /// How long requests spent in the backend, from being taken off the
+    /// ring to their answer being written (waiting for buffers, the disk,
+    /// the copies, waiting for older answers): its own share of the latency
+    /// a guest sees, without the wake-ups on either side.
+    #[serde(default)]
+    pub latency: LatencyHistogram,
+}
+
+/// Counts of durations in powers of two of microseconds: bucket 0 holds
+/// under 1 µs, bucket `i` holds `[2^(i-1), 2^i)` µs, the last everything
+/// longer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LatencyHistogram {
+    /// The counts.
+    pub buckets: [u64; LatencyHistogram::BUCKETS],
+}
+
+impl LatencyHistogram {
+    /// Buckets: up to 2^22 µs (4 s), then one for the rest.
+    pub const BUCKETS: usize = 24;
+
+    /// Counts one duration.
+    pub fn record(&mut self, d: Duration) {
+        let us = d.as_micros();
+        let i = if us == 0 {
+            0
+        } else {
+            (128 - us.leading_zeros()) as usize
+        };
+        self.buckets[i.min(Self::BUCKETS - 1)] += 1;
+    }
+
+    /// Adds `other`'s counts.
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+    }
+
+    /// The upper bound, in µs, of the bucket that holds the `q`th quantile
+    /// (0..=1); `None` when nothing was counted.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(1u64 << i);
+            }
+        }
+        Some(1u64 << (Self::BUCKETS - 1))
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+
+    #[test]
+    fn durations_land_in_power_of_two_buckets_and_quantiles_bound_them() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.quantile_us(0.5), None);
+        h.record(Duration::from_nanos(300)); // bucket 0: under 1 µs
+        h.record(Duration::from_micros(1)); // bucket 1: [1, 2)
+        h.record(Duration::from_micros(3)); // bucket 2: [2, 4)
+        h.record(Duration::from_micros(100)); // bucket 7: [64, 128)
+        h.record(Duration::from_secs(60)); // the last bucket
+        assert_eq!(h.buckets[0], 1);
+        assert_eq!(h.buckets[1], 1);
+        assert_eq!(h.buckets[2], 1);
+        assert_eq!(h.buckets[7], 1);
+        assert_eq!(h.buckets[LatencyHistogram::BUCKETS - 1], 1);
+        assert_eq!(h.quantile_us(0.5), Some(4)); // the third of five: under 4 µs
+        assert_eq!(h.quantile_us(0.8), Some(128));
+        let mut m = LatencyHistogram::default();
+        m.merge(&h);
+        m.merge(&h);
+        assert_eq!(m.buckets.iter().sum::<u64>(), 10);
+    }
 }
 
 /// Adaptive polling (`[io] poll_us`): after a pass that found work, the ring
@@ -269,6 +352,8 @@ struct Slot {
     stage: Stage,
     /// The request's bounce buffer while it has one.
     buf: Option<Buf>,
+    /// When it was taken from the ring (for [`QueueStats::latency`]).
+    taken_at: std::time::Instant,
 }
 
 /// One ring being served.
@@ -898,6 +983,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 self.stats.errors += 1;
             }
             self.ring.put_response(slot.id, slot.wire_op, status);
+            self.stats.latency.record(slot.taken_at.elapsed());
             any = true;
         }
         if any && self.ring.push_responses() {
@@ -1014,6 +1100,7 @@ impl Slot {
             wire_op: req.wire_op,
             stage: Stage::Waiting(req),
             buf: None,
+            taken_at: std::time::Instant::now(),
         }
     }
 
@@ -1023,6 +1110,7 @@ impl Slot {
             wire_op,
             stage: Stage::Done(status),
             buf: None,
+            taken_at: std::time::Instant::now(),
         }
     }
 }
