@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -196,6 +197,15 @@ impl Engine {
             Engine::Uring(u) => u.has_completions(),
             Engine::Threads(t) => t.has_completions(),
             Engine::Scripted(s) => !s.done.is_empty(),
+        }
+    }
+
+    /// Waits at most `timeout` for a completion where the engine can sleep
+    /// on it directly (io_uring: in `io_uring_enter`); elsewhere only looks.
+    pub fn wait_completion(&mut self, timeout: Duration) -> bool {
+        match self {
+            Engine::Uring(u) => u.wait_completion(timeout),
+            _ => self.has_completions(),
         }
     }
 

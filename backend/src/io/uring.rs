@@ -284,7 +284,6 @@ impl UringEngine {
         }
     }
 
-    /// Moves the completions available now into `out`.
     /// Whether [`UringEngine::reap`] has something now (no system call).
     pub fn has_completions(&mut self) -> bool {
         !self.done.is_empty()
@@ -292,6 +291,28 @@ impl UringEngine {
             || self.side.as_mut().is_some_and(|s| s.has_completions())
     }
 
+    /// Waits in the kernel, at most `timeout`, for a completion (what a
+    /// polling ring does while its I/O is in flight: the thread sleeps in
+    /// `io_uring_enter` and the completion wakes it directly, without the
+    /// reactor's epoll and a task wake-up). True if one came.
+    pub fn wait_completion(&mut self, timeout: Duration) -> bool {
+        if self.has_completions() {
+            return true;
+        }
+        if self.flights.is_empty() || timeout.is_zero() {
+            return false;
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        // An error is ETIME (the window passed) or EINTR (a signal): neither
+        // is a failure of the I/O, which reap reports.
+        if let Ok(n) = self.ring.submitter().submit_with_args(1, &args) {
+            self.unsubmitted = self.unsubmitted.saturating_sub(n);
+        }
+        !self.ring.completion().is_empty()
+    }
+
+    /// Moves the completions available now into `out`.
     pub fn reap(&mut self, out: &mut Vec<IoDone>) {
         out.append(&mut self.done);
         for cqe in self.ring.completion() {
