@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub exe: PathBuf,
     /// Adaptive polling's largest window in µs (0: off).
     pub poll_us: u32,
+    /// Disk I/O on the guest's mapped pages (`[io] zero_copy`).
+    pub zero_copy: bool,
     /// Run only the workloads whose name contains this (e.g. "128k write").
     pub only: Option<String>,
 }
@@ -178,6 +180,7 @@ struct Bench {
     exe: PathBuf,
     engine: EngineChoice,
     poll_us: u32,
+    zero_copy: bool,
     next_domid: u16,
 }
 
@@ -195,6 +198,7 @@ impl Bench {
             engine: self.engine,
             direct_io: direct,
             poll_us: self.poll_us,
+            zero_copy: self.zero_copy,
             ..Offer::default()
         };
         let b = self
@@ -273,12 +277,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     };
     let img = dir.join("disk.img");
     println!(
-        "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}, polling {}",
+        "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}, zero copy {}, polling {}",
         opts.size_mib,
         dir.display(),
         opts.seconds,
         opts.reps,
         opts.engine,
+        if opts.zero_copy { "on" } else { "off" },
         if opts.poll_us == 0 {
             "off".to_owned()
         } else {
@@ -292,6 +297,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         exe: opts.exe.clone(),
         engine: opts.engine,
         poll_us: opts.poll_us,
+        zero_copy: opts.zero_copy,
         next_domid: 0,
     };
     let rss0 = status_kib("VmRSS:");

@@ -25,7 +25,10 @@
 //!                               # "io-uring" or "blocking" (a thread per ring)
 //! direct_io = true              # O_DIRECT for aligned requests where possible
 //! grants = "copy"               # "copy" (grant copy) or "map" (map each
-//!                               # request's grants, unmap after the copy)
+//!                               # request's grants, unmap after the I/O)
+//! zero_copy = true              # disk I/O straight on mapped guest pages
+//!                               # (kept persistent grants, map mode); false:
+//!                               # always through the bounce pool
 //! pool_kib = 4096               # 64..=65536: each ring's bounce buffers (never
 //!                               # less than one largest request); pinned
 //!                               # while the ring is connected
@@ -103,6 +106,8 @@ pub struct IoConfig {
     pub max_persistent_maps: Option<u32>,
     /// Adaptive polling's largest window in µs (0: off).
     pub poll_us: u32,
+    /// Disk I/O on mapped guest pages, no copy.
+    pub zero_copy: bool,
 }
 
 /// How a request's data leaves and reaches guest pages.
@@ -126,6 +131,7 @@ impl Default for IoConfig {
             pool_kib: (o.pool_bytes / 1024) as u32,
             max_persistent_maps: None,
             poll_us: o.poll_us,
+            zero_copy: o.zero_copy,
         }
     }
 }
@@ -244,6 +250,7 @@ impl Config {
             direct_io: self.io.direct_io,
             map_grants: self.io.grants == GrantMode::Map,
             poll_us: self.io.poll_us,
+            zero_copy: self.io.zero_copy,
         })
     }
 }

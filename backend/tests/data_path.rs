@@ -160,7 +160,13 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
         for ring_order in [0u32, 2, 4] {
             for queues in [1u32, 3] {
                 for indirect in [0u32, 64] {
-                    for (persistent, map_grants) in [(false, false), (false, true), (true, false)] {
+                    for (persistent, map_grants, zero_copy) in [
+                        (false, false, true),
+                        (false, true, true),
+                        (false, true, false),
+                        (true, false, true),
+                        (true, false, false),
+                    ] {
                         domid += 1;
                         let (b, img) = s
                             .serve_file(
@@ -168,6 +174,7 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
                                 &format!("d{domid}.img"),
                                 Offer {
                                     map_grants,
+                                    zero_copy,
                                     ..offer(engine, true)
                                 },
                             )
@@ -181,7 +188,7 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
                         };
                         let front = Arc::new(s.front(&b, DomId(domid), &opts).await);
                         let what = format!(
-                            "{engine:?} order {ring_order} queues {queues} indirect {indirect} persistent {persistent} map {map_grants}"
+                            "{engine:?} order {ring_order} queues {queues} indirect {indirect} persistent {persistent} map {map_grants} zero-copy {zero_copy}"
                         );
                         assert_eq!(
                             (front.ring_order, front.queues() as u32, front.persistent),
@@ -198,6 +205,15 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
                         }
                         let mapped: u64 = ends.iter().map(|(_, s)| s.mapped_segments).sum();
                         assert_eq!(mapped > 0, map_grants, "{what}: map mode");
+                        // Zero copy where the guest's pages are mapped and
+                        // the engine can do I/O on them (io_uring), and
+                        // only there: the blocking engine and grant copy
+                        // go through the bounce pool.
+                        let zc: u64 = ends.iter().map(|(_, s)| s.zero_copy).sum();
+                        let want_zc = zero_copy
+                            && engine == EngineChoice::IoUring
+                            && (persistent || map_grants);
+                        assert_eq!(zc > 0, want_zc, "{what}: zero copy ({zc} requests)");
                         if queues > 1 {
                             assert!(
                                 ends.iter().filter(|(_, s)| s.ok > 0).count() > 1,
@@ -210,7 +226,7 @@ async fn every_ring_shape_and_engine_returns_the_guests_bytes() {
             }
         }
     }
-    assert_eq!(ran, 72);
+    assert_eq!(ran, 120);
 }
 
 /// A loop device's (writes completed, sectors written, flushes completed)

@@ -80,11 +80,14 @@ impl EventChannel for FakeEv {
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-    async fn wait(&self) -> std::io::Result<()> {
-        std::future::pending().await
-    }
     fn unmask(&self) -> std::io::Result<()> {
         Ok(())
+    }
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    fn take_kick(&self) -> std::io::Result<bool> {
+        Ok(false)
     }
 }
 
@@ -245,6 +248,9 @@ fuzz_target!(|data: &[u8]| {
                     let len = e.pending[i].len as usize;
                     let result = match how % 8 {
                         0 => Err(std::io::Error::from_raw_os_error(5)),
+                        // EFAULT: what a kernel that cannot do I/O on
+                        // mapped guest pages answers (zero copy falls back).
+                        3 if inp.rarely() => Err(std::io::Error::from_raw_os_error(14)),
                         1 if len > 1 => Ok(len / 2),
                         2 => Ok(0),
                         _ => Ok(len),

@@ -17,11 +17,11 @@ use std::io;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use super::pool::{BouncePool, Buf};
 use super::uring::UringEngine;
+use super::wait::Doorbell;
 use super::Disk;
+use crate::xen::mem::SharedMem;
 
 /// What an operation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,75 @@ pub enum IoKind {
     Flush,
     /// Discard `len` bytes at `off`.
     Discard,
+}
+
+/// Guest memory an operation moves its data into or out of directly (zero
+/// copy): pieces of mappings of the guest's granted pages, in order. The
+/// operation holds the mappings, and the engine holds the operation until
+/// its I/O has completed (or, on a hung disk, a reaper does), so a mapping is
+/// never unmapped while the kernel may still touch it.
+#[derive(Debug, Default)]
+pub struct GuestBufs {
+    pieces: Vec<Piece>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Piece {
+    map: Arc<SharedMem>,
+    off: usize,
+    len: usize,
+}
+
+impl GuestBufs {
+    /// Appends bytes `off..off + len` of `map`; refused (false) when they
+    /// do not lie inside it.
+    pub fn push(&mut self, map: Arc<SharedMem>, off: usize, len: usize) -> bool {
+        if off.checked_add(len).is_none_or(|end| end > map.len()) || len == 0 {
+            return false;
+        }
+        self.len += len;
+        self.pieces.push(Piece { map, off, len });
+        true
+    }
+
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mappings held (one per piece).
+    pub fn mappings(&self) -> impl Iterator<Item = &Arc<SharedMem>> {
+        self.pieces.iter().map(|p| &p.map)
+    }
+
+    /// The address ranges of bytes `from..from + len`, in order, pieces that
+    /// touch merged: what a vectored read or write is given. `None` when the
+    /// range is not inside.
+    pub fn ranges(&self, from: usize, len: usize) -> Option<Vec<(*mut u8, usize)>> {
+        let end = from.checked_add(len).filter(|&e| e <= self.len)?;
+        let mut out: Vec<(*mut u8, usize)> = Vec::with_capacity(self.pieces.len());
+        let mut at = 0;
+        for p in &self.pieces {
+            let (lo, hi) = (at.max(from), (at + p.len).min(end));
+            at += p.len;
+            if lo >= hi {
+                continue;
+            }
+            let ptr = p.map.as_ptr().wrapping_add(p.off + (lo - (at - p.len)));
+            let n = hi - lo;
+            match out.last_mut() {
+                Some((q, m)) if q.wrapping_add(*m) == ptr => *m += n,
+                _ => out.push((ptr, n)),
+            }
+        }
+        Some(out)
+    }
 }
 
 /// One operation for an engine.
@@ -49,7 +118,9 @@ pub struct IoOp {
     pub len: u64,
     /// The buffer (reads and writes), owned by the engine until completion.
     pub buf: Option<Buf>,
-    /// Where in the buffer the `len` bytes start.
+    /// Guest pages instead of `buf` (zero copy), held until completion.
+    pub guest: Option<GuestBufs>,
+    /// Where in the buffer (or the guest pages) the `len` bytes start.
     pub buf_off: usize,
     /// Start only after every operation submitted before it has completed.
     pub drain: bool,
@@ -64,6 +135,8 @@ pub struct IoDone {
     pub result: io::Result<usize>,
     /// The operation's buffer, back with its owner.
     pub buf: Option<Buf>,
+    /// The operation's guest pages, back with their owner.
+    pub guest: Option<GuestBufs>,
 }
 
 /// Which engine serves the rings.
@@ -130,6 +203,7 @@ impl ScriptedEngine {
             tag: op.tag,
             result,
             buf: op.buf,
+            guest: op.guest,
         });
         true
     }
@@ -151,7 +225,7 @@ impl Engine {
         if want_uring {
             return UringEngine::new(disk, pool, direct).map(|u| Engine::Uring(Box::new(u)));
         }
-        Ok(Engine::Threads(ThreadEngine::new(disk, pool)))
+        Ok(Engine::Threads(ThreadEngine::new(disk, pool)?))
     }
 
     /// The engine's name, for status and logs.
@@ -162,6 +236,14 @@ impl Engine {
             Engine::Threads(_) => "blocking",
             Engine::Scripted(_) => "scripted",
         }
+    }
+
+    /// Whether operations may carry guest pages ([`IoOp::guest`]) instead
+    /// of a bounce buffer: io_uring does vectored I/O on them; the blocking
+    /// engine has only the [`Disk`] trait's byte slices, which must never
+    /// point into guest memory.
+    pub fn zero_copy(&self) -> bool {
+        matches!(self, Engine::Uring(_) | Engine::Scripted(_))
     }
 
     /// Queues an operation (submitted by [`Engine::submit`]).
@@ -218,17 +300,15 @@ impl Engine {
         }
     }
 
-    /// Waits until [`Engine::reap`] has something (returns at once when
-    /// nothing is in flight, so callers guard it with [`Engine::in_flight`]).
-    pub async fn ready(&mut self) {
+    /// The descriptors that poll readable when [`Engine::reap`] may have
+    /// something (io_uring: its ring, and the side thread's doorbell; the
+    /// blocking engine: its worker's doorbell; scripted: none, the owner
+    /// completes its operations).
+    pub fn fds(&self) -> [Option<std::os::fd::RawFd>; 2] {
         match self {
-            Engine::Uring(u) => u.ready().await,
-            Engine::Threads(t) => t.ready().await,
-            Engine::Scripted(s) => {
-                if s.done.is_empty() {
-                    std::future::pending::<()>().await;
-                }
-            }
+            Engine::Uring(u) => u.fds(),
+            Engine::Threads(t) => [Some(t.bell.fd()), None],
+            Engine::Scripted(_) => [None, None],
         }
     }
 }
@@ -237,17 +317,21 @@ impl Engine {
 /// another in submission order, so a flush drains by construction.
 #[derive(Debug)]
 pub struct ThreadEngine {
-    tx: Option<std::sync::mpsc::Sender<IoOp>>,
-    rx: mpsc::UnboundedReceiver<IoDone>,
+    tx: std::sync::mpsc::Sender<IoOp>,
+    rx: std::sync::mpsc::Receiver<IoDone>,
+    /// Rung by the worker after each completion.
+    pub(super) bell: Doorbell,
     ready: VecDeque<IoDone>,
     pub(super) in_flight: usize,
 }
 
 impl ThreadEngine {
     /// A worker over `disk`.
-    pub fn new(disk: Arc<dyn Disk>, pool: Arc<BouncePool>) -> ThreadEngine {
+    pub fn new(disk: Arc<dyn Disk>, pool: Arc<BouncePool>) -> io::Result<ThreadEngine> {
         let (tx, ops) = std::sync::mpsc::channel::<IoOp>();
-        let (done, rx) = mpsc::unbounded_channel();
+        let (done, rx) = std::sync::mpsc::channel();
+        let bell = Doorbell::new()?;
+        let theirs = bell.try_clone()?;
         // The worker owns clones of the disk and the pool: if the disk hangs
         // and the ring is torn down, the buffer it is using stays valid.
         std::thread::Builder::new()
@@ -259,57 +343,53 @@ impl ThreadEngine {
                         tag: op.tag,
                         result,
                         buf: op.buf,
+                        guest: op.guest,
                     };
                     if done.send(d).is_err() {
                         break;
                     }
+                    theirs.ring();
                 }
-            })
-            .map(drop)
-            .unwrap_or_else(|e| tracing::error!("cannot start an I/O worker thread: {e}"));
-        ThreadEngine {
-            tx: Some(tx),
+            })?;
+        Ok(ThreadEngine {
+            tx,
             rx,
+            bell,
             ready: VecDeque::new(),
             in_flight: 0,
-        }
+        })
     }
 
     pub(super) fn push(&mut self, op: IoOp) {
         self.in_flight += 1;
-        if let Some(tx) = &self.tx {
-            if let Err(std::sync::mpsc::SendError(op)) = tx.send(op) {
-                self.ready.push_back(IoDone {
-                    tag: op.tag,
-                    result: Err(io::Error::other("the I/O worker thread is gone")),
-                    buf: op.buf,
-                });
-            }
+        if let Err(std::sync::mpsc::SendError(op)) = self.tx.send(op) {
+            self.ready.push_back(IoDone {
+                tag: op.tag,
+                result: Err(io::Error::other("the I/O worker thread is gone")),
+                buf: op.buf,
+                guest: op.guest,
+            });
         }
     }
 
     pub(super) fn has_completions(&mut self) -> bool {
-        while let Ok(d) = self.rx.try_recv() {
-            self.ready.push_back(d);
-        }
+        self.gather();
         !self.ready.is_empty()
     }
 
-    pub(super) fn reap(&mut self, out: &mut Vec<IoDone>) {
+    /// Takes what the worker finished; quiets the doorbell first, so a
+    /// completion sent after the look rings it again.
+    fn gather(&mut self) {
+        self.bell.clear();
         while let Ok(d) = self.rx.try_recv() {
             self.ready.push_back(d);
         }
-        self.in_flight -= self.ready.len();
-        out.extend(self.ready.drain(..));
     }
 
-    pub(super) async fn ready(&mut self) {
-        if !self.ready.is_empty() || self.in_flight == 0 {
-            return;
-        }
-        if let Some(d) = self.rx.recv().await {
-            self.ready.push_back(d);
-        }
+    pub(super) fn reap(&mut self, out: &mut Vec<IoDone>) {
+        self.gather();
+        self.in_flight -= self.ready.len();
+        out.extend(self.ready.drain(..));
     }
 }
 
@@ -318,6 +398,12 @@ fn run_blocking(disk: &dyn Disk, pool: &BouncePool, op: &mut IoOp) -> io::Result
     let len = op.len as usize;
     let range = op.buf_off..op.buf_off.saturating_add(len);
     let bad = || io::Error::new(io::ErrorKind::InvalidInput, "I/O outside its buffer");
+    if op.guest.is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the blocking engine does no I/O on guest pages",
+        ));
+    }
     match (op.kind, op.buf.as_mut()) {
         (IoKind::Read, Some(buf)) => {
             let b = pool.slice_mut(buf).get_mut(range).ok_or_else(bad)?;

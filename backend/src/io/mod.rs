@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod pool;
 pub mod uring;
+pub mod wait;
 
 use std::fs::File;
 use std::io;

@@ -10,7 +10,7 @@
 //! with `IORING_OP_FALLOCATE`; `BLKDISCARD` has no io_uring opcode on the
 //! kernels we support, so block-device discards go to a side worker thread.
 //!
-//! The tokio task serving the ring sleeps on the io_uring descriptor (it is
+//! The thread serving the ring sleeps on the io_uring descriptor (it is
 //! readable while completions wait) together with the event channel.
 #![allow(unsafe_code)]
 
@@ -21,9 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
-use tokio::io::unix::AsyncFd;
 
-use super::engine::{IoDone, IoKind, IoOp, ThreadEngine};
+use super::engine::{GuestBufs, IoDone, IoKind, IoOp, ThreadEngine};
 use super::pool::{BouncePool, Buf};
 use super::{DiscardKind, Disk, UringTarget};
 
@@ -35,26 +34,23 @@ const ENTRIES: u32 = 256;
 /// device never waits on the disk.
 const TEARDOWN: Duration = Duration::from_millis(200);
 
-#[derive(Debug)]
-struct RingFd(RawFd);
-
-impl AsRawFd for RingFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
-/// An in-flight operation: the tag and the buffer the kernel is using.
+/// An in-flight operation: the tag and the memory the kernel is using (a
+/// pool buffer, or guest pages with the vector that describes them).
 #[derive(Debug)]
 struct Flight {
     tag: u64,
     buf: Option<Buf>,
+    guest: Option<GuestBufs>,
+    #[expect(dead_code, reason = "read by the kernel through the entry, not by us")]
+    iov: Vec<libc::iovec>,
 }
+
+// SAFETY: the iovecs only describe memory the flight itself holds (its
+// guest pages); they are never dereferenced by us, only read by the kernel.
+unsafe impl Send for Flight {}
 
 /// One io_uring instance serving one guest ring.
 pub struct UringEngine {
-    // Declared before `ring`: deregistered from epoll before the fd closes.
-    afd: AsyncFd<RingFd>,
     ring: IoUring,
     target: UringTarget,
     disk: Arc<dyn Disk>,
@@ -111,15 +107,7 @@ impl UringEngine {
                 false
             }
         };
-        // SAFETY: the descriptor is the ring's, which stays open for as long
-        // as `afd` (declared before `ring`, so deregistered first) and is
-        // registered with the reactor by nobody else.
-        let afd = unsafe {
-            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)?;
         Ok(UringEngine {
-            afd,
             ring,
             target,
             disk,
@@ -143,15 +131,55 @@ impl UringEngine {
         self.flights.len() + self.done.len() + self.side.as_ref().map_or(0, |s| s.in_flight)
     }
 
-    /// Prepares the submission queue entry for `op`.
-    fn entry(&self, op: &IoOp, ud: u64) -> Result<squeue::Entry, io::Error> {
+    /// The vector of a zero-copy operation's guest pages (empty for the
+    /// others), and whether every piece meets the disk's direct-I/O
+    /// alignment.
+    fn guest_iov(op: &IoOp, align: u64) -> Result<(Vec<libc::iovec>, bool), io::Error> {
+        let Some(g) = &op.guest else {
+            return Ok((Vec::new(), true));
+        };
+        let len = usize::try_from(op.len).unwrap_or(usize::MAX);
+        let ranges = g.ranges(op.buf_off, len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "I/O outside its guest pages")
+        })?;
+        let aligned = ranges
+            .iter()
+            .all(|&(p, n)| (p as u64) % align == 0 && (n as u64) % align == 0);
+        let iov = ranges
+            .into_iter()
+            .map(|(p, n)| libc::iovec {
+                iov_base: p.cast(),
+                iov_len: n,
+            })
+            .collect();
+        Ok((iov, aligned))
+    }
+
+    /// Prepares the submission queue entry for `op`; a zero-copy operation's
+    /// vector goes to `iov_out`, which must stay alive (unmoved on the heap)
+    /// until the operation completes.
+    fn entry(
+        &self,
+        op: &IoOp,
+        ud: u64,
+        iov_out: &mut Vec<libc::iovec>,
+    ) -> Result<squeue::Entry, io::Error> {
+        let align = self.target.direct.map_or(1, |(_, a)| u64::from(a));
+        let (iov, iov_aligned) = Self::guest_iov(op, align)?;
+        *iov_out = iov;
         // O_DIRECT when the disk offset, the length and the memory address
         // (the pool is page-aligned) all meet the disk's alignment.
+        let buf_off = if op.guest.is_some() {
+            0
+        } else {
+            op.buf_off as u64
+        };
         let fd_for = |off: u64, len: u64| match self.target.direct {
             Some((fd, align))
-                if [off, len, op.buf_off as u64]
-                    .iter()
-                    .all(|v| v % u64::from(align) == 0) =>
+                if iov_aligned
+                    && [off, len, buf_off]
+                        .iter()
+                        .all(|v| v % u64::from(align) == 0) =>
             {
                 fd
             }
@@ -175,7 +203,23 @@ impl UringEngine {
                     io::Error::new(io::ErrorKind::InvalidInput, "I/O outside its buffer")
                 })
         };
+        let iov_len = || {
+            u32::try_from(iov_out.len())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many pieces"))
+        };
         let e = match op.kind {
+            IoKind::Read if op.guest.is_some() => {
+                let fd = types::Fd(fd_for(op.off, op.len));
+                opcode::Readv::new(fd, iov_out.as_ptr(), iov_len()?)
+                    .offset(op.off)
+                    .build()
+            }
+            IoKind::Write if op.guest.is_some() => {
+                let fd = types::Fd(fd_for(op.off, op.len));
+                opcode::Writev::new(fd, iov_out.as_ptr(), iov_len()?)
+                    .offset(op.off)
+                    .build()
+            }
             IoKind::Read => {
                 let fd = types::Fd(fd_for(op.off, op.len));
                 let p = ptr()?;
@@ -218,10 +262,23 @@ impl UringEngine {
     pub fn push(&mut self, op: IoOp) {
         if op.kind == IoKind::Discard && self.target.discard == DiscardKind::Block {
             // No io_uring opcode for BLKDISCARD: a side thread does it.
-            let side = self
-                .side
-                .get_or_insert_with(|| ThreadEngine::new(self.disk.clone(), self.pool.clone()));
-            side.push(op);
+            if self.side.is_none() {
+                match ThreadEngine::new(self.disk.clone(), self.pool.clone()) {
+                    Ok(t) => self.side = Some(t),
+                    Err(e) => {
+                        self.done.push(IoDone {
+                            tag: op.tag,
+                            result: Err(e),
+                            buf: op.buf,
+                            guest: op.guest,
+                        });
+                        return;
+                    }
+                }
+            }
+            if let Some(side) = &mut self.side {
+                side.push(op);
+            }
             return;
         }
         if op.kind == IoKind::Discard && self.target.discard == DiscardKind::None {
@@ -229,25 +286,30 @@ impl UringEngine {
                 tag: op.tag,
                 result: Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
                 buf: op.buf,
+                guest: op.guest,
             });
             return;
         }
         let ud = self.next;
         self.next = self.next.wrapping_add(1);
-        let entry = match self.entry(&op, ud) {
+        let mut iov = Vec::new();
+        let entry = match self.entry(&op, ud, &mut iov) {
             Ok(e) => e,
             Err(e) => {
                 self.done.push(IoDone {
                     tag: op.tag,
                     result: Err(e),
                     buf: op.buf,
+                    guest: op.guest,
                 });
                 return;
             }
         };
-        // SAFETY: the entry's buffer is the op's `Buf`, which moves into
-        // `flights` below and stays there (alive, inside the pool's mapping,
-        // touched by nobody else) until the completion for `ud` is reaped.
+        // SAFETY: the entry's buffer is the op's `Buf` (or its guest pages
+        // and the vector describing them, whose heap storage does not move
+        // with the Vec), which moves into `flights` below and stays there
+        // (alive, mapped, touched by nobody else) until the completion for
+        // `ud` is reaped; a torn-down engine hands `flights` to a reaper.
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             // The submission queue is full: hand it to the kernel first.
             self.submit();
@@ -257,6 +319,8 @@ impl UringEngine {
             Flight {
                 tag: op.tag,
                 buf: op.buf,
+                guest: op.guest,
+                iov,
             },
         );
         self.unsubmitted += 1;
@@ -328,6 +392,7 @@ impl UringEngine {
                     Ok(r as usize)
                 },
                 buf: f.buf,
+                guest: f.guest,
             });
         }
         if let Some(s) = &mut self.side {
@@ -335,35 +400,13 @@ impl UringEngine {
         }
     }
 
-    /// Waits until a completion can be reaped.
-    pub async fn ready(&mut self) {
-        if !self.done.is_empty() || self.in_flight() == 0 {
-            return;
-        }
-        if self.unsubmitted > 0 {
-            self.submit();
-        }
-        loop {
-            if !self.ring.completion().is_empty() {
-                return;
-            }
-            let side = async {
-                match &mut self.side {
-                    Some(s) if s.in_flight > 0 => s.ready().await,
-                    _ => std::future::pending().await,
-                }
-            };
-            let woke = tokio::select! {
-                g = self.afd.readable() => g.map(|mut g| g.clear_ready()),
-                () = side => return,
-            };
-            // Readiness was cleared above; the completion-queue check at the
-            // top of the loop closes the race with a completion in between.
-            if let Err(e) = woke {
-                tracing::warn!("cannot wait for io_uring completions: {e}");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+    /// What polls readable when [`UringEngine::reap`] may have something:
+    /// the ring (while completions wait) and the side thread's doorbell.
+    pub fn fds(&self) -> [Option<RawFd>; 2] {
+        [
+            Some(self.ring.as_raw_fd()),
+            self.side.as_ref().map(|s| s.bell.fd()),
+        ]
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Offer {
     pub pool_bytes: usize,
     /// Adaptive polling's largest window, µs (0: off).
     pub poll_us: u32,
+    /// Disk I/O straight on mapped guest pages where they are mapped.
+    pub zero_copy: bool,
 }
 
 impl Default for Offer {
@@ -62,6 +64,7 @@ impl Default for Offer {
             map_grants: false,
             pool_bytes: queue::DEFAULT_POOL_BYTES,
             poll_us: 0,
+            zero_copy: true,
         }
     }
 }
@@ -79,7 +82,7 @@ impl Offer {
             .to_possible_value()
             .map_or_else(|| "auto".to_owned(), |v| v.get_name().to_owned());
         format!(
-            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={} poll={}",
+            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={} poll={} zc={}",
             self.max_ring_order,
             self.max_queues,
             self.max_indirect_segments,
@@ -88,6 +91,7 @@ impl Offer {
             u8::from(self.map_grants),
             self.pool_bytes,
             self.poll_us,
+            u8::from(self.zero_copy),
         )
     }
 
@@ -113,6 +117,7 @@ impl Offer {
                 "map" => o.map_grants = flag(v)?,
                 "pool" => o.pool_bytes = v.parse().ok().filter(|n| *n <= 1 << 30)?,
                 "poll" => o.poll_us = v.parse().ok().filter(|n| *n <= 1000)?,
+                "zc" => o.zero_copy = flag(v)?,
                 _ => {}
             }
         }
@@ -348,7 +353,8 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
             )
             .with_persistent_grants(cfg.persistent && offer.persistent_grants)
             .with_map_mode(offer.map_grants)
-            .with_polling(Duration::from_micros(u64::from(offer.poll_us))),
+            .with_polling(Duration::from_micros(u64::from(offer.poll_us)))
+            .with_zero_copy(offer.zero_copy),
         );
     }
     xs.write(&format!("{be}/state"), XenbusState::Connected.as_str())
@@ -360,18 +366,47 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         engine = engine_name, "rings connected"
     );
     let slots = live.map(|l| l.register(be, engine_name, queues.len()));
-    let mut tasks = tokio::task::JoinSet::new();
+    // Each queue is served by a thread of its own; the stop reaches them
+    // through a signal they sleep on.
+    let signal = queue::StopSignal::new().map_err(|e| VbdError::Connect {
+        queue: 0,
+        source: e,
+    })?;
+    let mut ends = futures_util::stream::FuturesUnordered::new();
     for (i, q) in queues.into_iter().enumerate() {
         let q = match &slots {
             Some(s) => q.with_counters(s[i].clone()),
             None => q,
         };
-        tasks.spawn(q.run(stop.clone()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = signal.try_clone().and_then(|sig| {
+            std::thread::Builder::new()
+                .name(format!("blkbackd-q{}.{i}", domid.0))
+                .spawn(move || {
+                    let _ = tx.send(q.serve(&sig));
+                })
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(%domid, "cannot start queue {i}'s thread: {e}");
+        }
+        ends.push(rx);
     }
+    let forward = {
+        let signal = signal.try_clone();
+        let mut stop = stop;
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+            match signal {
+                Ok(s) => s.stop(),
+                Err(e) => tracing::warn!("cannot signal the queues to stop: {e}"),
+            }
+        }
+    };
+    let forward = tokio::spawn(forward);
     let mut out = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        let r = r.unwrap_or_else(|e| {
-            let why = format!("queue task failed: {e}");
+    while let Some(r) = futures_util::StreamExt::next(&mut ends).await {
+        let r = r.unwrap_or_else(|_| {
+            let why = "queue thread failed".to_owned();
             (
                 QueueEnd::Halted(crate::ring::RingError::Protocol(why)),
                 QueueStats::default(),
@@ -387,6 +422,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         }
         out.push(r);
     }
+    forward.abort();
     if let Some(l) = live {
         l.remove(be);
     }

@@ -11,9 +11,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-
 use super::mem::SharedMem;
 use super::{CopyDir, CopySeg, DomId, EventChannel, EventChannels, Grants, Port};
 use crate::abi::blkif::{GrantRef, XEN_PAGE_SIZE};
@@ -227,7 +224,8 @@ pub struct Evtchn;
 /// A channel bound through `/dev/xen/evtchn`.
 #[derive(Debug)]
 pub struct DevChannel {
-    fd: AsyncFd<File>,
+    /// Non-blocking; registered with no reactor (the queue's thread polls it).
+    fd: File,
     port: Port,
 }
 
@@ -249,11 +247,7 @@ impl EventChannels for Evtchn {
             IOCTL_EVTCHN_BIND_INTERDOMAIN,
             (&mut arg as *mut EvtchnBindInterdomain).cast(),
         )? as Port;
-        // SAFETY: `file` is an open, non-blocking descriptor that the AsyncFd
-        // takes ownership of; nothing else registers or closes it.
-        let fd = unsafe { AsyncFd::register_with_interest(file, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(DevChannel { fd, port })
+        Ok(DevChannel { fd: file, port })
     }
 }
 
@@ -267,38 +261,38 @@ impl EventChannel for DevChannel {
     fn notify(&self) -> io::Result<()> {
         let mut arg = EvtchnPortArg { port: self.port };
         ioctl(
-            self.fd.get_ref().as_raw_fd(),
+            self.fd.as_raw_fd(),
             IOCTL_EVTCHN_NOTIFY,
             (&mut arg as *mut EvtchnPortArg).cast(),
         )
         .map(drop)
     }
 
-    async fn wait(&self) -> io::Result<()> {
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.fd.as_raw_fd())
+    }
+
+    fn take_kick(&self) -> io::Result<bool> {
+        // The descriptor is non-blocking: read the pending ports until none.
+        let mut any = false;
         loop {
-            let mut guard = self.fd.readable().await?;
-            let mut ports = [0u32; 16];
-            let r = guard.try_io(|f| {
-                // Pending ports arrive as u32s; the port stays masked until we
-                // write it back (unmask).
-                let mut bytes = [0u8; 64];
-                let n = io::Read::read(&mut f.get_ref(), &mut bytes)?;
-                for (i, c) in bytes[..n].chunks_exact(4).enumerate() {
-                    ports[i] = u32::from_ne_bytes(c.try_into().expect("4 bytes"));
+            let mut bytes = [0u8; 64];
+            match io::Read::read(&mut (&self.fd), &mut bytes) {
+                Ok(0) => return Ok(any),
+                Ok(n) => {
+                    any |= bytes[..n]
+                        .chunks_exact(4)
+                        .any(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")) == self.port);
                 }
-                Ok(n / 4)
-            });
-            match r {
-                Ok(Ok(n)) if ports[..n].contains(&self.port) => return Ok(()),
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
 
     fn unmask(&self) -> io::Result<()> {
-        let n = io::Write::write(&mut self.fd.get_ref(), &self.port.to_ne_bytes())?;
+        let n = io::Write::write(&mut (&self.fd), &self.port.to_ne_bytes())?;
         if n == 4 {
             Ok(())
         } else {
@@ -311,7 +305,7 @@ impl Drop for DevChannel {
     fn drop(&mut self) {
         let mut arg = EvtchnPortArg { port: self.port };
         let _ = ioctl(
-            self.fd.get_ref().as_raw_fd(),
+            self.fd.as_raw_fd(),
             IOCTL_EVTCHN_UNBIND,
             (&mut arg as *mut EvtchnPortArg).cast(),
         );

@@ -9,8 +9,8 @@ pub mod dev;
 pub mod mem;
 pub mod sim;
 
-use std::future::Future;
 use std::io;
+use std::os::fd::RawFd;
 
 pub use xenstore::DomId;
 
@@ -105,12 +105,19 @@ pub trait EventChannel: Send + Sync + 'static {
     fn local_port(&self) -> Port;
     /// Kicks the other end.
     fn notify(&self) -> io::Result<()>;
-    /// Waits for a kick from the other end; kicks that came meanwhile are
-    /// folded into one, like an event channel's pending bit. The channel stays
-    /// masked until [`EventChannel::unmask`].
-    fn wait(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Lets further kicks through (call after the ring sweep, XSA-332).
     fn unmask(&self) -> io::Result<()>;
+    /// A descriptor that polls readable while a kick is pending, for a
+    /// queue's own thread to sleep on with its other descriptors (`None`:
+    /// the channel has none; only [`EventChannel::take_kick`] tells). It is
+    /// registered with no async reactor: a kick wakes the queue's thread and
+    /// nothing else.
+    fn fd(&self) -> Option<RawFd>;
+    /// Consumes the kicks pending now without waiting; true if there was
+    /// one (kicks that came meanwhile are folded into one, like an event
+    /// channel's pending bit). The channel stays masked until
+    /// [`EventChannel::unmask`].
+    fn take_kick(&self) -> io::Result<bool>;
 }
 
 /// A factory of event channels.

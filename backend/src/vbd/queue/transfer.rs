@@ -1,0 +1,353 @@
+//! How a request's data reaches the guest's pages and back: disk I/O on the
+//! pages themselves where they are mapped (zero copy: kept persistent
+//! grants, map mode), else through the bounce pool with a grant copy (or a
+//! copy through a kept or per-request mapping); indirect segment pages; the
+//! daemon-wide budget of kept mappings.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use super::Queue;
+use crate::abi::blkif::{GrantRef, XEN_PAGE_SIZE};
+use crate::abi::sys::GNTST_OKAY;
+use crate::io::engine::GuestBufs;
+use crate::io::pool::Buf;
+use crate::io::Disk;
+use crate::ring::request::{IndirectHeader, Request};
+use crate::xen::mem::SharedMem;
+use crate::xen::{CopySeg, EventChannel, Grants};
+
+/// Persistent grants kept per ring, as Linux blkback keeps at most 1056: past
+/// this, further grants are served by grant copy (memory stays bounded).
+pub const MAX_PERSISTENT_GRANTS: usize = 1056;
+
+/// The daemon-wide budget of kept (persistent-grant) mappings. Each is a
+/// mapping of its own, and a process may hold only `vm.max_map_count` of
+/// them (65,530 by default): without a daemon-wide bound, a few guests with
+/// many queues (1056 per ring) would use them all, and every other guest's
+/// connect would then fail. Past the budget, grants are served by grant copy.
+#[derive(Debug)]
+pub struct MapBudget {
+    limit: std::sync::atomic::AtomicUsize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+/// The budget when nothing sets one: a quarter of `vm.max_map_count`
+/// (the rest is for rings, map mode, threads and libraries).
+fn default_map_budget() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65_530)
+        / 4
+}
+
+/// The budget every queue of this process shares.
+pub static MAP_BUDGET: MapBudget = MapBudget {
+    limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
+    used: std::sync::atomic::AtomicUsize::new(0),
+};
+
+impl MapBudget {
+    /// Sets the limit (the configuration's `io.max_persistent_maps`; `None`:
+    /// a quarter of `vm.max_map_count`). Mappings already held stay.
+    pub fn set_limit(&self, limit: Option<usize>) {
+        let limit = limit.unwrap_or_else(default_map_budget);
+        self.limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        let l = self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        if l == usize::MAX {
+            // Never set: the default, decided once.
+            let d = default_map_budget();
+            let _ = self.limit.compare_exchange(
+                usize::MAX,
+                d,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            return self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        l
+    }
+
+    /// Kept mappings held now, daemon-wide.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn acquire(&self) -> bool {
+        let limit = self.limit();
+        self.used
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Relaxed,
+                |u| (u < limit).then_some(u + 1),
+            )
+            .is_ok()
+    }
+
+    pub(super) fn release(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Grants the frontend promised to reuse, mapped once and kept until the ring
+/// is torn down (the mappings are dropped with the queue), within the
+/// per-ring [`MAX_PERSISTENT_GRANTS`] and the daemon-wide [`MAP_BUDGET`].
+#[derive(Debug, Default)]
+pub(super) struct Persistent {
+    pub(super) enabled: bool,
+    /// Shared with the I/O in flight on them: a mapping outlives its I/O.
+    pub(super) maps: std::collections::HashMap<GrantRef, Arc<SharedMem>>,
+    /// Grants that could not be mapped (e.g. granted read-only): copied.
+    pub(super) unmappable: std::collections::HashSet<GrantRef>,
+    /// Map mode's per-request mappings held by I/O in flight (each drawn
+    /// from [`MAP_BUDGET`] too: up to a ring's worth can be in flight).
+    pub(super) transient: usize,
+}
+
+impl Persistent {
+    /// A per-request mapping's I/O is done: its budget goes back.
+    pub(super) fn release_transient(&mut self) {
+        if self.transient > 0 {
+            self.transient -= 1;
+            MAP_BUDGET.release(1);
+        }
+    }
+}
+
+impl Drop for Persistent {
+    fn drop(&mut self) {
+        MAP_BUDGET.release(self.maps.len() + self.transient);
+    }
+}
+
+impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
+    /// Zero copy (on by default where the engine can do it): disk I/O
+    /// straight on mapped guest pages. Off: every request goes through the
+    /// bounce pool.
+    pub fn with_zero_copy(mut self, on: bool) -> Self {
+        self.zero_copy = on;
+        self
+    }
+
+    /// The guest pages `req`'s disk I/O can run on directly, when zero copy
+    /// is on and they are mapped: every segment a kept persistent grant, or
+    /// (map mode) the request's grants mapped now, unmapped once its I/O has
+    /// completed. `Ok(None)`: use the bounce pool.
+    pub(super) fn zero_copy_bufs(
+        &mut self,
+        req: &Request,
+        writes: bool,
+    ) -> Result<Option<GuestBufs>, String> {
+        if !self.zero_copy || !self.engine.zero_copy() {
+            return Ok(None);
+        }
+        let mut g = GuestBufs::default();
+        if self.persistent.enabled {
+            for s in &req.segments {
+                let Some(page) = self.persistent_page(s.gref) else {
+                    return Ok(None);
+                };
+                if !g.push(page, s.offset(), s.len()) {
+                    return Err("a segment outside its page".into());
+                }
+            }
+            return Ok(Some(g));
+        }
+        if !self.map_mode {
+            return Ok(None);
+        }
+        let refs: Vec<GrantRef> = req.segments.iter().map(|s| s.gref).collect();
+        // The mapping lives as long as the I/O: it draws on the daemon-wide
+        // budget of mappings; past it, the request is copied through a
+        // mapping that lives only for the copy.
+        if !MAP_BUDGET.acquire() {
+            self.stats.persistent_over_budget += 1;
+            return Ok(None);
+        }
+        // A read writes the guest's pages; a write only reads them.
+        let m = match self.grants.map(self.domid, &refs, !writes) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                MAP_BUDGET.release(1);
+                return Err(format!("mapping the request's grants: {e}"));
+            }
+        };
+        self.persistent.transient += 1;
+        self.stats.mapped_segments += refs.len() as u64;
+        for (i, s) in req.segments.iter().enumerate() {
+            if !g.push(m.clone(), i * XEN_PAGE_SIZE + s.offset(), s.len()) {
+                self.persistent.release_transient();
+                return Err("a segment outside its page".into());
+            }
+        }
+        Ok(Some(g))
+    }
+
+    /// Map mode: a request's grants are mapped for its copy and unmapped
+    /// right after, instead of grant copies.
+    pub fn with_map_mode(mut self, on: bool) -> Self {
+        self.map_mode = on;
+        self
+    }
+
+    /// Maps the grants of `rest` side by side (map mode).
+    pub(super) fn map_rest(
+        &mut self,
+        rest: &[(GrantRef, u16, usize, usize)],
+        writable: bool,
+    ) -> Result<SharedMem, String> {
+        let refs: Vec<GrantRef> = rest.iter().map(|r| r.0).collect();
+        let m = self
+            .grants
+            .map(self.domid, &refs, writable)
+            .map_err(|e| format!("mapping the request's grants: {e}"))?;
+        self.stats.mapped_segments += rest.len() as u64;
+        Ok(m)
+    }
+
+    /// Uses persistent grants (both ends said `feature-persistent = 1`).
+    pub fn with_persistent_grants(mut self, on: bool) -> Self {
+        self.persistent.enabled = on;
+        self
+    }
+
+    /// The kept mapping of `gref`, mapping it now if there is room.
+    pub(super) fn persistent_page(&mut self, gref: GrantRef) -> Option<Arc<SharedMem>> {
+        let p = &mut self.persistent;
+        if !p.enabled || p.unmappable.contains(&gref) {
+            return None;
+        }
+        if !p.maps.contains_key(&gref) {
+            if p.maps.len() >= MAX_PERSISTENT_GRANTS {
+                return None;
+            }
+            if !MAP_BUDGET.acquire() {
+                self.stats.persistent_over_budget += 1;
+                return None;
+            }
+            match self.grants.map(self.domid, &[gref], true) {
+                Ok(m) => {
+                    p.maps.insert(gref, Arc::new(m));
+                    self.stats.persistent_maps += 1;
+                }
+                Err(e) => {
+                    MAP_BUDGET.release(1);
+                    tracing::debug!(domid = %self.domid, gref, "persistent grant not mappable, copying: {e}");
+                    if p.unmappable.len() < MAX_PERSISTENT_GRANTS {
+                        p.unmappable.insert(gref);
+                    }
+                    return None;
+                }
+            }
+        }
+        self.stats.persistent_hits += 1;
+        self.persistent.maps.get(&gref).cloned()
+    }
+
+    /// Copies an indirect request's segment pages out (read-only grants) and
+    /// validates the private copy.
+    pub(super) fn indirect(
+        &mut self,
+        h: &IndirectHeader,
+    ) -> Result<Request, crate::ring::request::Refusal> {
+        let mut pages = vec![0u8; h.grefs.len() * XEN_PAGE_SIZE];
+        let mut segs: Vec<CopySeg<'_>> = pages
+            .chunks_mut(XEN_PAGE_SIZE)
+            .zip(&h.grefs)
+            .map(|(buf, &g)| CopySeg::from_guest(self.domid, g, 0, buf))
+            .collect();
+        let ok = self.grants.copy(&mut segs).is_ok() && segs.iter().all(|s| s.status == GNTST_OKAY);
+        drop(segs);
+        if !ok {
+            tracing::debug!(domid = %self.domid, id = h.id, "indirect pages not readable");
+            return Err(h.unreadable());
+        }
+        h.finish(&pages, &self.limits)
+    }
+
+    /// Copies a completed read's data to the guest's pages.
+    pub(super) fn copy_out_slot(&mut self, i: usize, req: &Request) -> Result<(), String> {
+        let Some(buf) = self.slots[i].buf.take() else {
+            return Err("a read without its buffer".into());
+        };
+        let pool = self.pool.clone();
+        let r = self.copy_out(req, pool.slice(&buf));
+        self.slots[i].buf = Some(buf);
+        r
+    }
+
+    pub(super) fn copy_out(&mut self, req: &Request, data: &[u8]) -> Result<(), String> {
+        let mut at = 0;
+        let mut rest = Vec::new();
+        for s in &req.segments {
+            let chunk = &data[at..at + s.len()];
+            match self.persistent_page(s.gref) {
+                Some(page) => page.write_data(s.offset(), chunk),
+                None => rest.push((s.gref, s.offset() as u16, at, s.len())),
+            }
+            at += s.len();
+        }
+        if self.map_mode && !rest.is_empty() {
+            let m = self.map_rest(&rest, true)?;
+            for (i, &(_, off, at, len)) in rest.iter().enumerate() {
+                m.write_data(i * XEN_PAGE_SIZE + usize::from(off), &data[at..at + len]);
+            }
+            return Ok(()); // unmapped as `m` drops
+        }
+        let mut segs: Vec<CopySeg<'_>> = rest
+            .iter()
+            .map(|&(g, off, at, len)| CopySeg::to_guest(self.domid, g, off, &data[at..at + len]))
+            .collect();
+        self.copy(&mut segs)
+    }
+
+    /// Copies a write's data from the guest's pages into `buf`.
+    pub(super) fn copy_in(&mut self, req: &Request, buf: &mut Buf) -> Result<(), String> {
+        let pool = self.pool.clone();
+        let buf = pool.slice_mut(buf);
+        let mut at = 0;
+        let mut rest = Vec::new();
+        for s in &req.segments {
+            match self.persistent_page(s.gref) {
+                Some(page) => page.read_data(s.offset(), &mut buf[at..at + s.len()]),
+                None => rest.push((s.gref, s.offset() as u16, at, s.len())),
+            }
+            at += s.len();
+        }
+        if self.map_mode && !rest.is_empty() {
+            let m = self.map_rest(&rest, false)?;
+            for (i, &(_, off, at, len)) in rest.iter().enumerate() {
+                m.read_data(i * XEN_PAGE_SIZE + usize::from(off), &mut buf[at..at + len]);
+            }
+            return Ok(());
+        }
+        let mut tail = &mut buf[..];
+        let mut consumed = 0;
+        let mut segs = Vec::with_capacity(rest.len());
+        for &(g, off, at, len) in &rest {
+            let (_, t) = tail.split_at_mut(at - consumed);
+            let (head, t) = t.split_at_mut(len);
+            segs.push(CopySeg::from_guest(self.domid, g, off, head));
+            tail = t;
+            consumed = at + len;
+        }
+        self.copy(&mut segs)
+    }
+
+    pub(super) fn copy(&self, segs: &mut [CopySeg<'_>]) -> Result<(), String> {
+        self.grants.copy(segs).map_err(|e| e.to_string())?;
+        match segs.iter().find(|s| s.status != GNTST_OKAY) {
+            None => Ok(()),
+            Some(s) => Err(format!(
+                "grant copy of ref {} failed with status {}",
+                s.gref, s.status
+            )),
+        }
+    }
+}
