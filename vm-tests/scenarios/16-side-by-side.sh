@@ -3,14 +3,16 @@
 # against three disks on identical backing files, one backend at a time:
 # blkbackd, QEMU's xen-block (backendtype=qdisk, its own Xenstore kind), and
 # the kernel's xen-blkback (loaded for this scenario only, blkbackd stopped
-# meanwhile: both serve backend/vbd). One table: IOPS or MB/s per backend and
-# blkbackd's ratio to each. Software emulation distorts absolute figures;
-# only the ratios mean anything. Fails only if a backend cannot run the jobs.
+# meanwhile: both serve backend/vbd), in three rounds in one boot. One table:
+# the median IOPS or MB/s per backend and blkbackd's ratio to each. Software
+# emulation distorts absolute figures; only the ratios mean anything. Fails
+# only if a backend cannot run the jobs.
 . /vmlib.sh
 N=side-by-side
 # run_jobs NAME DISKSPEC: a guest runs the jobs; its IOBENCH lines to /tmp/NAME.bench
 run_jobs() {
   guest_cfg $1 "$2" 1 "blkbackd_bench"
+  rm -f /var/log/xen/console/guest-$1.log   # the last round's "done"
   xl create /root/$1.cfg 2>&1 || return 1
   i=0; until grep -q "DOMU-MARK done" /var/log/xen/console/guest-$1.log 2>/dev/null; do
     i=$((i+1)); [ $i -lt 1800 ] || return 1; sleep 0.1; done
@@ -24,22 +26,34 @@ df -m /tmp | tail -1
 for b in blkbackd qdisk blkback; do
   dd if=/dev/zero of=/tmp/sbs-$b.img bs=1M count=32 2>/dev/null || fail $N "no room for /tmp/sbs-$b.img"
 done
-start_blkbackd || fail $N "cannot start blkbackd"
-run_jobs sbs-blkbackd "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/sbs-blkbackd.img" \
-  || fail $N "the jobs did not run on blkbackd"
-run_jobs sbs-qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/tmp/sbs-qdisk.img" \
-  || { tail -20 /var/log/xen/qemu-dm-sbs-qdisk.log; fail $N "the jobs did not run on QEMU qdisk"; }
-pid=$(pidof blkbackd) && { kill -TERM $pid; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
-modprobe xen-blkback || fail $N "cannot load xen-blkback"
-L=$(losetup -f) && losetup $L /tmp/sbs-blkback.img || fail $N "losetup"
-run_jobs sbs-blkback "phy:$L,xvda,w" || { tail -20 /var/log/xen/xen-hotplug.log; fail $N "the jobs did not run on xen-blkback"; }
-i=0; until rmmod xen-blkback 2>/dev/null; do i=$((i+1)); [ $i -lt 50 ] || fail $N "cannot unload xen-blkback"; sleep 0.1; done
-losetup -d $L
+# ROUNDS rounds in this one boot (the VM's noise is round to round); the
+# table gives each figure's median.
+ROUNDS=${SBS_ROUNDS:-3}
+r=0
+while [ $r -lt $ROUNDS ]; do
+  r=$((r+1))
+  start_blkbackd || fail $N "cannot start blkbackd"
+  run_jobs sbs-blkbackd "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/sbs-blkbackd.img" \
+    || fail $N "the jobs did not run on blkbackd"
+  mv /tmp/sbs-blkbackd.bench /tmp/sbs-blkbackd.$r.bench
+  run_jobs sbs-qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/tmp/sbs-qdisk.img" \
+    || { tail -20 /var/log/xen/qemu-dm-sbs-qdisk.log; fail $N "the jobs did not run on QEMU qdisk"; }
+  mv /tmp/sbs-qdisk.bench /tmp/sbs-qdisk.$r.bench
+  pid=$(pidof blkbackd) && { kill -TERM $pid; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
+  modprobe xen-blkback || fail $N "cannot load xen-blkback"
+  L=$(losetup -f) && losetup $L /tmp/sbs-blkback.img || fail $N "losetup"
+  run_jobs sbs-blkback "phy:$L,xvda,w" || { tail -20 /var/log/xen/xen-hotplug.log; fail $N "the jobs did not run on xen-blkback"; }
+  mv /tmp/sbs-blkback.bench /tmp/sbs-blkback.$r.bench
+  i=0; until rmmod xen-blkback 2>/dev/null; do i=$((i+1)); [ $i -lt 50 ] || fail $N "cannot unload xen-blkback"; sleep 0.1; done
+  losetup -d $L
+done
 rm -f /tmp/sbs-*.img
 start_blkbackd || fail $N "cannot restart blkbackd"
-# job bs depth -> figure (IOPS for 4 KiB, MB/s for 128 KiB)
-fig() { awk -v j="$2" -v b="$3" -v d="$4" '$1 == j && $2 == "bs=" b && $3 == "depth=" d {
-  for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print (b == 4096 ? v["iops"] : v["mbps"]) }' /tmp/sbs-$1.bench; }
+# job bs depth -> the median over the rounds (IOPS for 4 KiB, MB/s for 128 KiB)
+fig() { cat /tmp/sbs-$1.*.bench | awk -v j="$2" -v b="$3" -v d="$4" '$1 == j && $2 == "bs=" b && $3 == "depth=" d {
+  for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print (b == 4096 ? v["iops"] : v["mbps"]) }' \
+  | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; else print 0 }'; }
+echo "SIDE-BY-SIDE medians of $ROUNDS rounds"
 echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk"
 for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
   set -- $job

@@ -24,6 +24,12 @@ use crate::xen::mem::SharedView;
 use crate::xen::sim::{GuestPort, SimDomain};
 use crate::xen::DomId;
 
+tokio::task_local! {
+    /// A submitter's lane (a guest CPU, as blk-mq sees it): its requests
+    /// all go to queue `LANE % queues`.
+    pub static LANE: usize;
+}
+
 /// What the simulated frontend asks for (capped by what the backend offers).
 #[derive(Clone, Debug)]
 pub struct FrontOptions {
@@ -303,8 +309,14 @@ impl Blkfront {
         &self.dom
     }
 
+    /// The queue of the calling task's lane if it runs in [`LANE`]'s scope
+    /// (as Linux's blk-mq maps a submitting CPU to one queue), else the
+    /// next in turn.
     fn pick_queue(&self) -> usize {
-        self.next_queue.fetch_add(1, Ordering::Relaxed) % self.queues.len()
+        let n = LANE
+            .try_with(|l| *l)
+            .unwrap_or_else(|_| self.next_queue.fetch_add(1, Ordering::Relaxed));
+        n % self.queues.len()
     }
 
     /// Puts raw slot bytes on queue `q` (with the id at the ABI's offset

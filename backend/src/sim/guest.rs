@@ -219,7 +219,7 @@ async fn bench(front: &Arc<Blkfront>, spec: BenchSpec) -> Result<String, FrontEr
     let mut lanes = tokio::task::JoinSet::new();
     for lane in 0..spec.depth {
         let f = front.clone();
-        lanes.spawn(async move {
+        let on_lane = async move {
             let mut buf = vec![0xA5u8; spec.bs as usize];
             let mut n = 0u64;
             // Each I/O's latency in ns, at depth 1 (where latency is the figure).
@@ -238,7 +238,9 @@ async fn bench(front: &Arc<Blkfront>, spec: BenchSpec) -> Result<String, FrontEr
                 n += 1;
             }
             Ok::<(u64, Vec<u32>), FrontError>((n, lat))
-        });
+        };
+        // Each lane sticks to one queue, as a guest CPU does.
+        lanes.spawn(crate::sim::blkfront::LANE.scope(lane as usize, on_lane));
     }
     let (mut ops, mut lat) = (0, Vec::new());
     while let Some(r) = lanes.join_next().await {
