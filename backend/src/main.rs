@@ -348,12 +348,17 @@ fn main() -> anyhow::Result<()> {
                         socket.display()
                     ),
                 }
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&vbds)?);
+                let text = if json {
+                    serde_json::to_string_pretty(&vbds)? + "\n"
                 } else {
-                    print!("{}", blkbackd::status::table(&vbds));
+                    blkbackd::status::table(&vbds)
+                };
+                // A reader that stopped early (`| grep -q`, `| head`) is not
+                // an error, and never a panic.
+                match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                    _ => Ok(()),
                 }
-                Ok(())
             }
             Cmd::Hotplug {
                 action,

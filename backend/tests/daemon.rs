@@ -720,3 +720,34 @@ async fn the_toolstack_removes_a_vbd_within_its_timeout_even_when_the_disk_hangs
     drop(cleanup);
     w.finish().await;
 }
+
+/// `blkbackd status | grep -q ...` (as scenario 01 does) or `| head`: a
+/// reader that stops early gets what it read; the command neither panics
+/// nor fails (it used to panic with "failed printing to stdout").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_to_a_reader_that_stopped_early_is_no_failure() {
+    let w = world().await;
+    for json in [true, false] {
+        let (r, wr) = std::io::pipe().unwrap();
+        drop(r); // the reader is gone before the first byte
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"));
+        cmd.arg("status");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .arg("--socket")
+            .arg(w.dir.path().join("no-daemon.sock"))
+            .env("XENSTORED_PATH", w.listening.path())
+            .stdout(std::process::Stdio::from(wr))
+            .stderr(std::process::Stdio::piped())
+            .spawn() // (`output()` would replace stdout with a pipe of its own)
+            .unwrap()
+            .wait_with_output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "json={json}: {err}");
+        assert!(out.status.success(), "json={json}: {:?} {err}", out.status);
+    }
+}
