@@ -283,6 +283,11 @@ impl EventChannel for DevChannel {
                     any |= bytes[..n]
                         .chunks_exact(4)
                         .any(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")) == self.port);
+                    // The driver hands over every pending port that fits:
+                    // a read that did not fill the buffer left none.
+                    if n < bytes.len() {
+                        return Ok(any);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

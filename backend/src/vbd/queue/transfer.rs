@@ -257,12 +257,25 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         h: &IndirectHeader,
     ) -> Result<Request, crate::ring::request::Refusal> {
         let mut pages = vec![0u8; h.grefs.len() * XEN_PAGE_SIZE];
+        // Through a kept mapping where the guest granted the page
+        // persistently (Linux blkfront does, with persistent grants), as
+        // blkback maps them; the rest by one grant copy.
+        let mut copied = vec![false; h.grefs.len()];
+        for (i, &g) in h.grefs.iter().enumerate() {
+            if let Some(page) = self.persistent_page(g) {
+                page.read_data(0, &mut pages[i * XEN_PAGE_SIZE..(i + 1) * XEN_PAGE_SIZE]);
+                copied[i] = true;
+            }
+        }
         let mut segs: Vec<CopySeg<'_>> = pages
             .chunks_mut(XEN_PAGE_SIZE)
             .zip(&h.grefs)
-            .map(|(buf, &g)| CopySeg::from_guest(self.domid, g, 0, buf))
+            .zip(&copied)
+            .filter(|(_, &done)| !done)
+            .map(|((buf, &g), _)| CopySeg::from_guest(self.domid, g, 0, buf))
             .collect();
-        let ok = self.grants.copy(&mut segs).is_ok() && segs.iter().all(|s| s.status == GNTST_OKAY);
+        let ok = segs.is_empty()
+            || (self.grants.copy(&mut segs).is_ok() && segs.iter().all(|s| s.status == GNTST_OKAY));
         drop(segs);
         if !ok {
             tracing::debug!(domid = %self.domid, id = h.id, "indirect pages not readable");
