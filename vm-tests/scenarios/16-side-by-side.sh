@@ -49,17 +49,27 @@ while [ $r -lt $ROUNDS ]; do
 done
 rm -f /tmp/sbs-*.img
 start_blkbackd || fail $N "cannot restart blkbackd"
-# job bs depth -> the median over the rounds (IOPS for 4 KiB, MB/s for 128 KiB)
-fig() { cat /tmp/sbs-$1.*.bench | awk -v j="$2" -v b="$3" -v d="$4" '$1 == j && $2 == "bs=" b && $3 == "depth=" d {
-  for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print (b == 4096 ? v["iops"] : v["mbps"]) }' \
-  | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; else print 0 }'; }
-echo "SIDE-BY-SIDE medians of $ROUNDS rounds"
-echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk"
+# figs BACKEND JOB BS DEPTH: the job's figure in each round, in round order
+# (IOPS for 4 KiB, MB/s for 128 KiB).
+figs() { r=0; while [ $r -lt $ROUNDS ]; do r=$((r+1)); awk -v j="$2" -v b="$3" -v d="$4" '
+  $1 == j && $2 == "bs=" b && $3 == "depth=" d { for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+  f = (b == 4096 ? v["iops"] : v["mbps"]) } END { print f + 0 }' /tmp/sbs-$1.$r.bench; done; }
+med() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; else print 0 }'; }
+# ratios A B: A/B round by round (the backends of a round ran minutes apart,
+# the rounds further apart: the host's noise moves whole rounds).
+ratios() { paste -d' ' "$1" "$2" | awk '{ print ($2 > 0 ? $1 / $2 : 0) }'; }
+echo "SIDE-BY-SIDE $ROUNDS rounds: figures are medians, ratios the median of each round's ratio"
+echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback"
 for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
   set -- $job
-  k=$(fig blkback $1 $2 $3); q=$(fig qdisk $1 $2 $3); m=$(fig blkbackd $1 $2 $3)
+  for b in blkback qdisk blkbackd; do figs $b $1 $2 $3 > /tmp/sbs-$b.col; done
+  k=$(med < /tmp/sbs-blkback.col); q=$(med < /tmp/sbs-qdisk.col); m=$(med < /tmp/sbs-blkbackd.col)
+  rk=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-blkback.col | med)
+  rq=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-qdisk.col | med)
+  each=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-blkback.col | awk '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 }')
   unit=IOPS; [ $2 -eq 4096 ] || unit=MB/s
-  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m 'BEGIN {
-    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f  (%s)\n", j, k, q, m, (k > 0 ? m / k : 0), (q > 0 ? m / q : 0), u }'
+  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" 'BEGIN {
+    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f | %s  (%s)\n", j, k, q, m, rk, rq, e, u }'
 done
+rm -f /tmp/sbs-*.bench /tmp/sbs-*.col
 mark "$N PASS"

@@ -261,8 +261,14 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         // persistently (Linux blkfront does, with persistent grants), as
         // blkback maps them; the rest by one grant copy.
         let mut copied = vec![false; h.grefs.len()];
+        // Only pages already kept: an indirect page may be granted
+        // read-only, and is not worth a mapping of its own.
         for (i, &g) in h.grefs.iter().enumerate() {
-            if let Some(page) = self.persistent_page(g) {
+            let kept = self
+                .persistent
+                .enabled
+                .then(|| self.persistent.maps.get(&g).cloned());
+            if let Some(page) = kept.flatten() {
                 page.read_data(0, &mut pages[i * XEN_PAGE_SIZE..(i + 1) * XEN_PAGE_SIZE]);
                 copied[i] = true;
             }
