@@ -18,7 +18,7 @@ make_disk() {
   dd if=/dev/zero of="$1" bs=1M count="$2" 2>/dev/null
   echo "$3" | dd of="$1" conv=notrunc 2>/dev/null
 }
-# guest_cfg NAME DISKSPEC VCPUS EXTRA-KERNEL-ARGS
+# guest_cfg NAME DISKSPEC VCPUS EXTRA-KERNEL-ARGS [MEMORY-MIB (256)]
 guest_cfg() {
   cat > /root/$1.cfg <<EOC
 name="$1"
@@ -26,7 +26,7 @@ type="pv"
 kernel="/root/vmlinux"
 ramdisk="/root/domu.cpio"
 extra="console=hvc0 rdinit=/init $4"
-memory=256
+memory=${5:-256}
 vcpus=$3
 disk=["$2"]
 EOC

@@ -62,10 +62,10 @@ enum Cmd {
         /// Adaptive polling's largest window in µs (0: off), as `[io] poll_us`.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
         poll_us: u32,
-        /// Disk I/O through the bounce pool even where the guest's pages are
-        /// mapped (`[io] zero_copy = false`), to measure what zero copy buys.
+        /// Disk I/O straight on the guest's mapped pages (`[io] zero_copy =
+        /// true`), to measure what zero copy buys against the copy.
         #[arg(long)]
-        no_zero_copy: bool,
+        zero_copy: bool,
         /// Run only the workloads whose name contains this (e.g. "128k write").
         #[arg(long)]
         only: Option<String>,
@@ -263,7 +263,7 @@ fn main() -> anyhow::Result<()> {
                 size_mib,
                 engine,
                 poll_us,
-                no_zero_copy,
+                zero_copy,
                 only,
             } => {
                 blkbackd::bench::run(blkbackd::bench::BenchOptions {
@@ -273,7 +273,7 @@ fn main() -> anyhow::Result<()> {
                     size_mib,
                     engine,
                     poll_us,
-                    zero_copy: !no_zero_copy,
+                    zero_copy,
                     only,
                     exe: std::env::current_exe().context("finding the blkbackd binary")?,
                 })

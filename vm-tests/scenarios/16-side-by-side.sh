@@ -3,7 +3,9 @@
 # against three disks on identical backing files, one backend at a time:
 # blkbackd, QEMU's xen-block (backendtype=qdisk, its own Xenstore kind), and
 # the kernel's xen-blkback (loaded for this scenario only, blkbackd stopped
-# meanwhile: both serve backend/vbd), in three rounds in one boot. One table:
+# meanwhile: both serve backend/vbd), and blkbackd once more with [io]
+# zero_copy = true (asserted to run on the guest's pages), in three rounds
+# in one boot. One table:
 # the median IOPS or MB/s per backend and blkbackd's ratio to each. Software
 # emulation distorts absolute figures; only the ratios mean anything. Fails
 # only if a backend cannot run the jobs.
@@ -18,12 +20,13 @@ run_jobs() {
     i=$((i+1)); [ $i -lt 1800 ] || return 1; sleep 0.1; done
   grep -a "DOMU-MARK IOBENCH " /var/log/xen/console/guest-$1.log | sed 's/.*IOBENCH //' > /tmp/$1.bench
   cat /tmp/$1.bench
+  blkbackd status --json > /tmp/$1.status 2>/dev/null
   xl destroy $1
   [ "$(wc -l < /tmp/$1.bench)" -eq 5 ]
 }
 # dom0's /tmp is memory: 32 MiB each, checked, removed at the end.
 df -m /tmp | tail -1
-for b in blkbackd qdisk blkback; do
+for b in blkbackd bbzc qdisk blkback; do
   dd if=/dev/zero of=/tmp/sbs-$b.img bs=1M count=32 2>/dev/null || fail $N "no room for /tmp/sbs-$b.img"
 done
 # ROUNDS rounds in this one boot (the VM's noise is round to round); the
@@ -36,6 +39,19 @@ while [ $r -lt $ROUNDS ]; do
   run_jobs sbs-blkbackd "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/sbs-blkbackd.img" \
     || fail $N "the jobs did not run on blkbackd"
   mv /tmp/sbs-blkbackd.bench /tmp/sbs-blkbackd.$r.bench
+  # blkbackd again with zero copy on (persistent grants as the I/O
+  # buffers, O_DIRECT on the loop device straight into gntdev's mappings):
+  # what it buys, or costs, on this dom0.
+  pid=$(pidof blkbackd) && { kill -TERM $pid; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
+  mkdir -p /etc/blkbackd && printf '[io]\nzero_copy = true\n' > /etc/blkbackd/zc.toml
+  RUST_LOG=info blkbackd serve --config /etc/blkbackd/zc.toml >> /tmp/blkbackd.log 2>&1 &
+  run_jobs sbs-bbzc "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/sbs-bbzc.img" \
+    || fail $N "the jobs did not run on blkbackd with zero copy"
+  mv /tmp/sbs-bbzc.bench /tmp/sbs-bbzc.$r.bench
+  ZC=$(sed -n 's/.*"zero_copy": *\([0-9]*\).*/\1/p' /tmp/sbs-bbzc.status | awk '{s+=$1} END {print s+0}')
+  echo "zero-copy requests: $ZC"
+  [ "$ZC" -gt 0 ] || fail $N "no request ran on the guest's pages with zero_copy = true"
+  grep -q "disk I/O on mapped guest pages refused" /tmp/blkbackd.log && fail $N "the kernel refused I/O on gntdev mappings"
   run_jobs sbs-qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/tmp/sbs-qdisk.img" \
     || { tail -20 /var/log/xen/qemu-dm-sbs-qdisk.log; fail $N "the jobs did not run on QEMU qdisk"; }
   mv /tmp/sbs-qdisk.bench /tmp/sbs-qdisk.$r.bench
@@ -59,17 +75,18 @@ med() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; 
 # the rounds further apart: the host's noise moves whole rounds).
 ratios() { paste -d' ' "$1" "$2" | awk '{ print ($2 > 0 ? $1 / $2 : 0) }'; }
 echo "SIDE-BY-SIDE $ROUNDS rounds: figures are medians, ratios the median of each round's ratio"
-echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback"
+echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback | zero copy vs blkback"
 for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
   set -- $job
-  for b in blkback qdisk blkbackd; do figs $b $1 $2 $3 > /tmp/sbs-$b.col; done
+  for b in blkback qdisk blkbackd bbzc; do figs $b $1 $2 $3 > /tmp/sbs-$b.col; done
   k=$(med < /tmp/sbs-blkback.col); q=$(med < /tmp/sbs-qdisk.col); m=$(med < /tmp/sbs-blkbackd.col)
   rk=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-blkback.col | med)
   rq=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-qdisk.col | med)
   each=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-blkback.col | awk '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 }')
+  rc=$(ratios /tmp/sbs-bbzc.col /tmp/sbs-blkback.col | med)
   unit=IOPS; [ $2 -eq 4096 ] || unit=MB/s
-  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" 'BEGIN {
-    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f | %s  (%s)\n", j, k, q, m, rk, rq, e, u }'
+  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" -v rc=$rc 'BEGIN {
+    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f | %-20s | %.2f  (%s)\n", j, k, q, m, rk, rq, e, rc, u }'
 done
-rm -f /tmp/sbs-*.bench /tmp/sbs-*.col
+rm -f /tmp/sbs-*.bench /tmp/sbs-*.col /tmp/sbs-*.status
 mark "$N PASS"
