@@ -28,8 +28,7 @@
 //!                               # request's grants, unmap after the I/O)
 //! zero_copy = false             # true: disk I/O straight on mapped guest
 //!                               # pages (kept persistent grants, map mode);
-//!                               # false: through the bounce pool (faster in a
-//!                               # PV dom0, measured)
+//!                               # false: through the bounce pool
 //! pool_kib = 4096               # 64..=65536: each ring's bounce buffers (never
 //!                               # less than one largest request); pinned
 //!                               # while the ring is connected

@@ -6,10 +6,11 @@
 . /vmlib.sh
 N=failed-create
 start_blkbackd || fail $N "cannot start blkbackd"
-# 64 MiB: xl builds the domain (its memory populated under software
-# emulation) before any device exists, the same for every backend; a small
-# guest keeps that from hiding the backend's share.
-guest_cfg dommiss "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/no-such-image.img" 1 "" 64
+# (xl builds the domain, its memory populated under software emulation,
+# before any device exists: the same for every backend. A 64 MiB guest is
+# too small for the domU's kernel and ramdisk: the create then fails before
+# the vbd, which proves nothing.)
+guest_cfg dommiss "vdev=xvda,backendtype=phy,script=block-blkbackd,target=file:/tmp/no-such-image.img" 1 ""
 t0=$(cut -d' ' -f1 /proc/uptime)
 echo "FAILED-CREATE start $(date -u +%H:%M:%S)"
 xl -vvv -T create /root/dommiss.cfg > /tmp/xl19.log 2>&1 && fail $N "xl create of a missing image succeeded"

@@ -65,9 +65,8 @@ impl Default for Offer {
             map_grants: false,
             pool_bytes: queue::DEFAULT_POOL_BYTES,
             poll_us: 0,
-            // Off: measured slower than grant copy in a PV dom0 (VM
-            // scenario 16), where pinning gntdev pages for each I/O costs
-            // more than the copy it saves.
+            // Off until it measures faster in a PV dom0 (VM scenario 16
+            // runs both; two runs so far disagreed with each other).
             zero_copy: false,
         }
     }
