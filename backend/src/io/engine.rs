@@ -139,6 +139,19 @@ pub struct IoDone {
     pub guest: Option<GuestBufs>,
 }
 
+impl IoDone {
+    /// `op` ended before it reached the disk, with `err`; its memory goes
+    /// back with it.
+    pub fn failed(op: IoOp, err: io::Error) -> IoDone {
+        IoDone {
+            tag: op.tag,
+            result: Err(err),
+            buf: op.buf,
+            guest: op.guest,
+        }
+    }
+}
+
 /// Which engine serves the rings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -363,12 +376,8 @@ impl ThreadEngine {
     pub(super) fn push(&mut self, op: IoOp) {
         self.in_flight += 1;
         if let Err(std::sync::mpsc::SendError(op)) = self.tx.send(op) {
-            self.ready.push_back(IoDone {
-                tag: op.tag,
-                result: Err(io::Error::other("the I/O worker thread is gone")),
-                buf: op.buf,
-                guest: op.guest,
-            });
+            let gone = io::Error::other("the I/O worker thread is gone");
+            self.ready.push_back(IoDone::failed(op, gone));
         }
     }
 

@@ -266,12 +266,7 @@ impl UringEngine {
                 match ThreadEngine::new(self.disk.clone(), self.pool.clone()) {
                     Ok(t) => self.side = Some(t),
                     Err(e) => {
-                        self.done.push(IoDone {
-                            tag: op.tag,
-                            result: Err(e),
-                            buf: op.buf,
-                            guest: op.guest,
-                        });
+                        self.done.push(IoDone::failed(op, e));
                         return;
                     }
                 }
@@ -282,12 +277,8 @@ impl UringEngine {
             return;
         }
         if op.kind == IoKind::Discard && self.target.discard == DiscardKind::None {
-            self.done.push(IoDone {
-                tag: op.tag,
-                result: Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
-                buf: op.buf,
-                guest: op.guest,
-            });
+            let unsupported = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+            self.done.push(IoDone::failed(op, unsupported));
             return;
         }
         let ud = self.next;
@@ -296,12 +287,7 @@ impl UringEngine {
         let entry = match self.entry(&op, ud, &mut iov) {
             Ok(e) => e,
             Err(e) => {
-                self.done.push(IoDone {
-                    tag: op.tag,
-                    result: Err(e),
-                    buf: op.buf,
-                    guest: op.guest,
-                });
+                self.done.push(IoDone::failed(op, e));
                 return;
             }
         };

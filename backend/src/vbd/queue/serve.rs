@@ -240,7 +240,10 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             _ => timeout,
         };
         let ready = crate::io::wait::readable(&fds, timeout)?;
-        let kick = listen && self.ev.take_kick()?;
+        // Read the channel only when it polled readable (or has no
+        // descriptor): a wake-up for a completion costs no read that would
+        // only say EAGAIN.
+        let kick = listen && (ev_fd.is_none() || ready[1]) && self.ev.take_kick()?;
         Ok(Woke {
             kick,
             io: ready[2] || ready[3],
