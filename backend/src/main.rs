@@ -238,7 +238,18 @@ fn main() -> anyhow::Result<()> {
         // Colours only on a terminal: logs in files and journald stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The short-lived commands (the block script's above all: libxl waits
+    // for it while a guest is created or fails to be) run on the calling
+    // thread: no worker threads to start and stop.
+    let mut rt = if matches!(
+        cli.cmd,
+        Cmd::Hotplug { .. } | Cmd::Status { .. } | Cmd::Shutdown { .. } | Cmd::Revoke { .. }
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = rt
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use xenstore::{Client, Xs};
 
-use super::{publish_features, publish_geometry, serve_frontend, Offer};
+use super::{publish_geometry, serve_frontend, Offer};
 use crate::abi::sys::XenbusState;
 use crate::disk::{self, DiskId};
 use crate::io::{Disk, FileDisk};
@@ -307,9 +307,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         ctx.live.note_adopted(be);
         tracing::info!(%domid, backend = be, "adopting a connected device: re-attaching its rings at rsp_prod");
     } else {
-        xs.write(&format!("{be}/opened"), "0").await?;
-        publish_features(xs, be, &offer).await?;
-        set_state(xs, be, XenbusState::InitWait).await?;
+        super::publish_init_wait(xs, be, &offer).await?;
         tracing::info!(%domid, backend = be, "vbd in InitWait, waiting for the hotplug script");
     }
 
@@ -537,10 +535,9 @@ async fn publish_resize(xs: &Client, be: &str, sectors: u64) -> Result<(), Fatal
 /// that completes out of order must keep responses in ring order to keep this
 /// safe.
 async fn adopting(xs: &Client, be: &str, fe: &str) -> Result<bool, Fatal> {
-    Ok(
-        state_of(xs, &format!("{be}/state")).await? == Some(XenbusState::Connected)
-            && state_of(xs, &format!("{fe}/state")).await? == Some(XenbusState::Connected),
-    )
+    let (be_state, fe_state) = (format!("{be}/state"), format!("{fe}/state"));
+    let (b, f) = tokio::try_join!(state_of(xs, &be_state), state_of(xs, &fe_state))?;
+    Ok(b == Some(XenbusState::Connected) && f == Some(XenbusState::Connected))
 }
 
 async fn wait_removed(

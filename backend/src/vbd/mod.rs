@@ -227,7 +227,12 @@ async fn write_all(xs: &Client, be: &str, kv: Vec<(&'static str, String)>) -> Re
 
 /// Writes what the backend offers every frontend (before InitWait).
 pub async fn publish_features(xs: &Client, be: &str, offer: &Offer) -> Result<(), VbdError> {
-    let kv = vec![
+    write_all(xs, be, features(offer)).await
+}
+
+/// The nodes that say what the backend offers every frontend.
+fn features(offer: &Offer) -> Vec<(&'static str, String)> {
+    vec![
         ("feature-flush-cache", "1".to_owned()),
         ("feature-barrier", "1".to_owned()),
         (
@@ -241,7 +246,17 @@ pub async fn publish_features(xs: &Client, be: &str, offer: &Offer) -> Result<()
         ("max-ring-page-order", offer.max_ring_order.to_string()),
         ("multi-queue-max-queues", offer.max_queues.to_string()),
         (OFFER_KEY, offer.encode()),
-    ];
+    ]
+}
+
+/// A new device's first words: what the backend offers, `opened` = 0 and
+/// InitWait, in one transaction (one round trip while libxl waits for
+/// InitWait to run the block script; the frontend never sees InitWait
+/// without the features).
+pub async fn publish_init_wait(xs: &Client, be: &str, offer: &Offer) -> Result<(), VbdError> {
+    let mut kv = features(offer);
+    kv.push(("opened", "0".to_owned()));
+    kv.push(("state", XenbusState::InitWait.as_str().to_owned()));
     write_all(xs, be, kv).await
 }
 
