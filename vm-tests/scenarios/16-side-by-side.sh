@@ -3,9 +3,9 @@
 # against three disks on identical backing files, one backend at a time:
 # blkbackd, QEMU's xen-block (backendtype=qdisk, its own Xenstore kind), and
 # the kernel's xen-blkback (loaded for this scenario only, blkbackd stopped
-# meanwhile: both serve backend/vbd), and blkbackd once more with [io]
-# zero_copy = true (asserted to run on the guest's pages), in three rounds
-# in one boot. One table:
+# meanwhile: both serve backend/vbd), and blkbackd twice more, with [io]
+# zero_copy = true (asserted to run on the guest's pages) and with adaptive
+# polling ([io] poll_us = 100), in three rounds in one boot. One table:
 # the median IOPS or MB/s per backend and blkbackd's ratio to each. Software
 # emulation distorts absolute figures; only the ratios mean anything. Fails
 # only if a backend cannot run the jobs.
@@ -26,7 +26,7 @@ run_jobs() {
 }
 # dom0's /tmp is memory: 32 MiB each, checked, removed at the end.
 df -m /tmp | tail -1
-for b in blkbackd bbzc qdisk blkback; do
+for b in blkbackd bbzc bbpoll qdisk blkback; do
   dd if=/dev/zero of=/tmp/sbs-$b.img bs=1M count=32 2>/dev/null || fail $N "no room for /tmp/sbs-$b.img"
 done
 # ROUNDS rounds in this one boot (the VM's noise is round to round); the
@@ -35,17 +35,20 @@ ROUNDS=${SBS_ROUNDS:-3}
 r=0
 while [ $r -lt $ROUNDS ]; do
   r=$((r+1))
-  # blkbackd with the defaults, and again with zero copy on (persistent
+  # blkbackd with the defaults, again with zero copy on (persistent
   # grants as the I/O buffers, O_DIRECT on the loop device straight into
-  # gntdev's mappings): what zero copy buys, or costs, on this dom0. The
-  # two alternate which goes first (the second of a pair did better in
-  # both orders once: an order effect, not a backend's).
-  mkdir -p /etc/blkbackd && printf '[io]\nzero_copy = true\n' > /etc/blkbackd/zc.toml
-  if [ $((r % 2)) -eq 1 ]; then pair="blkbackd bbzc"; else pair="bbzc blkbackd"; fi
-  for b in $pair; do
+  # gntdev's mappings), and with adaptive polling: what each buys, or
+  # costs, on this dom0. They rotate which goes first (the second of a
+  # pair did better in both orders once: an order effect, not a backend's).
+  mkdir -p /etc/blkbackd && printf '[io]\nzero_copy = true\n' > /etc/blkbackd/bbzc.toml
+  printf '[io]\npoll_us = 100\n' > /etc/blkbackd/bbpoll.toml
+  case $((r % 3)) in
+    1) trio="blkbackd bbzc bbpoll" ;; 2) trio="bbzc bbpoll blkbackd" ;; *) trio="bbpoll blkbackd bbzc" ;;
+  esac
+  for b in $trio; do
     pid=$(pidof blkbackd) && { kill -TERM $pid; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
-    if [ $b = bbzc ]; then
-      RUST_LOG=info blkbackd serve --config /etc/blkbackd/zc.toml >> /tmp/blkbackd.log 2>&1 &
+    if [ $b != blkbackd ]; then
+      RUST_LOG=info blkbackd serve --config /etc/blkbackd/$b.toml >> /tmp/blkbackd.log 2>&1 &
     else
       start_blkbackd || fail $N "cannot start blkbackd"
     fi
@@ -80,18 +83,19 @@ med() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; 
 # the rounds further apart: the host's noise moves whole rounds).
 ratios() { paste -d' ' "$1" "$2" | awk '{ print ($2 > 0 ? $1 / $2 : 0) }'; }
 echo "SIDE-BY-SIDE $ROUNDS rounds: figures are medians, ratios the median of each round's ratio"
-echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback | zero copy vs blkback"
+echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback | zero copy vs blkback | polling vs blkback"
 for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
   set -- $job
-  for b in blkback qdisk blkbackd bbzc; do figs $b $1 $2 $3 > /tmp/sbs-$b.col; done
+  for b in blkback qdisk blkbackd bbzc bbpoll; do figs $b $1 $2 $3 > /tmp/sbs-$b.col; done
   k=$(med < /tmp/sbs-blkback.col); q=$(med < /tmp/sbs-qdisk.col); m=$(med < /tmp/sbs-blkbackd.col)
   rk=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-blkback.col | med)
   rq=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-qdisk.col | med)
   each=$(ratios /tmp/sbs-blkbackd.col /tmp/sbs-blkback.col | awk '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 }')
   rc=$(ratios /tmp/sbs-bbzc.col /tmp/sbs-blkback.col | med)
+  rp=$(ratios /tmp/sbs-bbpoll.col /tmp/sbs-blkback.col | med)
   unit=IOPS; [ $2 -eq 4096 ] || unit=MB/s
-  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" -v rc=$rc 'BEGIN {
-    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f | %-20s | %.2f  (%s)\n", j, k, q, m, rk, rq, e, rc, u }'
+  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" -v rc=$rc -v rp=$rp 'BEGIN {
+    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f | %-20s | %20.2f | %18.2f  (%s)\n", j, k, q, m, rk, rq, e, rc, rp, u }'
 done
 rm -f /tmp/sbs-*.bench /tmp/sbs-*.col /tmp/sbs-*.status
 mark "$N PASS"
