@@ -251,6 +251,8 @@ impl Config {
             map_grants: self.io.grants == GrantMode::Map,
             poll_us: self.io.poll_us,
             zero_copy: self.io.zero_copy,
+            // Per vbd, by the toolstack (`discard-enable`).
+            discard: true,
         })
     }
 }

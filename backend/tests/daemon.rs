@@ -751,3 +751,100 @@ async fn status_to_a_reader_that_stopped_early_is_no_failure() {
         assert!(out.status.success(), "json={json}: {:?} {err}", out.status);
     }
 }
+
+/// One number from a sysfs file (0 if it is missing).
+fn sysfs_u64(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_discard() {
+    let w = world().await;
+    // A file on a loop device: the loop device's own discard limits (a loop
+    // device over a file system frees whole blocks of it, never 512 bytes),
+    // as Linux blkback publishes them; it used to publish the sector size.
+    let img = w.image("discard.img", 16);
+    let p = w.vbd(21, &format!("file:{img}")).await;
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    let out = w.hotplug("add", 21).await;
+    assert!(out.status.success(), "{out:?}");
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    let phys = w.read(&format!("{be}/physical-device")).await.unwrap();
+    let (major, minor) = blkbackd::disk::parse_physical_device(phys.as_bytes()).unwrap();
+    let sys = format!("/sys/dev/block/{major}:{minor}");
+    assert!(
+        sysfs_u64(&format!("{sys}/queue/discard_max_bytes")) > 0,
+        "this kernel's loop devices discard"
+    );
+    let granularity = sysfs_u64(&format!("{sys}/queue/discard_granularity"));
+    assert!(granularity >= 4096, "{sys}: granularity {granularity}");
+    assert_eq!(
+        w.read(&format!("{be}/feature-discard")).await.as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        w.read(&format!("{be}/discard-granularity")).await,
+        Some(granularity.to_string())
+    );
+    assert_eq!(
+        w.read(&format!("{be}/discard-alignment")).await,
+        Some(sysfs_u64(&format!("{sys}/discard_alignment")).to_string())
+    );
+    let (ok, text) = w.guest(21, "verify").await;
+    assert!(
+        ok && text.contains(&format!("discard={granularity}")),
+        "{text}"
+    );
+    w.detach(21, &p).await;
+
+    // A plain file served directly: a punched hole frees whole blocks of
+    // its file system.
+    let img = w.image("direct-discard.img", 4);
+    let blksize = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&img).unwrap().blksize()
+    };
+    let p = w.vbd(22, &format!("direct:{img}")).await;
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    assert!(w.hotplug("add", 22).await.status.success());
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        w.read(&format!("{be}/discard-granularity")).await,
+        Some(blksize.to_string())
+    );
+    w.detach(22, &p).await;
+
+    // libxl's `no-discard` (discard-enable = 0): no discard offered, and a
+    // guest that follows the protocol sends none.
+    w.server.introduce(DomId(23));
+    toolstack::create_domain_home(&w.xs, DomId(23))
+        .await
+        .unwrap();
+    let img = w.image("nodiscard.img", 16);
+    let p = toolstack::create_vbd_with(&w.xs, DomId(23), 51712, &format!("file:{img}"), "w", false)
+        .await
+        .unwrap();
+    let be = &p.backend;
+    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+        .await;
+    assert!(w.hotplug("add", 23).await.status.success());
+    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        w.read(&format!("{be}/feature-discard")).await.as_deref(),
+        Some("0")
+    );
+    assert_eq!(w.read(&format!("{be}/discard-granularity")).await, None);
+    let (ok, text) = w.guest(23, "verify").await;
+    assert!(ok && text.contains("discard=off"), "{text}");
+    w.detach(23, &p).await;
+    w.finish().await;
+}

@@ -64,5 +64,14 @@ if grep -q blkbackd_busy /proc/cmdline && [ -b /dev/xvda ]; then
   ( while :; do dd if=/dev/urandom of=/dev/xvda bs=64k count=64 seek=32 conv=notrunc,fsync 2>/dev/null; done ) &
   echo "DOMU-MARK busy-writing"
 fi
+# blkbackd_discard on the command line: after "done", what blkfront made of
+# the backend's discard limits, then 8 MiB written at 8 MiB, a pause (dom0
+# reads the pool's usage), and the same range discarded.
+if grep -q blkbackd_discard /proc/cmdline && [ -b /dev/xvda ]; then
+  ( echo "DOMU-MARK discard_granularity=$(cat /sys/block/xvda/queue/discard_granularity) discard_max_bytes=$(cat /sys/block/xvda/queue/discard_max_bytes)"
+    dd if=/dev/urandom of=/dev/xvda bs=1M count=8 seek=8 conv=notrunc,fsync 2>/dev/null
+    echo "DOMU-MARK discard-written"; sleep 4
+    blkdiscard -o $((8 << 20)) -l $((8 << 20)) /dev/xvda; echo "DOMU-MARK discarded rc=$?" ) &
+fi
 echo "DOMU-MARK done"
 exec /bin/sh

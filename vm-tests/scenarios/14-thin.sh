@@ -5,7 +5,9 @@
 # back its data. `xl destroy` deactivates the volume (no dm device of ours
 # left) and keeps its data in the pool: activated by hand, it holds exactly
 # what the guest wrote. A second vbd on the same volume while it is in use is
-# refused by the block script.
+# refused by the block script. Discard: the vbd publishes the volume's own
+# discard granularity (the pool's 64 KiB block), blkfront takes it, and a
+# guest's blkdiscard gives the pool its blocks back.
 . /vmlib.sh
 N=thin
 start_blkbackd || fail $N "cannot start blkbackd"
@@ -14,7 +16,7 @@ dd if=/dev/zero of=/tmp/thin-data.img bs=1M count=128 2>/dev/null
 META=$(losetup -f) && losetup $META /tmp/thin-meta.img || fail $N "losetup meta"
 DATA=$(losetup -f) && losetup $DATA /tmp/thin-data.img || fail $N "losetup data"
 dmsetup create --noudevsync pool0 --table "0 262144 thin-pool $META $DATA 128 0" || fail $N "creating the pool"
-guest_cfg domu14 "vdev=xvda,backendtype=phy,script=block-blkbackd,target=thin:pool0/7:32M" 1 ""
+guest_cfg domu14 "vdev=xvda,backendtype=phy,script=block-blkbackd,target=thin:pool0/7:32M" 1 "blkbackd_discard"
 xl create /root/domu14.cfg || fail $N "xl create"
 wait_guest domu14 || fail $N "the guest never finished"
 D=$(xl domid domu14)
@@ -22,6 +24,25 @@ dmsetup table blkbackd-$D-51712 || fail $N "no dm thin device of ours"
 dmsetup table blkbackd-$D-51712 | grep -q " thin .* 7$" || fail $N "not volume 7 of the pool"
 grep -q "DOMU-MARK xvda sectors=65536" /var/log/xen/console/guest-domu14.log || fail $N "the guest does not see 32 MiB"
 MD5=$(guest_md5 domu14); [ -n "$MD5" ] || fail $N "the guest's own read-back differed"
+# Discard: the volume's own granularity, published and taken by blkfront.
+G=$(cat /sys/dev/block/$(dmsetup info -c --noheadings -o major,minor --separator : blkbackd-$D-51712)/queue/discard_granularity)
+[ "$G" = 65536 ] || fail $N "the thin volume's discard granularity is $G, not the pool's 64 KiB block"
+BE=/local/domain/0/backend/vbd/$D/51712
+[ "$(xenstore-read $BE/feature-discard)" = 1 ] || fail $N "discard not offered"
+[ "$(xenstore-read $BE/discard-granularity)" = "$G" ] || fail $N "discard-granularity published $(xenstore-read $BE/discard-granularity), the volume's is $G"
+# used data blocks of the pool (64 KiB each)
+used() { dmsetup status pool0 | awk '{ split($6, a, "/"); print a[1] }'; }
+waitmark() { i=0; until grep -q "DOMU-MARK $1" /var/log/xen/console/guest-domu14.log; do i=$((i+1)); [ $i -lt 300 ] || return 1; sleep 0.1; done; }
+waitmark discard_granularity= || fail $N "the guest never reported its discard limits"
+grep -q "DOMU-MARK discard_granularity=$G " /var/log/xen/console/guest-domu14.log \
+  || fail $N "blkfront did not take the granularity: $(grep -a 'DOMU-MARK discard_gran' /var/log/xen/console/guest-domu14.log)"
+waitmark discard-written || fail $N "the guest never wrote the range to discard"
+U1=$(used)
+waitmark discarded || fail $N "the guest's discard never finished"
+grep -q "DOMU-MARK discarded rc=0" /var/log/xen/console/guest-domu14.log || fail $N "the guest's blkdiscard failed"
+U2=$(used)
+echo "pool data blocks used: $U1 after the 8 MiB write, $U2 after the guest's discard"
+[ $((U1 - U2)) -ge 128 ] || fail $N "the discard gave back $((U1 - U2)) of the 128 blocks written"
 # The same volume for a second vbd while the first is connected: refused.
 B=/local/domain/0/backend/vbd/98/51712
 xenstore-write $B/params thin:pool0/7:32M $B/mode w

@@ -246,6 +246,32 @@ pub struct OpenedDisk {
     pub read_only: bool,
     /// Whether the device accepts discard.
     pub discard: bool,
+    /// Its discard granularity in bytes (a dm-thin pool's block size, a
+    /// disk's erase unit), as the kernel reports it.
+    pub discard_granularity: u32,
+    /// Its discard alignment in bytes.
+    pub discard_alignment: u32,
+}
+
+/// What a block device's sysfs directory (`/sys/dev/block/M:m`) says of its
+/// discard support: (supported, granularity, alignment), the granularity at
+/// least the logical block size `lbs`. Missing or malformed files read as no
+/// discard (support) or the smallest legal value (geometry).
+pub fn discard_limits(sysfs: &Path, lbs: u32) -> (bool, u32, u32) {
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(sysfs.join(f))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    };
+    let supported = read("queue/discard_max_bytes").is_some_and(|v| v > 0);
+    let granularity = read("queue/discard_granularity")
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0)
+        .max(lbs);
+    let alignment = read("discard_alignment")
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0);
+    (supported, granularity, alignment)
 }
 
 /// A node for `major:minor`: the devtmpfs name from sysfs if it is there,
@@ -511,13 +537,8 @@ fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskEr
     let lbs = sys::logical_block_size(&file).map_err(io_err("BLKSSZGET"))?;
     let pbs = sys::physical_block_size(&file).map_err(io_err("BLKPBSZGET"))?;
     let ro = sys::read_only(&file).map_err(io_err("BLKROGET"))? || !writable;
-    let discard = std::fs::read_to_string(format!(
-        "/sys/dev/block/{}:{}/queue/discard_max_bytes",
-        id.major, id.minor
-    ))
-    .ok()
-    .and_then(|s| s.trim().parse::<u64>().ok())
-    .is_some_and(|v| v > 0);
+    let sysfs = PathBuf::from(format!("/sys/dev/block/{}:{}", id.major, id.minor));
+    let (discard, discard_granularity, discard_alignment) = discard_limits(&sysfs, lbs.max(512));
     Ok(OpenedDisk {
         file,
         id,
@@ -526,12 +547,36 @@ fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskEr
         physical_block_size: pbs,
         read_only: ro,
         discard,
+        discard_granularity,
+        discard_alignment,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discard_limits_are_the_kernels_and_malformed_ones_are_safe() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("queue")).unwrap();
+        let put = |f: &str, v: &str| std::fs::write(d.path().join(f), v).unwrap();
+        // Nothing there: no discard, the smallest geometry.
+        assert_eq!(discard_limits(d.path(), 512), (false, 512, 0));
+        // A dm-thin volume of a pool with 64 KiB blocks.
+        put("queue/discard_max_bytes", "17179869184\n");
+        put("queue/discard_granularity", "65536\n");
+        put("discard_alignment", "0\n");
+        assert_eq!(discard_limits(d.path(), 512), (true, 65536, 0));
+        // A granularity below the logical block is raised to it; an
+        // alignment or granularity that does not fit is no claim at all.
+        put("queue/discard_granularity", "512\n");
+        put("discard_alignment", "99999999999\n");
+        assert_eq!(discard_limits(d.path(), 4096), (true, 4096, 0));
+        put("queue/discard_granularity", "garbage");
+        put("queue/discard_max_bytes", "0\n");
+        assert_eq!(discard_limits(d.path(), 512), (false, 512, 0));
+    }
 
     /// Every value of `bad` is refused by `parse`.
     fn all_refused<T: fmt::Debug>(parse: impl Fn(&[u8]) -> Result<T, DiskError>, bad: &[&[u8]]) {

@@ -45,6 +45,15 @@ pub trait Disk: Send + Sync + 'static {
     fn can_discard(&self) -> bool {
         !self.read_only()
     }
+    /// The unit discards free space in, bytes (a guest's smaller discards
+    /// free nothing): the device's own, never less than a logical block.
+    fn discard_granularity(&self) -> u32 {
+        self.logical_block_size()
+    }
+    /// Where the first discard unit starts, bytes.
+    fn discard_alignment(&self) -> u32 {
+        0
+    }
     /// Reads `buf.len()` bytes at `off`.
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `buf` at `off`.
@@ -188,6 +197,8 @@ pub struct FileDisk {
     pbs: u32,
     read_only: bool,
     discard: DiscardKind,
+    /// Discard granularity and alignment in bytes.
+    discard_geometry: (u32, u32),
     /// The same disk opened with `O_DIRECT`, and its alignment.
     direct: Option<(File, u32)>,
     _pin: Option<crate::disk::loopdev::LoopDevice>,
@@ -207,6 +218,7 @@ impl FileDisk {
             } else {
                 DiscardKind::None
             },
+            discard_geometry: (d.discard_granularity, d.discard_alignment),
             file: d.file,
             direct: None,
             _pin: None,
@@ -232,7 +244,15 @@ impl FileDisk {
     /// An open regular file served directly (opened and verified by
     /// [`crate::disk::open_file_by_id`]).
     pub fn from_file(file: File, read_only: bool) -> io::Result<FileDisk> {
-        let len = file.metadata()?.len();
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        let len = meta.len();
+        // A punched hole frees whole file system blocks: st_blksize is the
+        // file system's block (a power of two, 512 at least, else 4096).
+        let block = u32::try_from(meta.blksize())
+            .ok()
+            .filter(|b| b.is_power_of_two() && (512..=1 << 20).contains(b))
+            .unwrap_or(4096);
         Ok(FileDisk {
             file,
             sectors: AtomicU64::new(len / 512),
@@ -241,6 +261,7 @@ impl FileDisk {
             pbs: 512,
             read_only,
             discard: DiscardKind::PunchHole,
+            discard_geometry: (block, 0),
             direct: None,
             _pin: None,
         }
@@ -309,6 +330,14 @@ impl Disk for FileDisk {
 
     fn can_discard(&self) -> bool {
         !self.read_only && self.discard != DiscardKind::None
+    }
+
+    fn discard_granularity(&self) -> u32 {
+        self.discard_geometry.0.max(self.lbs)
+    }
+
+    fn discard_alignment(&self) -> u32 {
+        self.discard_geometry.1
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -119,6 +119,9 @@ pub struct Blkfront {
     pub max_indirect: u32,
     /// Whether persistent grants are in use.
     pub persistent: bool,
+    /// `feature-discard`, and the backend's `discard-granularity` in bytes:
+    /// blkfront sends no discard to a backend that does not offer it.
+    pub discard: Option<u32>,
     queues: Vec<Arc<FrontQueue>>,
     next_id: AtomicU64,
     next_queue: AtomicUsize,
@@ -264,6 +267,14 @@ impl Blkfront {
             .await?
             .unwrap_or(512);
         let info = read_u32(&xs, &format!("{be}/info")).await?.unwrap_or(0);
+        let discard = match read_u32(&xs, &format!("{be}/feature-discard")).await? {
+            Some(1) => Some(
+                read_u32(&xs, &format!("{be}/discard-granularity"))
+                    .await?
+                    .unwrap_or(sector_size),
+            ),
+            _ => None,
+        };
         xs.write(&format!("{fe}/state"), XenbusState::Connected.as_str())
             .await?;
         Ok(Blkfront {
@@ -278,6 +289,7 @@ impl Blkfront {
             ring_order: order,
             max_indirect,
             persistent,
+            discard,
             queues,
             next_id: AtomicU64::new(1),
             next_queue: AtomicUsize::new(0),

@@ -53,6 +53,19 @@ pub async fn create_vbd(
     params: &str,
     mode: &str,
 ) -> xenstore::client::Result<VbdPaths> {
+    create_vbd_with(xs, domid, devid, params, mode, true).await
+}
+
+/// [`create_vbd`] with libxl's `discard-enable` said (`false`: the disk
+/// spec's `no-discard`).
+pub async fn create_vbd_with(
+    xs: &Client,
+    domid: DomId,
+    devid: u32,
+    params: &str,
+    mode: &str,
+    discard: bool,
+) -> xenstore::client::Result<VbdPaths> {
     let paths = VbdPaths::new(domid, devid);
     let (be, fe) = (paths.backend.clone(), paths.frontend.clone());
     let params = params.to_owned();
@@ -72,6 +85,7 @@ pub async fn create_vbd(
                 ("mode", mode.as_str()),
                 ("device-type", "disk"),
                 ("params", params.as_str()),
+                ("discard-enable", if discard { "1" } else { "0" }),
             ];
             let fe_keys = [
                 ("backend", be.as_str()),

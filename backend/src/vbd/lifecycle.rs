@@ -170,6 +170,8 @@ pub async fn run<G: Grants, EC: EventChannels>(
 struct Toolstack {
     fe: String,
     writable: bool,
+    /// `discard-enable` (libxl writes 0 for `no-discard`; absent: on).
+    discard: bool,
 }
 
 /// Refuses a node that anyone but dom0 could have written (its owner is
@@ -214,15 +216,23 @@ async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstac
         v.ok_or_else(|| Fatal::Config(format!("the toolstack did not write {k}")))
     };
     // Read together: one round trip.
-    let p = ["frontend", "frontend-id", "mode", "device-type"].map(|k| format!("{be}/{k}"));
+    let p = [
+        "frontend",
+        "frontend-id",
+        "mode",
+        "device-type",
+        "discard-enable",
+    ]
+    .map(|k| format!("{be}/{k}"));
     let mut nodes = vec![be.to_owned()];
     nodes.extend(p.iter().cloned());
     all_dom0_only(xs, &nodes).await?;
-    let (fe, fe_id, mode, device_type) = tokio::try_join!(
+    let (fe, fe_id, mode, device_type, discard) = tokio::try_join!(
         read(xs, &p[0]),
         read(xs, &p[1]),
         read(xs, &p[2]),
         read(xs, &p[3]),
+        read(xs, &p[4]),
     )?;
     let fe = need("frontend", fe)?;
     let fe_id = need("frontend-id", fe_id)?;
@@ -249,7 +259,21 @@ async fn check_toolstack(xs: &Client, be: &str, domid: DomId) -> Result<Toolstac
             )))
         }
     }
-    Ok(Toolstack { fe, writable })
+    let discard = match discard.as_deref() {
+        None | Some("1") => true,
+        Some("0") => false,
+        Some(d) => {
+            return Err(Fatal::Config(format!(
+                "discard-enable {:?} is neither 0 nor 1",
+                truncated(d)
+            )))
+        }
+    };
+    Ok(Toolstack {
+        fe,
+        writable,
+        discard,
+    })
 }
 
 /// Waits for any change below `be` or `fe` (or `stop`); false if stopping.
@@ -299,11 +323,14 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     let mut be_w = xs.watch(be).await?;
     let mut fe_w = xs.watch(&format!("{}/state", ts.fe)).await?;
     let adopted = adopting(xs, be, &ts.fe).await?;
+    // The toolstack's word on discard holds for this vbd, adopted or new.
+    offer.discard &= ts.discard;
     if adopted {
         // What this device was offered, not what the configuration says now:
         // the frontend negotiated against it, and a smaller offer would
         // refuse the rings it already has.
         offer = super::adopted_offer(xs, be, &offer).await?;
+        offer.discard &= ts.discard;
         ctx.live.note_adopted(be);
         tracing::info!(%domid, backend = be, "adopting a connected device: re-attaching its rings at rsp_prod");
     } else {
@@ -344,7 +371,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             return Ok(());
         }
     };
-    publish_geometry(xs, be, &*disk).await?;
+    publish_geometry(xs, be, &*disk, &offer).await?;
     xs.write(&format!("{be}/opened"), "1").await?;
     let mut chatter = Chatter::default();
     let mut size_warned = false;

@@ -51,6 +51,9 @@ pub struct Offer {
     /// Disk I/O straight on guest pages where they are mapped (`[io]
     /// zero_copy`; off by default).
     pub zero_copy: bool,
+    /// `feature-discard` where the disk can: the toolstack's
+    /// `discard-enable` = 0 (libxl's `no-discard`) turns it off per vbd.
+    pub discard: bool,
 }
 
 impl Default for Offer {
@@ -68,6 +71,7 @@ impl Default for Offer {
             // Off until it measures faster in a PV dom0 (VM scenario 16
             // runs both; two runs so far disagreed with each other).
             zero_copy: false,
+            discard: true,
         }
     }
 }
@@ -85,7 +89,7 @@ impl Offer {
             .to_possible_value()
             .map_or_else(|| "auto".to_owned(), |v| v.get_name().to_owned());
         format!(
-            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={} poll={} zc={}",
+            "order={} queues={} indirect={} persistent={} engine={engine} direct={} map={} pool={} poll={} zc={} discard={}",
             self.max_ring_order,
             self.max_queues,
             self.max_indirect_segments,
@@ -95,6 +99,7 @@ impl Offer {
             self.pool_bytes,
             self.poll_us,
             u8::from(self.zero_copy),
+            u8::from(self.discard),
         )
     }
 
@@ -121,6 +126,7 @@ impl Offer {
                 "pool" => o.pool_bytes = v.parse().ok().filter(|n| *n <= 1 << 30)?,
                 "poll" => o.poll_us = v.parse().ok().filter(|n| *n <= 1000)?,
                 "zc" => o.zero_copy = flag(v)?,
+                "discard" => o.discard = flag(v)?,
                 _ => {}
             }
         }
@@ -203,7 +209,7 @@ pub fn limits<D: Disk>(disk: &D, offer: &Offer) -> Limits {
         max_indirect_segments: offer.max_indirect_segments,
         flush: true,
         barrier: true,
-        discard: disk.can_discard(),
+        discard: offer.discard && disk.can_discard(),
         discard_secure: false,
     }
 }
@@ -260,12 +266,19 @@ pub async fn publish_init_wait(xs: &Client, be: &str, offer: &Offer) -> Result<(
     write_all(xs, be, kv).await
 }
 
-/// Writes the disk's geometry and what it supports (once it is open).
-pub async fn publish_geometry<D: Disk>(xs: &Client, be: &str, disk: &D) -> Result<(), VbdError> {
-    let l = limits(disk, &Offer::default());
+/// Writes the disk's geometry and what it supports (once it is open). The
+/// discard nodes are the device's own limits, as Linux blkback publishes
+/// them, and only where discard is offered.
+pub async fn publish_geometry<D: Disk>(
+    xs: &Client,
+    be: &str,
+    disk: &D,
+    offer: &Offer,
+) -> Result<(), VbdError> {
+    let l = limits(disk, offer);
     let info = if l.read_only { VDISK_READONLY } else { 0 };
     let lbs = disk.logical_block_size().to_string();
-    let kv = vec![
+    let mut kv = vec![
         ("sectors", l.disk_sectors.to_string()),
         ("sector-size", lbs.clone()),
         (
@@ -274,10 +287,21 @@ pub async fn publish_geometry<D: Disk>(xs: &Client, be: &str, disk: &D) -> Resul
         ),
         ("info", info.to_string()),
         ("feature-discard", u8::from(l.discard).to_string()),
-        ("discard-granularity", lbs),
-        ("discard-alignment", "0".to_owned()),
-        ("discard-secure", "0".to_owned()),
     ];
+    if l.discard {
+        kv.extend([
+            (
+                "discard-granularity",
+                disk.discard_granularity()
+                    .max(disk.logical_block_size())
+                    .to_string(),
+            ),
+            ("discard-alignment", disk.discard_alignment().to_string()),
+            // No interface tells a process whether a device can erase
+            // securely short of issuing BLKSECDISCARD: never offered.
+            ("discard-secure", "0".to_owned()),
+        ]);
+    }
     write_all(xs, be, kv).await
 }
 
@@ -290,7 +314,7 @@ pub async fn publish<D: Disk>(
     offer: &Offer,
 ) -> Result<(), VbdError> {
     publish_features(xs, be, offer).await?;
-    publish_geometry(xs, be, disk).await?;
+    publish_geometry(xs, be, disk, offer).await?;
     xs.write(&format!("{be}/state"), XenbusState::InitWait.as_str())
         .await?;
     Ok(())
