@@ -161,6 +161,19 @@ pub enum DiskError {
         /// The identity found.
         found: FileId,
     },
+    /// A zoned device (host-managed or host-aware): blkif has no zones, so a
+    /// guest would write where the device refuses it.
+    #[error(
+        "block device {major}:{minor} is zoned ({model}): blkif has no zones; refusing to serve it"
+    )]
+    Zoned {
+        /// Its major number.
+        major: u32,
+        /// Its minor number.
+        minor: u32,
+        /// What sysfs calls it (`host-managed`, `host-aware`).
+        model: String,
+    },
     /// A system call failed.
     #[error("{what}: {source}")]
     Io {
@@ -251,6 +264,14 @@ pub struct OpenedDisk {
     pub discard_granularity: u32,
     /// Its discard alignment in bytes.
     pub discard_alignment: u32,
+}
+
+/// The zone model of a zoned block device (`queue/zoned` other than
+/// `none`), `None` for a conventional one or where sysfs does not say.
+pub fn zoned_model(sysfs: &Path) -> Option<String> {
+    let model = std::fs::read_to_string(sysfs.join("queue/zoned")).ok()?;
+    let model = model.trim();
+    (!model.is_empty() && model != "none").then(|| model.chars().take(32).collect())
 }
 
 /// What a block device's sysfs directory (`/sys/dev/block/M:m`) says of its
@@ -538,6 +559,13 @@ fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskEr
     let pbs = sys::physical_block_size(&file).map_err(io_err("BLKPBSZGET"))?;
     let ro = sys::read_only(&file).map_err(io_err("BLKROGET"))? || !writable;
     let sysfs = PathBuf::from(format!("/sys/dev/block/{}:{}", id.major, id.minor));
+    if let Some(model) = zoned_model(&sysfs) {
+        return Err(DiskError::Zoned {
+            major: id.major,
+            minor: id.minor,
+            model,
+        });
+    }
     let (discard, discard_granularity, discard_alignment) = discard_limits(&sysfs, lbs.max(512));
     Ok(OpenedDisk {
         file,
@@ -555,6 +583,32 @@ fn describe(file: File, id: DiskId, writable: bool) -> Result<OpenedDisk, DiskEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zoned_devices_are_named_and_conventional_ones_pass() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(zoned_model(d.path()), None, "no sysfs entry: not zoned");
+        std::fs::create_dir(d.path().join("queue")).unwrap();
+        for (v, want) in [
+            ("none\n", None),
+            ("host-managed\n", Some("host-managed")),
+            ("host-aware\n", Some("host-aware")),
+        ] {
+            std::fs::write(d.path().join("queue/zoned"), v).unwrap();
+            assert_eq!(zoned_model(d.path()).as_deref(), want, "{v:?}");
+        }
+        let e = DiskError::Zoned {
+            major: 259,
+            minor: 3,
+            model: "host-managed".into(),
+        };
+        assert!(
+            e.to_string().contains("259:3 is zoned (host-managed)"),
+            "{e}"
+        );
+        // Every loop device this kernel makes is conventional.
+        assert_eq!(zoned_model(Path::new("/sys/dev/block/7:0")), None);
+    }
 
     #[test]
     fn discard_limits_are_the_kernels_and_malformed_ones_are_safe() {
