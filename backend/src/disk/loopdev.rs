@@ -14,7 +14,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{io_err, sys, DiskError, DiskId};
@@ -65,7 +64,21 @@ pub struct LoopDevice {
     pub backing: PathBuf,
 }
 
-static NO_BUMP_WARNED: AtomicBool = AtomicBool::new(false);
+/// Refuses a loop device whose diskseq did not move when it was attached.
+/// The identity every later step checks (the daemon's open, `remove`'s
+/// release, adoption) is (dev_t, diskseq): on a kernel that does not move
+/// the diskseq when a loop device is reused (Linux moves it since 5.15),
+/// the next user's disk on the same minor would pass for ours.
+fn check_bumped(n: u32, before: u64, after: u64) -> io::Result<()> {
+    if after != before {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "/dev/loop{n} kept diskseq {after} when it was attached: this kernel does not \
+         move a loop device's diskseq on reuse, so a reused loop device could not be told \
+         from the one published; refusing to make loop devices (use direct: or a block device)"
+    )))
+}
 
 fn retryable(e: &io::Error) -> bool {
     matches!(
@@ -155,11 +168,10 @@ fn configure(n: u32, back: &File, backing: &Path, opts: &LoopOptions) -> io::Res
         sys::LoopConfig::new(back.as_raw_fd(), opts.block_size, flags, backing).with_owner(OWNER);
     sys::loop_configure(&dev, &mut cfg)?;
     let diskseq = sys::diskseq(&dev)?;
-    if diskseq == before && !NO_BUMP_WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            "this kernel does not change a loop device's diskseq on attach (Linux 6.5+ does); \
-             loop devices will not be reused by number"
-        );
+    if let Err(e) = check_bumped(n, before, diskseq) {
+        // Undo the attach: nothing of ours stays on a device we refuse.
+        let _ = sys::ioctl_int(&dev, sys::LOOP_CLR_FD, 0);
+        return Err(e);
     }
     Ok(LoopDevice {
         file: Some(dev),
@@ -368,4 +380,23 @@ pub fn reconcile(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_device_whose_diskseq_stayed_put_is_refused_with_the_reason() {
+        // The kernel's answers injected: moved (this kernel), and kept.
+        assert!(check_bumped(3, 41, 42).is_ok());
+        let e = check_bumped(3, 42, 42).unwrap_err();
+        assert!(!retryable(&e), "another loop device would not do better");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/dev/loop3 kept diskseq 42")
+                && msg.contains("refusing to make loop devices"),
+            "{msg}"
+        );
+    }
 }
