@@ -468,6 +468,23 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     Ok(Published::Block(id))
 }
 
+/// The disk the vbd at `be` published (`physical-device` and `diskseq`),
+/// `None` if it published none.
+async fn published_id(xs: &Client, be: &str) -> Result<Option<DiskId>, HotplugError> {
+    let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
+    let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
+    let (Some(phys), Some(seq)) = (phys, seq) else {
+        return Ok(None);
+    };
+    let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
+    let diskseq = disk::parse_diskseq(seq.as_bytes())?;
+    Ok(Some(DiskId {
+        major,
+        minor,
+        diskseq,
+    }))
+}
+
 /// `remove`: releases what `add` made (a loop device, if it is still the one
 /// `add` published); nothing for a block device we did not make.
 pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
@@ -480,18 +497,11 @@ pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
         Ok(Params::File(_)) => {}
         _ => return Ok(()),
     }
-    let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
-    let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
-    let (Some(phys), Some(seq)) = (phys, seq) else {
+    let Some(id) = published_id(xs, be).await? else {
         return Ok(()); // add never got as far as publishing
     };
-    let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
-    let diskseq = disk::parse_diskseq(seq.as_bytes())?;
-    match loopdev::release_by_id(DiskId {
-        major,
-        minor,
-        diskseq,
-    })? {
+    let minor = id.minor;
+    match loopdev::release_by_id(id)? {
         Some(new) => tracing::info!(
             backend = be,
             "hotplug remove: released /dev/loop{minor} (diskseq now {new:x})"
@@ -562,18 +572,34 @@ fn vbd_ids(be: &str) -> Result<(u16, u32), HotplugError> {
 /// Removes the dm device recorded in `be` (deferred if still open), if it
 /// is still ours; forgets the record.
 async fn remove_dm(xs: &Client, be: &str) -> Result<(), HotplugError> {
-    use crate::disk::dm::{self, Control, DevId};
+    use crate::disk::dm::{self, Control, DevId, DmError};
     if let Some(name) = read_opt(xs, &format!("{be}/{DM_NAME}")).await? {
         dm::validate_name(&name)?;
         let ctl = Control::open()?;
-        let id = DevId::Name(name.clone());
-        match ctl.info(&id) {
-            Ok(info) if info.uuid.starts_with(dm::UUID_PREFIX) => {
-                ctl.remove(&id, true)?;
+        let bound = match published_id(xs, be).await? {
+            // The disk the vbd published, and no other under its name.
+            Some(id) => dm::bind(&ctl, &name, id).map(|(dev, _)| dev),
+            // An add that failed after making the device and before
+            // publishing it: no identity was ever given out; ours by UUID.
+            None => ctl.info(&DevId::Name(name.clone())).and_then(|info| {
+                if info.uuid.starts_with(dm::UUID_PREFIX) {
+                    Ok(DevId::Uuid(info.uuid))
+                } else {
+                    Err(DmError::NotOurs {
+                        dev: name.clone(),
+                        uuid: format!("{}...", dm::UUID_PREFIX),
+                    })
+                }
+            }),
+        };
+        match bound {
+            Ok(dev) => {
+                ctl.remove(&dev, true)?;
                 tracing::info!(backend = be, name, "hotplug remove: dm device removed");
             }
-            Ok(_) => tracing::warn!(name, "not removing a dm device that is not ours"),
-            Err(_) => {} // never made, or already gone
+            // Never made, or already gone.
+            Err(DmError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::ENXIO) => {}
+            Err(e) => tracing::warn!(backend = be, "hotplug remove: not removing {name}: {e}"),
         }
         xs.rm(&format!("{be}/{DM_NAME}")).await?;
     }

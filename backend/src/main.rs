@@ -257,7 +257,8 @@ fn main() -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::Demo { dir } => blkbackd::demo::run(dir, None).await,
             Cmd::Revoke { domid, devid } => {
-                let name = blkbackd::hotplug::revoke(domid, devid)?;
+                let xs = xenstore::Client::connect().await?;
+                let name = blkbackd::hotplug::revoke(&xs, domid, devid).await?;
                 println!("revoked {name}: every further I/O fails");
                 Ok(())
             }

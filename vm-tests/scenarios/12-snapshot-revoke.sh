@@ -5,7 +5,9 @@
 # template. Then the disk is revoked (`blkbackd revoke`: its table becomes
 # `error`) while the guest writes: the guest gets I/O errors and nothing
 # more reaches the storage. `xl destroy` leaves no dm device, loop device or
-# store behind; a restarted daemon removes an unclaimed dm device and an
+# store behind; revoke refuses a device re-created under a vbd's name (it
+# is bound to the published dev_t and diskseq); a restarted daemon removes
+# an unclaimed dm device and an
 # unclaimed loop device of ours, and leaves everyone else's alone.
 . /vmlib.sh
 N=snapshot-revoke
@@ -34,6 +36,25 @@ C2=$(md5sum < $COWDEV)
 [ "$C1" = "$C2" ] || fail $N "the store changed after revoke"
 grep -q -i -E "I/O error|op failed" /var/log/xen/console/guest-domsnap.log || fail $N "the guest saw no I/O error after revoke"
 pidof blkbackd >/dev/null || fail $N "the daemon died"
+# Revoke is bound to the disk the vbd published (dev_t and diskseq): a dm
+# device of ours that carries the vbd's name but is another disk (removed
+# and re-created meanwhile: another diskseq) is refused, untouched.
+FAKE=/local/domain/0/backend/vbd/97/51712
+dmsetup create --noudevsync blkbackd-97-51712 --uuid BLKBACKD-blkbackd-97-51712-0000000000000001 --table "0 2048 zero" \
+  || fail $N "dmsetup create blkbackd-97-51712"
+MM=$(dmsetup info -c --noheadings -o major,minor --separator ' ' blkbackd-97-51712)
+SEQ=$(cat /sys/dev/block/$(echo $MM | tr ' ' :)/diskseq)
+xenstore-write $FAKE/physical-device $(printf '%x:%x' $MM) $FAKE/diskseq $(printf '%x' $((SEQ - 1)))
+blkbackd revoke --domid 97 --devid 51712 > /tmp/revoke97.log 2>&1 && fail $N "revoke acted on a re-created device"
+cat /tmp/revoke97.log
+grep -q "it was replaced; refusing to act on it" /tmp/revoke97.log || fail $N "the refusal does not say why: $(cat /tmp/revoke97.log)"
+dmsetup table blkbackd-97-51712 | grep -q zero || fail $N "the re-created device's table was changed"
+# The disk it did publish is revoked.
+xenstore-write $FAKE/diskseq $(printf '%x' $SEQ)
+blkbackd revoke --domid 97 --devid 51712 || fail $N "revoke of the published disk failed"
+dmsetup table blkbackd-97-51712 | grep -q error || fail $N "the published disk was not revoked"
+dmsetup remove --noudevsync blkbackd-97-51712
+xenstore-rm /local/domain/0/backend/vbd/97
 xl destroy domsnap || fail $N "xl destroy"
 i=0; while [ -n "$(dmsetup ls 2>/dev/null | grep blkbackd)" ]; do i=$((i+1)); [ $i -lt 50 ] || break; sleep 0.1; done
 [ -z "$(dmsetup ls 2>/dev/null | grep blkbackd)" ] || fail $N "dm devices left: $(dmsetup ls)"

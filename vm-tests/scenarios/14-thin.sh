@@ -7,7 +7,8 @@
 # what the guest wrote. A second vbd on the same volume while it is in use is
 # refused by the block script. Discard: the vbd publishes the volume's own
 # discard granularity (the pool's 64 KiB block), blkfront takes it, and a
-# guest's blkdiscard gives the pool its blocks back.
+# guest's blkdiscard gives the pool its blocks back. Revoke of a volume of
+# a pool out of data space returns at once, and the held writes fail.
 . /vmlib.sh
 N=thin
 start_blkbackd || fail $N "cannot start blkbackd"
@@ -64,6 +65,35 @@ dmsetup message pool0 0 "delete 7"
 dmsetup remove --noudevsync pool0
 losetup -d $META; losetup -d $DATA
 rm -f /tmp/thin-meta.img /tmp/thin-data.img   # dom0's /tmp is memory
+# Revoke of a volume whose pool is out of data space: the pool holds the
+# guest's writes (queue_if_no_space, up to its 60 s no-space timeout); a
+# flushing suspend would wait for them. Revoke suspends with noflush: it
+# returns at once, the held writes fail, the guest sees I/O errors.
+dd if=/dev/zero of=/tmp/thin1-meta.img bs=1M count=4 2>/dev/null
+dd if=/dev/zero of=/tmp/thin1-data.img bs=1M count=2 2>/dev/null
+META=$(losetup -f) && losetup $META /tmp/thin1-meta.img || fail $N "losetup meta"
+DATA=$(losetup -f) && losetup $DATA /tmp/thin1-data.img || fail $N "losetup data"
+# 2 MiB of data: 32 blocks of 64 KiB, less than the guest writes.
+dmsetup create --noudevsync pool1 --table "0 4096 thin-pool $META $DATA 128 0" || fail $N "creating the small pool"
+guest_cfg domu14b "vdev=xvda,backendtype=phy,script=block-blkbackd,target=thin:pool1/3:32M" 1 ""
+xl create /root/domu14b.cfg || fail $N "xl create on the small pool"
+i=0; until dmsetup status pool1 | grep -q out_of_data_space; do i=$((i+1)); [ $i -lt 600 ] || fail $N "the small pool never ran out of space: $(dmsetup status pool1)"; sleep 0.1; done
+D=$(xl domid domu14b)
+echo "pool1 out of data space: $(dmsetup status pool1)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+timeout 30 blkbackd revoke --domid $D --devid 51712 || fail $N "revoke of a volume of a full pool failed or hung"
+t1=$(cut -d' ' -f1 /proc/uptime)
+RSECS=$(awk "BEGIN{print $t1-$t0}")
+echo "revoke of a volume whose pool is out of space took $RSECS s"
+awk "BEGIN{exit !($RSECS < 10)}" || fail $N "revoke waited $RSECS s for the held writes"
+dmsetup table blkbackd-$D-51712 | grep -q error || fail $N "the volume was not revoked"
+i=0; until grep -q -i -E "I/O error|op failed" /var/log/xen/console/guest-domu14b.log; do i=$((i+1)); [ $i -lt 300 ] || fail $N "the guest's held writes did not fail after revoke"; sleep 0.1; done
+pidof blkbackd >/dev/null || fail $N "the daemon died"
+xl destroy domu14b || fail $N "xl destroy domu14b"
+i=0; while dmsetup info blkbackd-$D-51712 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 50 ] || fail $N "the revoked thin device was not removed"; sleep 0.1; done
+dmsetup remove --noudevsync pool1 || fail $N "removing the small pool"
+losetup -d $META; losetup -d $DATA
+rm -f /tmp/thin1-meta.img /tmp/thin1-data.img
 [ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
 [ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "backend nodes left"
 mark "$N PASS"

@@ -103,6 +103,18 @@ pub enum DmError {
         /// The UUID expected.
         uuid: String,
     },
+    /// The device under a vbd's name is not the disk the vbd published (it
+    /// was removed and another made under that name, or the name was never
+    /// that disk's): nothing is done to it.
+    #[error("{name} is now {found}, not the disk {published} its vbd published: it was replaced; refusing to act on it")]
+    Replaced {
+        /// The dm name.
+        name: String,
+        /// What the vbd published (`major:minor diskseq`).
+        published: DiskId,
+        /// What carries the name now.
+        found: String,
+    },
     /// Opening the new device failed.
     #[error(transparent)]
     Disk(#[from] DiskError),
@@ -713,6 +725,18 @@ pub fn swap_table<O: DmOps>(
     t: &Table,
     read_only: bool,
 ) -> Result<(), DmError> {
+    swap(ops, id, t, read_only, false)
+}
+
+/// [`swap_table`], suspending with `noflush` if asked: I/O the old table
+/// holds is then requeued to the new one instead of waited for.
+fn swap<O: DmOps>(
+    ops: &O,
+    id: &DevId,
+    t: &Table,
+    read_only: bool,
+    noflush: bool,
+) -> Result<(), DmError> {
     t.check()?;
     let rolled = |step: &'static str, e: DmError| DmError::SwapRolledBack {
         dev: id.to_string(),
@@ -723,7 +747,7 @@ pub fn swap_table<O: DmOps>(
         let _ = ops.clear(id);
         return Err(rolled("load", e));
     }
-    if let Err(e) = ops.suspend(id, false) {
+    if let Err(e) = ops.suspend(id, noflush) {
         let _ = ops.clear(id);
         let _ = ops.resume(id);
         return Err(rolled("suspend", e));
@@ -740,9 +764,54 @@ pub fn swap_table<O: DmOps>(
 }
 
 /// Revokes a disk: swaps its table to `error` over the same size, so no
-/// further I/O reaches the storage underneath.
+/// further I/O reaches the storage underneath. The suspend does not flush:
+/// a flushing suspend waits for the I/O the old table holds, and a thin
+/// volume whose pool is out of data space holds its writes until the pool's
+/// no-space timeout (dm-thin requeues them only on a `noflush` suspend);
+/// requeued, they meet the `error` table.
 pub fn revoke<O: DmOps>(ops: &O, id: &DevId, sectors: u64) -> Result<(), DmError> {
-    swap_table(ops, id, &Table::single(sectors, Target::Error), false)
+    swap(ops, id, &Table::single(sectors, Target::Error), false, true)
+}
+
+/// Whether the device `info` (read by name), whose diskseq is `diskseq`,
+/// is the disk `published`; `Err(Replaced)` if not.
+pub fn check_published(info: &Info, diskseq: u64, published: DiskId) -> Result<(), DmError> {
+    if (info.major, info.minor, diskseq) == (published.major, published.minor, published.diskseq) {
+        return Ok(());
+    }
+    Err(DmError::Replaced {
+        name: info.name.clone(),
+        published,
+        found: format!("{}:{} (diskseq {diskseq})", info.major, info.minor),
+    })
+}
+
+/// Binds an operation on the dm device called `name` to the disk a vbd
+/// published: reads it by name, refuses it unless it carries our UUID and is
+/// that dev_t with that diskseq, and returns it addressed by its UUID (fresh
+/// for every device we create), so a device re-created under the name
+/// meanwhile is never the one acted on: its UUID differs and the ioctls
+/// fail.
+pub fn bind(ctl: &Control, name: &str, published: DiskId) -> Result<(DevId, Info), DmError> {
+    validate_name(name)?;
+    let info = ctl.info(&DevId::Name(name.to_owned()))?;
+    if !info.uuid.starts_with(UUID_PREFIX) {
+        return Err(DmError::NotOurs {
+            dev: name.to_owned(),
+            uuid: format!("{UUID_PREFIX}..."),
+        });
+    }
+    let path = format!("/sys/dev/block/{}:{}/diskseq", info.major, info.minor);
+    let diskseq = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or_else(|| DmError::Ioctl {
+            op: "reading the diskseq",
+            dev: path.clone(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        })?;
+    check_published(&info, diskseq, published)?;
+    Ok((DevId::Uuid(info.uuid.clone()), info))
 }
 
 /// `/dev/mapper/control`.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use xenstore::{Client, Xs};
 
 use super::{env_dir, read_opt, remove_dm, vbd_ids, HotplugError, DM_NAME};
-use crate::disk::dm::{self, Control, DevId, DevRef, Table, Target};
+use crate::disk::dm::{self, Control, DevRef, Table, Target};
 use crate::disk::loopdev::{self, LoopOptions};
 use crate::disk::{self, DiskId};
 
@@ -253,15 +253,20 @@ pub(super) async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
 }
 
 /// Revokes the dm disk of a vbd (`blkbackd revoke`): its table becomes
-/// `error` over the same size, so nothing more reaches the storage.
-pub fn revoke(domid: u16, devid: u32) -> Result<String, HotplugError> {
+/// `error` over the same size, so nothing more reaches the storage. Acts
+/// only on the disk the vbd published (dev_t and diskseq), addressed by its
+/// UUID: a device re-created under the vbd's name is refused, untouched.
+pub async fn revoke(xs: &Client, domid: u16, devid: u32) -> Result<String, HotplugError> {
     let name = dm::vbd_name(domid, devid, None)?;
+    let be = format!("{}/{domid}/{devid}", crate::daemon::VBD_ROOT);
+    let published = super::published_id(xs, &be)
+        .await?
+        .ok_or(HotplugError::Params(
+            name.clone(),
+            "its vbd published no disk",
+        ))?;
     let ctl = Control::open()?;
-    let id = DevId::Name(name.clone());
-    let info = ctl.info(&id)?;
-    if !info.uuid.starts_with(dm::UUID_PREFIX) {
-        return Err(HotplugError::Params(name, "not a device blkbackd made"));
-    }
+    let (id, _) = dm::bind(&ctl, &name, published)?;
     let sectors: u64 = ctl.table_lines(&id, true)?.iter().map(|l| l.1).sum();
     dm::revoke(&ctl, &id, sectors)?;
     Ok(name)

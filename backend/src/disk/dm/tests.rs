@@ -228,14 +228,15 @@ fn a_swap_that_fails_at_any_step_clears_the_new_table_and_resumes_the_old() {
 }
 
 #[test]
-fn revoke_swaps_to_an_error_table_of_the_same_size() {
-    struct Seen(RefCell<Option<Table>>);
+fn revoke_swaps_to_an_error_table_of_the_same_size_without_flushing() {
+    struct Seen(RefCell<Option<Table>>, RefCell<Vec<bool>>);
     impl DmOps for Seen {
         fn load(&self, _: &DevId, t: &Table, _: bool) -> Result<(), DmError> {
             *self.0.borrow_mut() = Some(t.clone());
             Ok(())
         }
-        fn suspend(&self, _: &DevId, _: bool) -> Result<(), DmError> {
+        fn suspend(&self, _: &DevId, noflush: bool) -> Result<(), DmError> {
+            self.1.borrow_mut().push(noflush);
             Ok(())
         }
         fn resume(&self, _: &DevId) -> Result<(), DmError> {
@@ -245,12 +246,48 @@ fn revoke_swaps_to_an_error_table_of_the_same_size() {
             Ok(())
         }
     }
-    let s = Seen(RefCell::new(None));
-    revoke(&s, &DevId::Name("blkbackd-1-2".into()), 4096).unwrap();
+    let s = Seen(RefCell::new(None), RefCell::new(vec![]));
+    let id = DevId::Uuid("BLKBACKD-blkbackd-1-2-00000000000000aa".into());
+    revoke(&s, &id, 4096).unwrap();
+    // A flushing suspend would wait for the I/O a thin volume of a full
+    // pool holds (until the pool's no-space timeout); noflush requeues it
+    // onto the error table. An ordinary swap flushes.
+    assert_eq!(*s.1.borrow(), [true]);
+    swap_table(&s, &id, &Table::single(8, Target::Zero), false).unwrap();
+    assert_eq!(*s.1.borrow(), [true, false]);
+    assert_eq!(s.0.into_inner().unwrap(), Table::single(8, Target::Zero));
+}
+
+#[test]
+fn an_operation_binds_to_the_disk_the_vbd_published_and_nothing_else() {
+    let info = |major, minor| Info {
+        name: "blkbackd-3-51712".into(),
+        uuid: "BLKBACKD-blkbackd-3-51712-0123456789abcdef".into(),
+        major,
+        minor,
+        open_count: 1,
+        suspended: false,
+        active: true,
+        inactive: false,
+    };
+    let published = DiskId {
+        major: 254,
+        minor: 3,
+        diskseq: 26,
+    };
+    check_published(&info(254, 3), 26, published).unwrap();
+    // Re-created under the name: another diskseq (maybe the same minor).
+    let e = check_published(&info(254, 3), 28, published).unwrap_err();
     assert_eq!(
-        s.0.into_inner().unwrap(),
-        Table::single(4096, Target::Error)
+        e.to_string(),
+        "blkbackd-3-51712 is now 254:3 (diskseq 28), not the disk 254:3 (diskseq 26) \
+         its vbd published: it was replaced; refusing to act on it"
     );
+    // Another minor altogether.
+    assert!(matches!(
+        check_published(&info(254, 4), 26, published),
+        Err(DmError::Replaced { .. })
+    ));
 }
 
 #[test]
