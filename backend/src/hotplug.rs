@@ -121,6 +121,16 @@ pub enum HotplugError {
         /// The error.
         source: std::io::Error,
     },
+    /// A thin pool that cannot take a volume's writes.
+    #[error("thin pool {pool}: {why} ({status}); refusing to activate a volume in it")]
+    Pool {
+        /// The pool's name.
+        pool: String,
+        /// Why.
+        why: &'static str,
+        /// Its status, summed up.
+        status: String,
+    },
     /// Not available yet.
     #[error("{0} disks are not supported yet")]
     Unsupported(&'static str),

@@ -280,6 +280,29 @@ pub struct VbdStatus {
     /// Whether the running daemon adopted the rings from a previous one
     /// (a restart or an upgrade) instead of negotiating them.
     pub adopted: bool,
+    /// For a `thin:` disk, its pool's name and health (read from
+    /// device-mapper when the status is collected).
+    pub thin_pool: Option<ThinPool>,
+}
+
+/// A thin-backed vbd's pool: its name and health.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ThinPool {
+    /// The pool's dm name.
+    pub pool: String,
+    /// Its status.
+    #[serde(flatten)]
+    pub status: crate::disk::dm::pool::PoolStatus,
+}
+
+/// The pool a `thin:POOL/ID:SIZE` disk lives in, and its status now.
+fn thin_pool_of(ctl: Option<&crate::disk::dm::Control>, params: Option<&str>) -> Option<ThinPool> {
+    let pool = params?.strip_prefix("thin:")?.split_once('/')?.0;
+    let status = crate::disk::dm::pool::status_of(ctl?, pool).ok()??;
+    Some(ThinPool {
+        pool: pool.to_owned(),
+        status,
+    })
 }
 
 fn state_name(v: Option<&str>) -> String {
@@ -299,6 +322,8 @@ async fn get(xs: &Client, p: &str) -> Result<Option<String>, xenstore::Error> {
 /// Reads the status of every vbd below [`VBD_ROOT`].
 pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
     let mut out = Vec::new();
+    // Thin pools are read through device-mapper (root; absent without dm).
+    let dm = crate::disk::dm::Control::open().ok();
     let domids = match xs.directory(VBD_ROOT).await {
         Ok(d) => d,
         Err(e) if e.is_not_found() => return Ok(out),
@@ -322,10 +347,12 @@ pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
                 }
             };
             let num = |v: Option<String>| v.and_then(|s| s.parse::<u32>().ok());
+            let params = get(xs, &format!("{be}/params")).await?;
             out.push(VbdStatus {
                 state: state_name(get(xs, &format!("{be}/state")).await?.as_deref()),
                 frontend_state: state_name(fget("state").await?.as_deref()),
-                params: get(xs, &format!("{be}/params")).await?,
+                thin_pool: thin_pool_of(dm.as_ref(), params.as_deref()),
+                params,
                 mode: get(xs, &format!("{be}/mode")).await?,
                 physical_device: get(xs, &format!("{be}/physical-device")).await?,
                 diskseq: get(xs, &format!("{be}/diskseq")).await?,
@@ -383,6 +410,9 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                 .as_ref()
                 .map_or_else(String::new, |e| format!("  [error: {e}]")),
         );
+        if let Some(t) = &v.thin_pool {
+            s += &format!("       thin pool {}: {}\n", t.pool, t.status.summary());
+        }
         if let Some(t) = v.connected_at {
             let ago = now_secs().saturating_sub(t);
             s += &format!(

@@ -8,7 +8,8 @@
 # refused by the block script. Discard: the vbd publishes the volume's own
 # discard granularity (the pool's 64 KiB block), blkfront takes it, and a
 # guest's blkdiscard gives the pool its blocks back. Revoke of a volume of
-# a pool out of data space returns at once, and the held writes fail.
+# a pool out of data space returns at once, and the held writes fail;
+# `blkbackd status` shows the pool's state, and a read-only pool is refused.
 . /vmlib.sh
 N=thin
 start_blkbackd || fail $N "cannot start blkbackd"
@@ -80,6 +81,11 @@ xl create /root/domu14b.cfg || fail $N "xl create on the small pool"
 i=0; until dmsetup status pool1 | grep -q out_of_data_space; do i=$((i+1)); [ $i -lt 600 ] || fail $N "the small pool never ran out of space: $(dmsetup status pool1)"; sleep 0.1; done
 D=$(xl domid domu14b)
 echo "pool1 out of data space: $(dmsetup status pool1)"
+# The operator sees it: `blkbackd status` names the pool's state per vbd.
+blkbackd status > /tmp/status14.txt 2>&1; blkbackd status --json > /tmp/status14.json 2>&1
+grep "thin pool" /tmp/status14.txt
+grep -q "thin pool pool1: OUT OF DATA SPACE, data 32/32 blocks of 64 KiB" /tmp/status14.txt || fail $N "status does not show the full pool: $(cat /tmp/status14.txt)"
+grep -q '"mode": *"out_of_data_space"' /tmp/status14.json || fail $N "status --json does not show the full pool"
 t0=$(cut -d' ' -f1 /proc/uptime)
 timeout 30 blkbackd revoke --domid $D --devid 51712 || fail $N "revoke of a volume of a full pool failed or hung"
 t1=$(cut -d' ' -f1 /proc/uptime)
@@ -91,6 +97,19 @@ i=0; until grep -q -i -E "I/O error|op failed" /var/log/xen/console/guest-domu14
 pidof blkbackd >/dev/null || fail $N "the daemon died"
 xl destroy domu14b || fail $N "xl destroy domu14b"
 i=0; while dmsetup info blkbackd-$D-51712 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 50 ] || fail $N "the revoked thin device was not removed"; sleep 0.1; done
+# A pool that cannot take writes (read-only) is refused by the block
+# script with the reason, before any volume is created or activated.
+dmsetup reload pool1 --table "0 4096 thin-pool $META $DATA 128 0 1 read_only" && dmsetup suspend pool1 && dmsetup resume pool1 \
+  || fail $N "making the pool read-only"
+dmsetup status pool1 | grep -q " ro " || fail $N "the pool is not read-only: $(dmsetup status pool1)"
+B=/local/domain/0/backend/vbd/96/51712
+xenstore-write $B/params thin:pool1/9:8M $B/mode w
+XENBUS_PATH=backend/vbd/96/51712 blkbackd hotplug add 2>/dev/null && fail $N "a volume was activated in a read-only pool"
+echo "read-only pool refused: $(xenstore-read $B/hotplug-error)"
+xenstore-read $B/hotplug-error | grep -q "thin pool pool1: the pool is read-only" || fail $N "the refusal does not say why"
+dmsetup ls | grep -q blkbackd-96 && fail $N "a dm device was made for the refused add"
+i=0; until xenstore-exists $B/error; do i=$((i+1)); [ $i -lt 50 ] || break; sleep 0.1; done
+xenstore-rm /local/domain/0/backend/vbd/96
 dmsetup remove --noudevsync pool1 || fail $N "removing the small pool"
 losetup -d $META; losetup -d $DATA
 rm -f /tmp/thin1-meta.img /tmp/thin1-data.img

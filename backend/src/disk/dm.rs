@@ -1181,5 +1181,7 @@ pub fn reconcile(ctl: &Control, claimed: impl Fn(&str) -> bool) -> Result<Vec<St
     Ok(gone)
 }
 
+pub mod pool;
+
 #[cfg(test)]
 mod tests;

@@ -37,6 +37,29 @@ pub(super) async fn add(
             "the pool is not a device-mapper thin-pool",
         ));
     }
+    // A pool that cannot take writes is refused with the reason; one with
+    // less free space than the volume's size is legal (thin provisioning
+    // overcommits) but said.
+    if let Some(st) = dm::pool::status_of(&ctl, pool)? {
+        if let Some(why) = st.refusal() {
+            return Err(HotplugError::Pool {
+                pool: pool.to_owned(),
+                why,
+                status: st.summary(),
+            });
+        }
+        if sectors > st.free_sectors() {
+            tracing::warn!(
+                backend = be,
+                pool,
+                "volume {id} of {} MiB is larger than the pool's free data space ({} MiB): \
+                 overcommitted; writes will be held or fail when the pool fills ({})",
+                sectors >> 11,
+                st.free_sectors() >> 11,
+                st.summary()
+            );
+        }
+    }
     match ctl.message(&pool_id, 0, &format!("create_thin {id}")) {
         Ok(_) => tracing::info!(backend = be, pool, id, "thin volume created"),
         Err(DmError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {}
