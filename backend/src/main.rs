@@ -221,8 +221,33 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes. A backtrace (captured when
+            // RUST_BACKTRACE is set) only when debugging logs are asked for.
+            // (Causes whose text an error already quotes are not repeated.)
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !line.contains(&c) {
+                    line = format!("{line}: {c}");
+                }
+            }
+            eprintln!("blkbackd: {line}");
+            if std::env::var_os("RUST_LOG").is_some()
+                && e.backtrace().status() == std::backtrace::BacktraceStatus::Captured
+            {
+                eprintln!("{}", e.backtrace());
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo prints its own story; its logs stay quiet unless asked for.
     let default = if matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Bench { .. }) {
         "warn"

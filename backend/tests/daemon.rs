@@ -848,3 +848,22 @@ async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_disca
     w.detach(23, &p).await;
     w.finish().await;
 }
+
+#[test]
+fn a_command_line_error_is_one_line_even_with_rust_backtrace_set() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+        .args(["serve", "--config", "/nonexistent/blkbackd.toml"])
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("blkbackd: cannot read /nonexistent/blkbackd.toml: No such file"),
+        "{err}"
+    );
+    // The cause is said once, not once per layer.
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
