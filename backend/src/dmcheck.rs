@@ -2,7 +2,8 @@
 //!
 //! The host kernels of CI have no device-mapper, so this runs in the VM's
 //! dom0 (`vm-tests/scenarios/11-dm.sh`): every table type over loop devices,
-//! open by diskseq, table swaps (and a failing one rolled back), revoke,
+//! open by diskseq, table swaps (and failing ones rolled back, at load and at
+//! resume), revoke,
 //! snapshots, thin provisioning, crypt, deferred removal, reconciliation and
 //! a released dm device refused under its old diskseq. One line per check:
 //! `DM-CHECK <name>: PASS` or `FAIL <why>`; exits non-zero if any failed.
@@ -45,6 +46,17 @@ impl Ctx {
     /// A loop device over a fresh file. Our fd is given up (`keep`): it
     /// holds the device with O_EXCL, and dm must claim the device itself.
     fn backing(&mut self, name: &str, mib: usize, seed: u8) -> anyhow::Result<DiskId> {
+        self.backing_with(name, mib, seed, &LoopOptions::default())
+    }
+
+    /// [`Ctx::backing`] with the loop device's options (its block size).
+    fn backing_with(
+        &mut self,
+        name: &str,
+        mib: usize,
+        seed: u8,
+        opts: &LoopOptions,
+    ) -> anyhow::Result<DiskId> {
         let p = self.dir.join(name);
         let mut f = File::create(&p)?;
         // Seed 0: zeroes (a fresh snapshot store or thin metadata).
@@ -55,7 +67,7 @@ impl Ctx {
         };
         f.write_all(&data)?;
         f.sync_all()?;
-        let id = loopdev::attach(&p, &LoopOptions::default())?.keep();
+        let id = loopdev::attach(&p, opts)?.keep();
         self.loops.push(id);
         Ok(id)
     }
@@ -193,6 +205,84 @@ fn swaps_keep_the_diskseq_and_a_failed_swap_rolls_back(c: &mut Ctx) -> anyhow::R
         d.id.diskseq
     );
     c.ctl.remove(&id, false)?;
+    Ok(())
+}
+
+/// The device's logical block size as its queue says now.
+fn logical_block_size(id: DiskId) -> anyhow::Result<u32> {
+    let p = format!(
+        "/sys/dev/block/{}:{}/queue/logical_block_size",
+        id.major, id.minor
+    );
+    Ok(std::fs::read_to_string(&p)?.trim().parse()?)
+}
+
+/// A table that loads but cannot be bound: its length is not a multiple of
+/// the 4096-byte logical block of the device below, which the kernel checks
+/// only when it computes the queue limits, at resume. The swap rolls back:
+/// the old table is live and serving, nothing is left suspended or loaded,
+/// the size and the queue limits are the old table's.
+fn a_swap_that_fails_at_resume_leaves_the_old_table_serving(c: &mut Ctx) -> anyhow::Result<()> {
+    let opts = LoopOptions {
+        block_size: 4096,
+        ..LoopOptions::default()
+    };
+    let l = c.backing_with("resume.img", 8, 11, &opts)?;
+    let t = Table::single(
+        16384,
+        Target::Linear {
+            dev: dev(&l),
+            offset: 0,
+        },
+    );
+    let d = create_disk(&c.ctl, "blkbackd-9-11", &t, false)?;
+    let id = DevId::Uuid(d.uuid.clone());
+    ensure!(logical_block_size(d.id)? == 4096, "not a 4096-byte device");
+    let odd = Table::single(
+        16383,
+        Target::Linear {
+            dev: dev(&l),
+            offset: 0,
+        },
+    );
+    match swap_table(&c.ctl, &id, &odd, false) {
+        Err(DmError::SwapRolledBack { step: "resume", .. }) => {}
+        other => bail!("a table misaligned to the 4096-byte block: {other:?}"),
+    }
+    let info = c.ctl.info(&id)?;
+    ensure!(
+        !info.suspended && !info.inactive && info.active,
+        "after the rollback: {info:?}"
+    );
+    let lines = c.ctl.table_lines(&id, true)?;
+    ensure!(
+        lines.len() == 1 && lines[0].1 == 16384 && lines[0].2 == "linear",
+        "the old table is not live: {lines:?}"
+    );
+    ensure!(
+        read_direct(d.id, (8 << 20) - 4096, 4096)? == pattern(11, 8 << 20)[(8 << 20) - 4096..],
+        "the old table does not serve the old data at its end"
+    );
+    let f = c.open(d.id)?;
+    let size = crate::disk::sys::size_bytes(&f)?;
+    ensure!(size == 16384 * 512, "size after the rollback: {size}");
+    ensure!(
+        logical_block_size(d.id)? == 4096,
+        "the queue limits changed with the failed table"
+    );
+    // A swap that succeeds is re-read: revoke's `error` table keeps the
+    // size, and its queue limits are its own (Linux 6.1 gives it 512-byte
+    // blocks under a vbd that published 4096: moot, as every I/O to it
+    // fails; said here so that a kernel that differs shows).
+    revoke(&c.ctl, &id, 16384)?;
+    let size = crate::disk::sys::size_bytes(&f)?;
+    println!(
+        "  after revoke: {size} bytes, logical block {} (was 4096)",
+        logical_block_size(d.id)?
+    );
+    drop(f);
+    c.ctl.remove(&id, false)?;
+    ensure!(size == 16384 * 512, "revoke changed the size: {size}");
     Ok(())
 }
 
@@ -405,13 +495,17 @@ pub fn run(dir: &Path) -> anyhow::Result<bool> {
         ctl: Control::open()?,
         loops: Vec::new(),
     };
-    let checks: [(&str, Check); 10] = [
+    let checks: [(&str, Check); 11] = [
         ("version", version),
         ("bad-names", bad_names_never_reach_the_kernel),
         ("linear", linear_disk_opens_by_diskseq),
         (
             "swap-rollback",
             swaps_keep_the_diskseq_and_a_failed_swap_rolls_back,
+        ),
+        (
+            "swap-fails-at-resume",
+            a_swap_that_fails_at_resume_leaves_the_old_table_serving,
         ),
         ("revoke", revoke_turns_every_io_into_an_error),
         ("snapshot", a_snapshot_leaves_its_template_untouched),

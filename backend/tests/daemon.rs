@@ -142,6 +142,17 @@ impl World {
         self.read(&format!("{be}/error")).await.unwrap()
     }
 
+    /// The vbd at `be` through InitWait, the block script's `add` (which
+    /// must succeed) and the daemon's `opened`.
+    async fn added(&self, be: &str, domid: u16) {
+        self.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
+            .await;
+        let out = self.hotplug("add", domid).await;
+        assert!(out.status.success(), "{out:?}");
+        self.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
+            .await;
+    }
+
     async fn hotplug(&self, action: &str, domid: u16) -> std::process::Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
             .args(["hotplug", action])
@@ -768,12 +779,7 @@ async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_disca
     let img = w.image("discard.img", 16);
     let p = w.vbd(21, &format!("file:{img}")).await;
     let be = &p.backend;
-    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
-        .await;
-    let out = w.hotplug("add", 21).await;
-    assert!(out.status.success(), "{out:?}");
-    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
-        .await;
+    w.added(be, 21).await;
     let phys = w.read(&format!("{be}/physical-device")).await.unwrap();
     let (major, minor) = blkbackd::disk::parse_physical_device(phys.as_bytes()).unwrap();
     let sys = format!("/sys/dev/block/{major}:{minor}");
@@ -811,11 +817,7 @@ async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_disca
     };
     let p = w.vbd(22, &format!("direct:{img}")).await;
     let be = &p.backend;
-    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
-        .await;
-    assert!(w.hotplug("add", 22).await.status.success());
-    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
-        .await;
+    w.added(be, 22).await;
     assert_eq!(
         w.read(&format!("{be}/discard-granularity")).await,
         Some(blksize.to_string())
@@ -833,11 +835,7 @@ async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_disca
         .await
         .unwrap();
     let be = &p.backend;
-    w.wait_for(&format!("{be}/state"), "2", Duration::from_secs(10))
-        .await;
-    assert!(w.hotplug("add", 23).await.status.success());
-    w.wait_for(&format!("{be}/opened"), "1", Duration::from_secs(10))
-        .await;
+    w.added(be, 23).await;
     assert_eq!(
         w.read(&format!("{be}/feature-discard")).await.as_deref(),
         Some("0")

@@ -13,11 +13,22 @@
 . /vmlib.sh
 N=thin
 start_blkbackd || fail $N "cannot start blkbackd"
-dd if=/dev/zero of=/tmp/thin-meta.img bs=1M count=8 2>/dev/null
-dd if=/dev/zero of=/tmp/thin-data.img bs=1M count=128 2>/dev/null
-META=$(losetup -f) && losetup $META /tmp/thin-meta.img || fail $N "losetup meta"
-DATA=$(losetup -f) && losetup $DATA /tmp/thin-data.img || fail $N "losetup data"
-dmsetup create --noudevsync pool0 --table "0 262144 thin-pool $META $DATA 128 0" || fail $N "creating the pool"
+# make_pool NAME META-MIB DATA-MIB: a thin pool of 64 KiB blocks over two
+# loop devices on files in dom0's /tmp ($META and $DATA name them).
+make_pool() {
+  dd if=/dev/zero of=/tmp/$1-meta.img bs=1M count=$2 2>/dev/null
+  dd if=/dev/zero of=/tmp/$1-data.img bs=1M count=$3 2>/dev/null
+  META=$(losetup -f) && losetup $META /tmp/$1-meta.img || fail $N "losetup meta of $1"
+  DATA=$(losetup -f) && losetup $DATA /tmp/$1-data.img || fail $N "losetup data of $1"
+  dmsetup create --noudevsync $1 --table "0 $(($3 * 2048)) thin-pool $META $DATA 128 0" || fail $N "creating $1"
+}
+# drop_pool NAME: the pool, its loop devices and files (dom0's /tmp is memory).
+drop_pool() {
+  dmsetup remove --noudevsync $1 || fail $N "removing $1"
+  losetup -d $META; losetup -d $DATA
+  rm -f /tmp/$1-meta.img /tmp/$1-data.img
+}
+make_pool pool0 8 128
 guest_cfg domu14 "vdev=xvda,backendtype=phy,script=block-blkbackd,target=thin:pool0/7:32M" 1 "blkbackd_discard"
 xl create /root/domu14.cfg || fail $N "xl create"
 wait_guest domu14 || fail $N "the guest never finished"
@@ -63,19 +74,13 @@ mknod /tmp/check7 b $(dmsetup info -c --noheadings -o major,minor --separator ' 
 rm -f /tmp/check7
 dmsetup remove --noudevsync check7
 dmsetup message pool0 0 "delete 7"
-dmsetup remove --noudevsync pool0
-losetup -d $META; losetup -d $DATA
-rm -f /tmp/thin-meta.img /tmp/thin-data.img   # dom0's /tmp is memory
+drop_pool pool0
 # Revoke of a volume whose pool is out of data space: the pool holds the
 # guest's writes (queue_if_no_space, up to its 60 s no-space timeout); a
 # flushing suspend would wait for them. Revoke suspends with noflush: it
 # returns at once, the held writes fail, the guest sees I/O errors.
-dd if=/dev/zero of=/tmp/thin1-meta.img bs=1M count=4 2>/dev/null
-dd if=/dev/zero of=/tmp/thin1-data.img bs=1M count=2 2>/dev/null
-META=$(losetup -f) && losetup $META /tmp/thin1-meta.img || fail $N "losetup meta"
-DATA=$(losetup -f) && losetup $DATA /tmp/thin1-data.img || fail $N "losetup data"
 # 2 MiB of data: 32 blocks of 64 KiB, less than the guest writes.
-dmsetup create --noudevsync pool1 --table "0 4096 thin-pool $META $DATA 128 0" || fail $N "creating the small pool"
+make_pool pool1 4 2
 guest_cfg domu14b "vdev=xvda,backendtype=phy,script=block-blkbackd,target=thin:pool1/3:32M" 1 ""
 xl create /root/domu14b.cfg || fail $N "xl create on the small pool"
 i=0; until dmsetup status pool1 | grep -q out_of_data_space; do i=$((i+1)); [ $i -lt 600 ] || fail $N "the small pool never ran out of space: $(dmsetup status pool1)"; sleep 0.1; done
@@ -110,9 +115,7 @@ xenstore-read $B/hotplug-error | grep -q "thin pool pool1: the pool is read-only
 dmsetup ls | grep -q blkbackd-96 && fail $N "a dm device was made for the refused add"
 i=0; until xenstore-exists $B/error; do i=$((i+1)); [ $i -lt 50 ] || break; sleep 0.1; done
 xenstore-rm /local/domain/0/backend/vbd/96
-dmsetup remove --noudevsync pool1 || fail $N "removing the small pool"
-losetup -d $META; losetup -d $DATA
-rm -f /tmp/thin1-meta.img /tmp/thin1-data.img
+drop_pool pool1
 [ -z "$(losetup -a)" ] || fail $N "loop devices left: $(losetup -a)"
 [ -z "$(xenstore-ls /local/domain/0/backend/vbd 2>/dev/null)" ] || fail $N "backend nodes left"
 mark "$N PASS"
