@@ -120,6 +120,27 @@ fn read_direct(id: DiskId, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
 
 type Check = fn(&mut Ctx) -> anyhow::Result<()>;
 
+/// Swaps `id` to `t`, which must fail at `step` and be rolled back: the
+/// device neither suspended nor holding an inactive table, and its one live
+/// target the old one, `old` = (sectors, target type).
+fn rolled_back(c: &Ctx, id: &DevId, t: &Table, step: &str, old: (u64, &str)) -> anyhow::Result<()> {
+    match swap_table(&c.ctl, id, t, false) {
+        Err(DmError::SwapRolledBack { step: s, .. }) if s == step => {}
+        other => bail!("a swap meant to fail at {step}: {other:?}"),
+    }
+    let info = c.ctl.info(id)?;
+    ensure!(
+        !info.suspended && !info.inactive && info.active,
+        "after the rollback: {info:?}"
+    );
+    let lines = c.ctl.table_lines(id, true)?;
+    ensure!(
+        lines.len() == 1 && (lines[0].1, lines[0].2.as_str()) == old,
+        "the old table is not live: {lines:?}"
+    );
+    Ok(())
+}
+
 fn version(c: &mut Ctx) -> anyhow::Result<()> {
     let v = c.ctl.version()?;
     ensure!(v.0 == 4, "interface version {v:?}");
@@ -181,17 +202,7 @@ fn swaps_keep_the_diskseq_and_a_failed_swap_rolls_back(c: &mut Ctx) -> anyhow::R
             offset: 0,
         },
     );
-    match swap_table(&c.ctl, &id, &bogus, false) {
-        Err(DmError::SwapRolledBack { step: "load", .. }) => {}
-        other => bail!("bogus swap: {other:?}"),
-    }
-    let info = c.ctl.info(&id)?;
-    ensure!(
-        !info.suspended && !info.inactive && info.active,
-        "after rollback: {info:?}"
-    );
-    let lines = c.ctl.table_lines(&id, true)?;
-    ensure!(lines[0].2 == "zero", "the old table is not live: {lines:?}");
+    rolled_back(c, &id, &bogus, "load", (16384, "zero"))?;
     // Suspend with noflush, then a resume brings it back.
     c.ctl.suspend(&id, true)?;
     ensure!(c.ctl.info(&id)?.suspended);
@@ -245,20 +256,7 @@ fn a_swap_that_fails_at_resume_leaves_the_old_table_serving(c: &mut Ctx) -> anyh
             offset: 0,
         },
     );
-    match swap_table(&c.ctl, &id, &odd, false) {
-        Err(DmError::SwapRolledBack { step: "resume", .. }) => {}
-        other => bail!("a table misaligned to the 4096-byte block: {other:?}"),
-    }
-    let info = c.ctl.info(&id)?;
-    ensure!(
-        !info.suspended && !info.inactive && info.active,
-        "after the rollback: {info:?}"
-    );
-    let lines = c.ctl.table_lines(&id, true)?;
-    ensure!(
-        lines.len() == 1 && lines[0].1 == 16384 && lines[0].2 == "linear",
-        "the old table is not live: {lines:?}"
-    );
+    rolled_back(c, &id, &odd, "resume", (16384, "linear"))?;
     ensure!(
         read_direct(d.id, (8 << 20) - 4096, 4096)? == pattern(11, 8 << 20)[(8 << 20) - 4096..],
         "the old table does not serve the old data at its end"
