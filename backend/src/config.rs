@@ -38,6 +38,10 @@
 //! max_persistent_maps = 16382   # persistent-grant mappings kept daemon-wide
 //!                               # (default: a quarter of vm.max_map_count);
 //!                               # past it, grants are copied
+//!
+//! [metrics]                     # Prometheus text endpoint (off by default)
+//! listen = "127.0.0.1:9587"     # ADDRESS:PORT (GET /metrics), or
+//!                               # "unix:/run/blkbackd/metrics.sock"
 //! ```
 #![forbid(unsafe_code)]
 
@@ -66,6 +70,58 @@ pub struct Config {
     /// What SIGTERM does to the devices.
     #[serde(default)]
     pub on_stop: OnStop,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The `[metrics]` table.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to answer scrapes (`None`: no endpoint).
+    pub listen: Option<Listen>,
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    /// A TCP address and port.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket (`unix:/absolute/path`).
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Listen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            let p = Path::new(p);
+            if !p.is_absolute() || p.file_name().is_none() {
+                return Err(format!(
+                    "metrics.listen = {s:?}: a unix socket needs an absolute path"
+                ));
+            }
+            return Ok(Listen::Unix(p.to_owned()));
+        }
+        s.parse().map(Listen::Tcp).map_err(|_| {
+            format!(
+                "metrics.listen = {s:?} is neither ADDRESS:PORT (e.g. \"127.0.0.1:9587\", \
+                 \"[::1]:9587\") nor \"unix:/absolute/path\""
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "http://{a}/metrics"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// What stopping the daemon does to the devices it serves.
@@ -291,9 +347,23 @@ mod tests {
             pool_kib = 1024
             max_persistent_maps = 500
             poll_us = 50
+            [metrics]
+            listen = "127.0.0.1:9587"
             "#,
         )
         .unwrap();
+        assert_eq!(
+            c.metrics.listen,
+            Some(Listen::Tcp("127.0.0.1:9587".parse().unwrap()))
+        );
+        assert_eq!(Config::default().metrics.listen, None);
+        assert_eq!(
+            parse("[metrics]\nlisten = \"unix:/run/blkbackd/metrics.sock\"")
+                .unwrap()
+                .metrics
+                .listen,
+            Some(Listen::Unix("/run/blkbackd/metrics.sock".into()))
+        );
         assert_eq!(c.on_stop, OnStop::Close);
         assert_eq!(c.io.max_persistent_maps, Some(500));
         assert_eq!(c.offer().unwrap().poll_us, 50);
@@ -351,6 +421,19 @@ mod tests {
                 "io.pool_kib = 8 is outside 64..=65536",
             ),
             ("not toml at all", "test.toml"),
+            (
+                "[metrics]\nlisten = \"localhost:9587\"",
+                "metrics.listen = \"localhost:9587\" is neither ADDRESS:PORT",
+            ),
+            (
+                "[metrics]\nlisten = \"9587\"",
+                "metrics.listen = \"9587\" is neither",
+            ),
+            (
+                "[metrics]\nlisten = \"unix:metrics.sock\"",
+                "needs an absolute path",
+            ),
+            ("[metrics]\nport = 9587", "unknown field `port`"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(wants), "{text:?}: {e}");

@@ -7,6 +7,9 @@
 //! the demo of the embedded default and the signal handling the commands share.
 #![deny(unsafe_code)]
 
+/// The git commit this binary was built from (see `build.rs`).
+pub const BUILD_COMMIT: &str = env!("BLKBACKD_COMMIT");
+
 pub mod abi;
 pub mod attach;
 pub mod bench;
@@ -17,6 +20,7 @@ pub mod disk;
 pub mod dmcheck;
 pub mod hotplug;
 pub mod io;
+pub mod metrics;
 pub mod ring;
 pub mod signals;
 pub mod sim;

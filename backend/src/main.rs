@@ -6,7 +6,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "blkbackd", version, about = "A userspace Xen block backend")]
+#[command(
+    name = "blkbackd",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BLKBACKD_COMMIT"), ")"),
+    about = "A userspace Xen block backend"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -528,6 +532,7 @@ async fn serve(
     let allow_missing_diskseq = allow_missing_diskseq || cfg.allow_missing_diskseq;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        commit = blkbackd::BUILD_COMMIT,
         build = %option_env!("BLKBACKD_BUILD_TAG").unwrap_or("release"),
         on_stop = ?cfg.on_stop,
         "blkbackd starting"
@@ -570,6 +575,11 @@ async fn serve(
         None => PathBuf::from("/run/blkbackd/serve.lock"),
     })?;
     let live = blkbackd::status::Live::default();
+    // Bound before anything is served: a bad address stops the start.
+    let metrics = match &cfg.metrics.listen {
+        Some(l) => Some(blkbackd::metrics::Endpoint::bind(l).await?),
+        None => None,
+    };
     let status_socket = match &sim {
         Some(dir) => dir.join(blkbackd::status::SIM_SOCKET),
         None => PathBuf::from(blkbackd::status::SOCKET),
@@ -598,6 +608,7 @@ async fn serve(
             };
             tracing::info!(dir = %dir.display(), "simulated hypervisor; Xenstore at {ep:?}");
             let xs = xenstore::Client::connect_to(&ep).await?;
+            serve_metrics(metrics, &xs, &live);
             let ctx = Arc::new(VbdCtx {
                 xs,
                 grants: Arc::new(blkbackd::xen::sim::SimGrants::new(
@@ -621,6 +632,7 @@ async fn serve(
                 None => xenstore::Endpoint::from_env()?,
             };
             let xs = xenstore::Client::connect_to(&ep).await?;
+            serve_metrics(metrics, &xs, &live);
             let ctx = Arc::new(VbdCtx {
                 xs,
                 grants: Arc::new(
@@ -638,6 +650,21 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// Answers scrapes on `metrics`, if configured, for as long as the daemon runs.
+fn serve_metrics(
+    metrics: Option<blkbackd::metrics::Endpoint>,
+    xs: &xenstore::Client,
+    live: &blkbackd::status::Live,
+) {
+    let Some(m) = metrics else { return };
+    let (xs, live) = (xs.clone(), live.clone());
+    tokio::spawn(async move {
+        if let Err(e) = m.serve(xs, live).await {
+            tracing::error!("the metrics endpoint failed: {e}");
+        }
+    });
 }
 
 /// SIGHUP: re-read the configuration; a bad file keeps the old one (and says why).

@@ -378,6 +378,37 @@ pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
     Ok(out)
 }
 
+/// The vbd's latency in the backend per operation, all rings together:
+/// p50/p99/p99.9 as the bounds of the histogram buckets that hold them.
+fn latency_line(rings: &[QueueStats]) -> Option<String> {
+    use crate::vbd::queue::{Latencies, OpKind};
+    let mut all = Latencies::default();
+    for r in rings {
+        all.merge(&r.latency);
+    }
+    let parts: Vec<String> = OpKind::ALL
+        .iter()
+        .filter_map(|op| {
+            let h = all.get(*op);
+            let q = |x| h.quantile_us(x);
+            Some(format!(
+                "{} {}/{}/{} ({})",
+                op.name(),
+                q(0.5)?,
+                q(0.99)?,
+                q(0.999)?,
+                h.count()
+            ))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "       in the backend, µs below p50/p99/p99.9 (requests): {}\n",
+            parts.join(", ")
+        )
+    })
+}
+
 /// A human-readable table.
 pub fn table(vbds: &[VbdStatus]) -> String {
     let mut s = format!(
@@ -427,8 +458,7 @@ pub fn table(vbds: &[VbdStatus]) -> String {
         for (i, r) in v.rings.iter().enumerate() {
             s += &format!(
                 "       ring {i}: {} ok, {} errors (reads {}, writes {}, flushes {}, discards {}), \
-                 {} bytes, {} kicks in, {} notifications out, {} persistent hits, peak {} in flight, \
-                 in the backend p50 <{} µs p99 <{} µs{}\n",
+                 {} bytes, {} kicks in, {} notifications out, {} persistent hits, peak {} in flight{}\n",
                 r.ok,
                 r.errors,
                 r.reads,
@@ -440,8 +470,6 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                 r.notifications,
                 r.persistent_hits,
                 r.in_flight_peak,
-                r.latency.quantile_us(0.5).unwrap_or(0),
-                r.latency.quantile_us(0.99).unwrap_or(0),
                 if i == 0 {
                     v.engine
                         .as_ref()
@@ -450,6 +478,9 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                     String::new()
                 },
             );
+        }
+        if let Some(l) = latency_line(&v.rings) {
+            s += &l;
         }
     }
     s

@@ -283,10 +283,28 @@ async fn a_vbd_goes_from_creation_to_removal_as_libxl_expects() {
         "{:?}",
         v.engine
     );
+    // Every answered read and write was timed in its own histogram, and
+    // the counts came through the socket's JSON bucket by bucket.
+    let mut lat = blkbackd::vbd::queue::Latencies::default();
+    for r in &v.rings {
+        lat.merge(&r.latency);
+    }
+    let reads: u64 = v.rings.iter().map(|r| r.reads).sum();
+    assert_eq!(lat.read.count(), reads, "{lat:?}");
+    assert_eq!(lat.write.count(), writes, "{lat:?}");
+    assert_eq!(lat.all().count(), ok_total, "{lat:?}");
     let table = blkbackd::status::table(&vbds);
     assert!(
         table.contains("ring 0:") && table.contains("notifications out"),
         "{table}"
+    );
+    let line = table
+        .lines()
+        .find(|l| l.contains("p50/p99/p99.9"))
+        .unwrap_or_else(|| panic!("no latency line in {table}"));
+    assert!(
+        line.contains("read ") && line.contains(&format!("({writes})")),
+        "{line}"
     );
     w.detach(2, &p).await;
     assert!(
@@ -864,4 +882,198 @@ fn a_command_line_error_is_one_line_even_with_rust_backtrace_set() {
     );
     // The cause is said once, not once per layer.
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
+/// One HTTP request to the metrics endpoint at `addr`: (status line, body).
+async fn scrape(addr: &str, request: &str) -> (String, String) {
+    try_scrape(addr, request).await.unwrap()
+}
+
+/// The same; an error when the connection was reset (a busy endpoint may).
+async fn try_scrape(addr: &str, request: &str) -> std::io::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.write_all(request.as_bytes()).await?;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut all))
+        .await
+        .expect("the endpoint answered within 10 s")?;
+    let text = String::from_utf8(all).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    Ok((head.lines().next().unwrap().to_owned(), body.to_owned()))
+}
+
+/// promtool: on PATH, or where scripts/test-all unpacked it.
+fn promtool() -> std::path::PathBuf {
+    let unpacked = Path::new("/var/tmp/blkbackd-tools/x/usr/bin/promtool");
+    if unpacked.exists() {
+        return unpacked.into();
+    }
+    let on_path = std::process::Command::new("promtool")
+        .arg("--version")
+        .output();
+    assert!(
+        on_path.is_ok_and(|o| o.status.success()),
+        "needs Prometheus' promtool (scripts/test-all unpacks Debian's)"
+    );
+    "promtool".into()
+}
+
+/// The value of the one sample of `name` whose labels include all of `has`.
+fn sample(text: &str, name: &str, has: &[&str]) -> f64 {
+    let found: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| has.iter().all(|h| l.contains(h)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(found.len(), 1, "{name} {has:?} in:\n{text}");
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_serves_what_the_rings_counted_and_promtool_accepts_it() {
+    let w = world().await;
+    let img = w.image("metrics.img", 16);
+    let p = w.vbd(31, &format!("file:{img}")).await;
+    let be = &p.backend;
+    w.added(be, 31).await;
+    let (ok, text) = w.guest(31, "verify").await;
+    assert!(ok, "{text}");
+
+    let listen = blkbackd::config::Listen::Tcp("127.0.0.1:0".parse().unwrap());
+    let ep = blkbackd::metrics::Endpoint::bind(&listen).await.unwrap();
+    let addr = ep
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    tokio::spawn(ep.serve(w.xs.clone(), w.live.clone()));
+
+    // A scraper that sends half a header and stalls holds one slot for 2 s
+    // at most, and a flood of them no more than 8 (the rest are told 503):
+    // the real scrape below is answered within seconds all the same.
+    let mut stalled = Vec::new();
+    for _ in 0..12 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut c, b"GET /metr")
+            .await
+            .unwrap();
+        stalled.push(c);
+    }
+    let t0 = std::time::Instant::now();
+    let (status, body) = loop {
+        let (status, body) = try_scrape(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| (format!("503 (reset: {e})"), String::new()));
+        assert!(status.contains("200") || status.contains("503"), "{status}");
+        if status.contains("200") || t0.elapsed() > Duration::from_secs(8) {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.contains("200 OK"), "{status}: {body}");
+    drop(stalled);
+
+    // What the rings counted, as `blkbackd status` reads it.
+    let snap = w.live.snapshot();
+    let rings = &snap[be.as_str()].rings;
+    let (reads, writes): (u64, u64) = (
+        rings.iter().map(|r| r.reads).sum(),
+        rings.iter().map(|r| r.writes).sum(),
+    );
+    let id = ["domid=\"31\"", "devid=\"51712\""];
+    let sum = |name: &str, has: &[&str]| -> f64 {
+        (0..rings.len())
+            .map(|i| {
+                let ring = format!("ring=\"{i}\"");
+                let mut h = vec![id[0], id[1], ring.as_str()];
+                h.extend_from_slice(has);
+                sample(&body, name, &h)
+            })
+            .sum()
+    };
+    assert!(reads > 0 && writes > 0, "{rings:?}");
+    assert_eq!(
+        sum("blkbackd_ring_requests_total", &["op=\"read\""]),
+        reads as f64
+    );
+    assert_eq!(
+        sum("blkbackd_ring_requests_total", &["op=\"write\""]),
+        writes as f64
+    );
+    assert_eq!(
+        sum("blkbackd_ring_bytes_total", &[]),
+        rings.iter().map(|r| r.bytes).sum::<u64>() as f64
+    );
+    // The histograms: every answered read counted, and in the +Inf bucket.
+    let h = "blkbackd_request_duration_seconds";
+    assert_eq!(
+        sample(&body, &format!("{h}_count"), &[id[0], "op=\"read\""]),
+        reads as f64
+    );
+    assert_eq!(
+        sample(
+            &body,
+            &format!("{h}_bucket"),
+            &[id[0], "op=\"read\"", "le=\"+Inf\""]
+        ),
+        reads as f64
+    );
+    assert!(sample(&body, &format!("{h}_sum"), &[id[0], "op=\"write\""]) > 0.0);
+    // State and disk identity, as published.
+    let phys = w.read(&format!("{be}/physical-device")).await.unwrap();
+    let seq = w.read(&format!("{be}/diskseq")).await.unwrap();
+    sample(
+        &body,
+        "blkbackd_vbd_info",
+        &[
+            id[0],
+            "state=\"Connected\"",
+            &format!("physical_device=\"{phys}\""),
+            &format!("diskseq=\"{seq}\""),
+            "opened=\"1\"",
+        ],
+    );
+    assert_eq!(sample(&body, "blkbackd_vbds_served", &[]), 1.0);
+    assert!(sample(&body, "blkbackd_bounce_pool_bytes", &[]) > 0.0);
+    assert!(sample(&body, "blkbackd_xenstore_roundtrip_seconds", &[]) > 0.0);
+    assert!(body.contains("blkbackd_build_info{"), "{body}");
+
+    // Prometheus' own linter: the exposition is valid and follows its rules.
+    let mut lint = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut lint.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Anything else is refused with a reason, the endpoint unharmed.
+    let (s, _) = scrape(&addr, "GET / HTTP/1.1\r\n\r\n").await;
+    assert!(s.contains("404"), "{s}");
+    let (s, _) = scrape(&addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(s.contains("405"), "{s}");
+    let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let (s, _) = scrape(&addr, &huge).await;
+    assert!(s.contains("400"), "{s}");
+
+    // A taken address is an error that names it, not a silent no-endpoint.
+    let taken = blkbackd::config::Listen::Tcp(addr.parse().unwrap());
+    let e = blkbackd::metrics::Endpoint::bind(&taken).await.unwrap_err();
+    assert!(format!("{e:#}").contains(&addr), "{e:#}");
+
+    w.detach(31, &p).await;
+    let (_, body) = scrape(&addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert_eq!(sample(&body, "blkbackd_vbds_served", &[]), 0.0);
+    assert!(!body.contains("blkbackd_ring_requests_total{"), "{body}");
+    w.finish().await;
 }

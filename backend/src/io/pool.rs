@@ -41,6 +41,15 @@ impl Buf {
     }
 }
 
+/// Bytes reserved by every bounce pool alive in this process.
+static RESERVED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Bytes reserved by every bounce pool alive now (each ring's, for as long
+/// as the ring is connected): the daemon's memory bound for request data.
+pub fn reserved_bytes() -> usize {
+    RESERVED_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Page-aligned memory for a ring's in-flight requests.
 pub struct BouncePool {
     base: NonNull<u8>,
@@ -87,8 +96,10 @@ impl BouncePool {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        RESERVED_BYTES.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         Ok(BouncePool {
-            base: NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
+            base,
             pages,
             used: Mutex::new(vec![false; pages]),
             in_use: std::sync::atomic::AtomicUsize::new(0),
@@ -191,6 +202,7 @@ impl Drop for BouncePool {
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.pages * POOL_PAGE);
         }
+        RESERVED_BYTES.fetch_sub(self.pages * POOL_PAGE, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

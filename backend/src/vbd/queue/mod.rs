@@ -25,7 +25,7 @@ mod transfer;
 
 use serve::Polling;
 pub use serve::{StopSignal, STORM_HALT};
-pub use stats::{LatencyHistogram, QueueStats};
+pub use stats::{Latencies, LatencyHistogram, OpKind, QueueStats};
 use transfer::Persistent;
 pub use transfer::{MapBudget, MAP_BUDGET, MAX_PERSISTENT_GRANTS};
 
@@ -90,8 +90,10 @@ struct Slot {
     buf: Option<Buf>,
     /// Or the guest pages its I/O runs on (zero copy).
     guest: Option<GuestBufs>,
-    /// When it was taken from the ring (for [`QueueStats::latency`]).
+    /// When it was taken from the ring, and its operation (for
+    /// [`QueueStats::latency`]; `None`: refused when parsed, not timed).
     taken_at: std::time::Instant,
+    kind: Option<OpKind>,
 }
 
 /// One ring being served.
@@ -578,7 +580,12 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 self.stats.errors += 1;
             }
             self.ring.put_response(slot.id, slot.wire_op, status);
-            self.stats.latency.record(slot.taken_at.elapsed());
+            if let Some(k) = slot.kind {
+                self.stats
+                    .latency
+                    .get_mut(k)
+                    .record(slot.taken_at.elapsed());
+            }
             any = true;
         }
         if any && self.ring.push_responses() {
@@ -592,7 +599,14 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
 
 impl Slot {
     fn waiting(req: Request) -> Slot {
+        let kind = match req.op {
+            Operation::Read => OpKind::Read,
+            Operation::Write => OpKind::Write,
+            Operation::Flush | Operation::Barrier => OpKind::Flush,
+            Operation::Discard { .. } => OpKind::Discard,
+        };
         Slot {
+            kind: Some(kind),
             id: req.id,
             wire_op: req.wire_op,
             stage: Stage::Waiting(req),
@@ -610,6 +624,7 @@ impl Slot {
             buf: None,
             guest: None,
             taken_at: std::time::Instant::now(),
+            kind: None,
         }
     }
 }

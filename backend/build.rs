@@ -1,0 +1,35 @@
+//! Names the git commit the binary is built from (`blkbackd --version`, the
+//! log's first line, the metrics' `blkbackd_build_info`): `BLKBACKD_COMMIT`
+//! from the environment when set (a build from a source package), else
+//! `git describe` of the checkout, else "unknown".
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=BLKBACKD_COMMIT");
+    let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for f in [".git/HEAD", ".git/index"] {
+        let p = top.join(f);
+        if p.exists() {
+            println!("cargo:rerun-if-changed={}", p.display());
+        }
+    }
+    let commit = std::env::var("BLKBACKD_COMMIT").ok().or_else(|| {
+        let out = Command::new("git")
+            .args([
+                "describe",
+                "--always",
+                "--dirty",
+                "--abbrev=12",
+                "--exclude=*",
+            ])
+            .current_dir(&top)
+            .output()
+            .ok()?;
+        let s = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    });
+    println!(
+        "cargo:rustc-env=BLKBACKD_COMMIT={}",
+        commit.unwrap_or_else(|| "unknown".to_owned())
+    );
+}
