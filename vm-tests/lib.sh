@@ -11,7 +11,8 @@ fail() {
 start_blkbackd() {
   lsmod | grep -q xen_blkback && { echo "xen-blkback is loaded"; return 1; }
   pidof blkbackd blkbackd-alt >/dev/null && return 0
-  RUST_LOG=${RUST_LOG:-info} blkbackd serve >> /tmp/blkbackd.log 2>&1 &
+  # With the configuration the package installed.
+  RUST_LOG=${RUST_LOG:-info} blkbackd serve --config /etc/blkbackd/blkbackd.toml >> /tmp/blkbackd.log 2>&1 &
 }
 # make_disk PATH MIB MARKER
 make_disk() {

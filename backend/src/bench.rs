@@ -460,7 +460,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     println!("ratio: blkbackd over the faster of the raw io_uring loop and fio (io_uring engine)");
     println!(
         "in-be p50/99: µs a request spent in the backend, taken off the ring to answered \
-         (power-of-two bounds): the rest of a guest's latency is wake-ups and the guest"
+         (bounds of log-linear buckets, each at most 25% wide): the rest of a guest's latency is wake-ups and the guest"
     );
     println!(
         "memory: bench process peak RSS {} MiB (backend, embedded Xenstore, the baseline's \

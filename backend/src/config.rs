@@ -391,6 +391,39 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_shows_the_defaults() {
+        let text = include_str!("../../scripts/debian/blkbackd.toml");
+        assert_eq!(parse(text).unwrap(), Config::default());
+        // Every setting in it uncommented: the defaults, plus the endpoint.
+        let on: Vec<&str> = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(r) if r.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => r,
+                _ => l,
+            })
+            .collect();
+        let c = parse(&on.join("\n")).unwrap();
+        let mut want = Config::default();
+        want.metrics.listen = Some(Listen::Tcp("127.0.0.1:9587".parse().unwrap()));
+        want.xenstore = Some("/run/xenstored/socket".into());
+        assert_eq!(c, want);
+        // It shows every table and top-level key there is.
+        for key in [
+            "xenstore",
+            "allow_missing_diskseq",
+            "on_stop",
+            "[offer]",
+            "[io]",
+            "[metrics]",
+        ] {
+            assert!(
+                on.iter().any(|l| l.starts_with(key)),
+                "{key} is not in the example"
+            );
+        }
+    }
+
+    #[test]
     fn bad_files_are_refused_with_what_is_wrong() {
         for (text, wants) in [
             ("max_queues = 4", "unknown field `max_queues`"),

@@ -36,6 +36,13 @@ enum Cmd {
         #[arg(long)]
         devid: u32,
     },
+    /// Write the manual pages (blkbackd.8 and blkbackd-COMMAND.8 for each
+    /// command) into DIR; the Debian package is built with them.
+    #[command(hide = true)]
+    ManPages {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// Check the device-mapper layer against this kernel (needs root and
     /// dm-mod; used by the VM tests): prints one line per check.
     #[command(hide = true)]
@@ -291,6 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("revoked {name}: every further I/O fails");
                 Ok(())
             }
+            Cmd::ManPages { dir } => man_pages(&dir),
             Cmd::DmCheck { dir } => {
                 let ok = blkbackd::dmcheck::run(&dir)?;
                 let _ = std::fs::remove_dir_all(&dir);
@@ -650,6 +658,33 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// blkbackd.8 and one page per visible command, in section 8 (system
+/// administration), as the Debian package installs them.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let top = Cli::command().name("blkbackd");
+    let write = |name: String, bin: String, cmd: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.8"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.display_name(name).bin_name(bin))
+            .section("8")
+            .render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+        Ok(())
+    };
+    for sub in top.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let n = sub.get_name();
+        write(
+            format!("blkbackd-{n}"),
+            format!("blkbackd {n}"),
+            sub.clone(),
+        )?;
+    }
+    write("blkbackd".to_owned(), "blkbackd".to_owned(), top)
 }
 
 /// Answers scrapes on `metrics`, if configured, for as long as the daemon runs.
