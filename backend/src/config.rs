@@ -73,6 +73,67 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Per-guest I/O limits.
+    #[serde(default)]
+    pub limit: Vec<LimitRule>,
+}
+
+/// One `[[limit]]`: I/O limits for a guest's vbds, the guest named by its
+/// domain name or UUID (domids change at every boot; these do not).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    /// The domain's name (`/local/domain/D/name`).
+    pub domain: Option<String>,
+    /// The domain's UUID (`/local/domain/D/vm` is `/vm/UUID`).
+    pub uuid: Option<String>,
+    /// Only this vbd of it (default: every one).
+    pub devid: Option<u32>,
+    /// The limits.
+    #[serde(flatten)]
+    pub limit: crate::vbd::limit::IoLimit,
+}
+
+impl LimitRule {
+    /// Whether it names this guest's vbd.
+    pub fn matches(&self, name: Option<&str>, uuid: Option<&str>, devid: u32) -> bool {
+        let who = match (&self.domain, &self.uuid) {
+            (Some(d), _) => name == Some(d.as_str()),
+            (None, Some(u)) => uuid.is_some_and(|v| v.eq_ignore_ascii_case(u)),
+            (None, None) => false,
+        };
+        who && self.devid.is_none_or(|d| d == devid)
+    }
+
+    fn check(&self, i: usize) -> Result<(), String> {
+        let at = format!("limit[{i}]");
+        match (&self.domain, &self.uuid) {
+            (Some(_), Some(_)) => {
+                return Err(format!("{at}: domain and uuid both given: name one"))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "{at}: names no guest (domain = \"NAME\" or uuid = \"UUID\")"
+                ))
+            }
+            (None, Some(u)) if !is_uuid(u) => {
+                return Err(format!("{at}: uuid = {u:?} is not a UUID"))
+            }
+            _ => {}
+        }
+        if self.limit.is_none() {
+            return Err(format!("{at}: sets neither iops nor bps"));
+        }
+        self.limit.check().map_err(|e| format!("{at}: {e}"))
+    }
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// The `[metrics]` table.
@@ -274,6 +335,12 @@ impl Config {
                 value,
                 range,
             })?;
+        for (i, r) in c.limit.iter().enumerate() {
+            r.check(i).map_err(|message| ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            })?;
+        }
         Ok(c)
     }
 
@@ -357,6 +424,20 @@ mod tests {
             Some(Listen::Tcp("127.0.0.1:9587".parse().unwrap()))
         );
         assert_eq!(Config::default().metrics.listen, None);
+        let l = parse(
+            "[[limit]]\ndomain = \"web1\"\niops = 500\n[[limit]]\n\
+             uuid = \"1D1A1C1E-0000-4000-8000-00000000abcd\"\ndevid = 51728\nbps = 1048576\nburst_ms = 20",
+        )
+        .unwrap()
+        .limit;
+        assert_eq!(l.len(), 2);
+        assert!(
+            l[0].matches(Some("web1"), None, 51712) && !l[0].matches(Some("web2"), None, 51712)
+        );
+        assert_eq!(l[0].limit.iops, 500);
+        let u = Some("1d1a1c1e-0000-4000-8000-00000000ABCD");
+        assert!(l[1].matches(None, u, 51728) && !l[1].matches(None, u, 51712));
+        assert_eq!((l[1].limit.bps, l[1].limit.burst_ms), (1 << 20, 20));
         assert_eq!(
             parse("[metrics]\nlisten = \"unix:/run/blkbackd/metrics.sock\"")
                 .unwrap()
@@ -406,6 +487,15 @@ mod tests {
         let mut want = Config::default();
         want.metrics.listen = Some(Listen::Tcp("127.0.0.1:9587".parse().unwrap()));
         want.xenstore = Some("/run/xenstored/socket".into());
+        want.limit = vec![LimitRule {
+            domain: Some("web1".into()),
+            limit: crate::vbd::limit::IoLimit {
+                iops: 2000,
+                bps: 100 << 20,
+                burst_ms: 100,
+            },
+            ..Default::default()
+        }];
         assert_eq!(c, want);
         // It shows every table and top-level key there is.
         for key in [
@@ -467,6 +557,24 @@ mod tests {
                 "needs an absolute path",
             ),
             ("[metrics]\nport = 9587", "unknown field `port`"),
+            ("[[limit]]\niops = 10", "limit[0]: names no guest"),
+            (
+                "[[limit]]\ndomain = \"a\"\nuuid = \"b\"\niops = 1",
+                "limit[0]: domain and uuid both given",
+            ),
+            (
+                "[[limit]]\nuuid = \"web1\"\niops = 1",
+                "uuid = \"web1\" is not a UUID",
+            ),
+            (
+                "[[limit]]\ndomain = \"web1\"",
+                "limit[0]: sets neither iops nor bps",
+            ),
+            (
+                "[[limit]]\ndomain = \"web1\"\niops = 1000000000000",
+                "limit[0]: iops = 1000000000000 is above",
+            ),
+            ("[[limit]]\ndomain = \"web1\"\nipos = 5", "unknown field"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(wants), "{text:?}: {e}");

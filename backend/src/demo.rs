@@ -124,6 +124,7 @@ pub async fn run_with(
         offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq: false,
         live: Default::default(),
+        limits: Default::default(),
     });
     let (stop, stop_rx) = tokio::sync::watch::channel(crate::daemon::Stop::Run);
     let daemon = tokio::spawn(crate::daemon::run(ctx, stop_rx));

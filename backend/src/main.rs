@@ -36,6 +36,30 @@ enum Cmd {
         #[arg(long)]
         devid: u32,
     },
+    /// Set a vbd's I/O limits at run time (stored in its backend directory,
+    /// where only dom0 can write; the daemon applies them at once, and they
+    /// take precedence over the configuration's [[limit]] rules). A request
+    /// over a limit waits, it never fails. With no value given, shows them.
+    Limit {
+        /// The guest's domain id.
+        #[arg(long)]
+        domid: u16,
+        /// The vbd's device id.
+        #[arg(long)]
+        devid: u32,
+        /// Requests per second (0: no limit).
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes per second (0: no limit).
+        #[arg(long)]
+        bps: Option<u64>,
+        /// The burst, in milliseconds of each rate (default 100).
+        #[arg(long)]
+        burst_ms: Option<u64>,
+        /// Remove the vbd's own limits (the configuration's apply again).
+        #[arg(long, conflicts_with_all = ["iops", "bps", "burst_ms"])]
+        clear: bool,
+    },
     /// Write the manual pages (blkbackd.8 and blkbackd-COMMAND.8 for each
     /// command) into DIR; the Debian package is built with them.
     #[command(hide = true)]
@@ -279,7 +303,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // thread: no worker threads to start and stop.
     let mut rt = if matches!(
         cli.cmd,
-        Cmd::Hotplug { .. } | Cmd::Status { .. } | Cmd::Shutdown { .. } | Cmd::Revoke { .. }
+        Cmd::Hotplug { .. }
+            | Cmd::Status { .. }
+            | Cmd::Shutdown { .. }
+            | Cmd::Revoke { .. }
+            | Cmd::Limit { .. }
     ) {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -299,6 +327,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Cmd::ManPages { dir } => man_pages(&dir),
+            Cmd::Limit {
+                domid,
+                devid,
+                iops,
+                bps,
+                burst_ms,
+                clear,
+            } => {
+                let xs = xenstore::Client::connect().await?;
+                let be = format!("{}/{domid}/{devid}", blkbackd::daemon::VBD_ROOT);
+                let change = if clear {
+                    None
+                } else {
+                    Some((iops, bps, burst_ms))
+                };
+                let show = !clear && iops.is_none() && bps.is_none() && burst_ms.is_none();
+                let now = if show {
+                    blkbackd::vbd::limit::read_nodes(&xs, &be)
+                        .await?
+                        .map_err(anyhow::Error::msg)?
+                } else {
+                    blkbackd::vbd::limit::set_nodes(&xs, &be, change).await?
+                };
+                match now {
+                    Some(l) => println!("{be}: I/O limit {l}"),
+                    None => println!(
+                        "{be}: no limit of its own (the configuration's [[limit]] rules apply)"
+                    ),
+                }
+                Ok(())
+            }
             Cmd::DmCheck { dir } => {
                 let ok = blkbackd::dmcheck::run(&dir)?;
                 let _ = std::fs::remove_dir_all(&dir);
@@ -630,6 +689,7 @@ async fn serve(
                 offer,
                 allow_missing_diskseq,
                 live: live.clone(),
+                limits: RwLock::new(Arc::new(cfg.limit.clone())),
             });
             reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
@@ -650,6 +710,7 @@ async fn serve(
                 offer,
                 allow_missing_diskseq,
                 live: live.clone(),
+                limits: RwLock::new(Arc::new(cfg.limit.clone())),
             });
             blkbackd::daemon::reconcile_dm(&ctx.xs).await?;
             blkbackd::daemon::reconcile_loops(&ctx.xs).await?;
@@ -717,12 +778,18 @@ fn reload_on_sighup<G, E>(
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match blkbackd::config::Config::load(&path).map(|c| c.offer()) {
-                Ok(Ok(o)) => {
+            match blkbackd::config::Config::load(&path).map(|c| (c.offer(), c.limit)) {
+                Ok((Ok(o), limits)) => {
                     tracing::info!(?o, "configuration re-read; new devices get this offer");
                     *ctx.offer.write().unwrap_or_else(|e| e.into_inner()) = o;
+                    tracing::info!(
+                        rules = limits.len(),
+                        "I/O limit rules re-read; every vbd applies them within a second"
+                    );
+                    *ctx.limits.write().unwrap_or_else(|e| e.into_inner()) =
+                        std::sync::Arc::new(limits);
                 }
-                Ok(Err((k, v, r))) => {
+                Ok((Err((k, v, r)), _)) => {
                     tracing::error!("keeping the old configuration: offer.{k} = {v} is outside {r}")
                 }
                 Err(e) => tracing::error!("keeping the old configuration: {e}"),

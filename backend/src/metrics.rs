@@ -118,7 +118,7 @@ impl Families {
 }
 
 /// Every ring counter: name (without `blkbackd_ring_`), help, value.
-fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 12] {
+fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 13] {
     [
         (
             "bytes_total",
@@ -179,6 +179,11 @@ fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 12] {
             "poll_seconds_total",
             "Time spent polling the ring.",
             q.poll_ns as f64 / 1e9,
+        ),
+        (
+            "throttled_total",
+            "Times a request waited for the vbd's I/O limits.",
+            q.throttled as f64,
         ),
     ]
 }
@@ -290,6 +295,20 @@ pub fn families(
             &id,
             c.connected_at as f64,
         );
+        for (what, help, v) in [
+            (
+                "iops",
+                "The vbd's I/O limit in requests per second (0: none).",
+                c.limit.iops,
+            ),
+            (
+                "bytes_per_second",
+                "The vbd's I/O limit in bytes per second (0: none).",
+                c.limit.bps,
+            ),
+        ] {
+            f.gauge(&format!("blkbackd_vbd_limit_{what}"), help, &id, v as f64);
+        }
         let mut lat = Latencies::default();
         for (i, q) in c.rings.iter().enumerate() {
             lat.merge(&q.latency);

@@ -34,6 +34,9 @@ pub struct RingCounters {
     /// it) rather than negotiated by this one.
     #[serde(default)]
     pub adopted: bool,
+    /// The I/O limits in force.
+    #[serde(default)]
+    pub limit: crate::vbd::limit::IoLimit,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +50,8 @@ struct LiveVbd {
 #[derive(Debug, Default)]
 struct LiveInner {
     vbds: BTreeMap<String, LiveVbd>,
+    /// Each vbd's I/O limits in force, shared by its queues.
+    limiters: BTreeMap<String, Arc<crate::vbd::limit::Limiter>>,
     /// Backend paths being adopted: their next registration says so.
     adopting: std::collections::BTreeSet<String>,
 }
@@ -95,12 +100,23 @@ impl Live {
         let mut l = self.lock();
         l.vbds.remove(be);
         l.adopting.remove(be);
+        l.limiters.remove(be);
+    }
+
+    /// The I/O limiter of the vbd at `be` (made, with no limit, if it has
+    /// none yet): the lifecycle sets its limits, the queues obey them.
+    pub fn limiter(&self, be: &str) -> Arc<crate::vbd::limit::Limiter> {
+        self.lock()
+            .limiters
+            .entry(be.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Every vbd's counters now.
     pub fn snapshot(&self) -> BTreeMap<String, RingCounters> {
-        self.lock()
-            .vbds
+        let l = self.lock();
+        l.vbds
             .iter()
             .map(|(be, v)| {
                 let rings = v
@@ -115,6 +131,7 @@ impl Live {
                         rings,
                         connected_at: v.connected_at,
                         adopted: v.adopted,
+                        limit: l.limiters.get(be).map(|x| x.limit()).unwrap_or_default(),
                     },
                 )
             })
@@ -231,6 +248,7 @@ pub fn merge(vbds: &mut [VbdStatus], live: &BTreeMap<String, RingCounters>) {
             v.rings = c.rings.clone();
             v.connected_at = Some(c.connected_at);
             v.adopted = c.adopted;
+            v.limit = Some(c.limit);
         }
     }
 }
@@ -283,6 +301,8 @@ pub struct VbdStatus {
     /// For a `thin:` disk, its pool's name and health (read from
     /// device-mapper when the status is collected).
     pub thin_pool: Option<ThinPool>,
+    /// The I/O limits in force (from the daemon, while connected).
+    pub limit: Option<crate::vbd::limit::IoLimit>,
 }
 
 /// A thin-backed vbd's pool: its name and health.
@@ -372,6 +392,7 @@ pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
                 rings: Vec::new(),
                 connected_at: None,
                 adopted: false,
+                limit: None,
             });
         }
     }
@@ -481,6 +502,10 @@ pub fn table(vbds: &[VbdStatus]) -> String {
         }
         if let Some(l) = latency_line(&v.rings) {
             s += &l;
+        }
+        if let Some(l) = v.limit.filter(|l| !l.is_none()) {
+            let waits: u64 = v.rings.iter().map(|r| r.throttled).sum();
+            s += &format!("       I/O limit {l} ({waits} waits for it)\n");
         }
     }
     s

@@ -56,6 +56,7 @@ async fn world_with(allow_missing_diskseq: bool) -> World {
         offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq,
         live: live.clone(),
+        limits: Default::default(),
     });
     let (stop, rx) = watch::channel(blkbackd::daemon::Stop::Run);
     let daemon = tokio::spawn(blkbackd::daemon::run(ctx, rx));
@@ -153,6 +154,24 @@ impl World {
             .await;
     }
 
+    /// `blkbackd ARGS` against this world's Xenstore: (success, stdout+stderr).
+    async fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+            .args(args)
+            .env("XENSTORED_PATH", self.listening.path())
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     async fn hotplug(&self, action: &str, domid: u16) -> std::process::Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
             .args(["hotplug", action])
@@ -164,10 +183,16 @@ impl World {
     }
 
     async fn guest(&self, domid: u16, mode: &str) -> (bool, String) {
+        self.guest_with(domid, mode, &[]).await
+    }
+
+    /// [`World::guest`] with more arguments for the sim guest.
+    async fn guest_with(&self, domid: u16, mode: &str, extra: &[&str]) -> (bool, String) {
         let out = tokio::time::timeout(
             Duration::from_secs(120),
             tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
                 .args(["sim-guest", "--mode", mode, "--ios", "20"])
+                .args(extra)
                 .args(["--domid", &domid.to_string()])
                 .arg("--dir")
                 .arg(self.dir.path())
@@ -1075,5 +1100,107 @@ async fn the_metrics_endpoint_serves_what_the_rings_counted_and_promtool_accepts
     let (_, body) = scrape(&addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
     assert_eq!(sample(&body, "blkbackd_vbds_served", &[]), 0.0);
     assert!(!body.contains("blkbackd_ring_requests_total{"), "{body}");
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_at_run_time_holds_the_guest_to_its_rate_and_its_requests_wait_not_fail() {
+    let w = world().await;
+    let img = w.image("limit.img", 64);
+    let p = w.vbd(41, &format!("file:{img}")).await;
+    let be = &p.backend;
+    w.added(be, 41).await;
+    let limit = |extra: &[&'static str]| {
+        let mut a = vec!["limit", "--domid", "41", "--devid", "51712"];
+        a.extend_from_slice(extra);
+        a
+    };
+    // The operator's typos: another vbd, a value out of range. Refused,
+    // nothing written.
+    let (ok, text) = w
+        .cli(&[
+            "limit", "--domid", "41", "--devid", "51713", "--iops", "100",
+        ])
+        .await;
+    assert!(!ok && text.contains("there is no vbd at"), "{text}");
+    let (ok, text) = w.cli(&limit(&["--iops", "1000000000000"])).await;
+    assert!(
+        !ok && text.contains("iops = 1000000000000 is above"),
+        "{text}"
+    );
+    assert_eq!(w.read(&format!("{be}/limit-iops")).await, None);
+
+    // 300 requests a second for a guest reading 4 KiB at depth 8 on both
+    // queues (one bucket for the vbd, whatever queue a request is on); then
+    // 600, set while it runs; then none.
+    let (ok, text) = w.cli(&limit(&["--iops", "300"])).await;
+    assert!(ok && text.contains("300 IOPS, burst 100 ms"), "{text}");
+    let guest = {
+        let dir = w.dir.path().to_owned();
+        let xs = w.listening.path().to_owned();
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
+                .args([
+                    "sim-guest",
+                    "--mode",
+                    "bench",
+                    "--bench",
+                    "randread:4096:8:7",
+                ])
+                .args(["--domid", "41", "--dir"])
+                .arg(dir)
+                .arg("--xenstore")
+                .arg(xs)
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    w.wait_for(&format!("{be}/state"), "4", Duration::from_secs(10))
+        .await;
+    let answered = || {
+        let snap = w.live.snapshot();
+        snap.get(be.as_str())
+            .map_or(0, |c| c.rings.iter().map(|r| r.ok).sum::<u64>())
+    };
+    // Requests answered per second over 1.5 s, after 0.5 s to settle
+    // (the burst spent, the change applied).
+    let rate = || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (t0, a0) = (std::time::Instant::now(), answered());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        (answered() - a0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let r300 = rate().await;
+    let (ok, text) = w.cli(&limit(&["--iops", "600"])).await;
+    assert!(ok && text.contains("600 IOPS"), "{text}");
+    let r600 = rate().await;
+    let (ok, text) = w.cli(&limit(&["--clear"])).await;
+    assert!(ok && text.contains("no limit of its own"), "{text}");
+    assert_eq!(w.read(&format!("{be}/limit-iops")).await, None);
+    let free = rate().await;
+    eprintln!("answered: {r300:.0}/s under 300 IOPS, {r600:.0}/s under 600, {free:.0}/s with none");
+    // Within 5% of each limit; free of it, far faster.
+    assert!(
+        (285.0..=315.0).contains(&r300),
+        "{r300:.0} IOPS under a 300 IOPS limit"
+    );
+    assert!(
+        (570.0..=630.0).contains(&r600),
+        "{r600:.0} IOPS under a 600 IOPS limit"
+    );
+    assert!(
+        free > 3.0 * r600,
+        "{free:.0} IOPS with no limit, {r600:.0} under 600"
+    );
+    // The requests over the limit waited; none failed.
+    let out = guest.await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let snap = w.live.snapshot();
+    let c = &snap[be.as_str()];
+    let waits: u64 = c.rings.iter().map(|r| r.throttled).sum();
+    let errors: u64 = c.rings.iter().map(|r| r.errors).sum();
+    assert!(waits > 0 && errors == 0, "{:?}", c.rings);
+    w.detach(41, &p).await;
     w.finish().await;
 }

@@ -48,8 +48,11 @@ pub struct VbdCtx<G, EC> {
     pub offer: std::sync::RwLock<Offer>,
     /// Serve a `physical-device` without `diskseq` (unsafe; off by default).
     pub allow_missing_diskseq: bool,
-    /// Per-ring counters for `blkbackd status`.
+    /// Per-ring counters for `blkbackd status`, and each vbd's I/O limiter.
     pub live: crate::status::Live,
+    /// The configuration's `[[limit]]` rules (a vbd's own `limit-*` nodes
+    /// take precedence).
+    pub limits: std::sync::RwLock<Arc<Vec<crate::config::LimitRule>>>,
 }
 
 /// Why a vbd stopped being served.
@@ -203,6 +206,61 @@ pub async fn dom0_only(xs: &Client, path: &str) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// The I/O limits for the vbd at `be`: its own `limit-*` nodes (`blkbackd
+/// limit`), else the first configuration rule naming the guest by its name
+/// or UUID, else none. The name and UUID count only where only dom0 can
+/// write them: a guest cannot rename itself out of its limit.
+pub async fn limit_for<G, EC>(
+    ctx: &VbdCtx<G, EC>,
+    domid: DomId,
+    devid: u32,
+    be: &str,
+) -> Result<crate::vbd::limit::IoLimit, Fatal> {
+    let xs = &ctx.xs;
+    let own = crate::vbd::limit::read_nodes(xs, be)
+        .await?
+        .map_err(|e| Fatal::Config(format!("{be}: {e}")))?;
+    if let Some(l) = own {
+        return Ok(l);
+    }
+    let rules = ctx.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if rules.is_empty() {
+        return Ok(Default::default());
+    }
+    let home = format!("/local/domain/{}", domid.0);
+    let trusted = |path: String| async move {
+        match dom0_only(xs, &path).await {
+            Ok(()) => read(xs, &path).await,
+            Err(_) => Ok(None),
+        }
+    };
+    let (name, vm) = tokio::join!(
+        trusted(format!("{home}/name")),
+        trusted(format!("{home}/vm"))
+    );
+    let (name, vm) = (name?, vm?);
+    let uuid = vm.as_deref().and_then(|v| v.strip_prefix("/vm/"));
+    Ok(rules
+        .iter()
+        .find(|r| r.matches(name.as_deref(), uuid, devid))
+        .map(|r| r.limit)
+        .unwrap_or_default())
+}
+
+/// Puts the vbd's limits (see [`limit_for`]) in force; a bad node is said
+/// once per change and leaves the limits as they were.
+async fn apply_limit<G, EC>(ctx: &VbdCtx<G, EC>, domid: DomId, devid: u32, be: &str) {
+    let limiter = ctx.live.limiter(be);
+    match limit_for(ctx, domid, devid, be).await {
+        Ok(l) if l != limiter.limit() => {
+            tracing::info!(%domid, backend = be, "I/O limit: {l}");
+            limiter.set(l);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(%domid, backend = be, "I/O limit unchanged: {e}"),
+    }
+}
+
 /// [`dom0_only`] for several nodes at once (one round trip).
 async fn all_dom0_only(xs: &Client, paths: &[String]) -> Result<(), Fatal> {
     for r in futures_util::future::join_all(paths.iter().map(|p| dom0_only(xs, p))).await {
@@ -318,6 +376,12 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<(), Fatal> {
     let xs = &ctx.xs;
+    // The daemon's scan named this vbd by `{VBD_ROOT}/domid/devid`.
+    let devid: u32 = be
+        .rsplit('/')
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
     let mut offer = ctx.offer.read().unwrap_or_else(|e| e.into_inner()).clone();
     let ts = check_toolstack(xs, be, domid).await?;
     let mut be_w = xs.watch(be).await?;
@@ -408,6 +472,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             }
         }
         let (qstop, qstop_rx) = watch::channel(false);
+        apply_limit(ctx, domid, devid, be).await;
         // Boxed so it can be dropped as soon as the queues are given up on:
         // it holds the disk, which the hotplug script's remove needs closed.
         let mut serving = Box::pin(serve_frontend(
@@ -423,6 +488,8 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             Some(&ctx.live),
         ));
         let mut size_check = tokio::time::interval(Duration::from_secs(1));
+        // The configuration's limit rules as last applied (SIGHUP replaces them).
+        let mut rules = ctx.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut published = disk.sectors();
         let mut announced = false;
         // Serve until the frontend or the toolstack closes, or we stop.
@@ -430,6 +497,11 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             tokio::select! {
                 r = &mut serving => break Some(r),
                 _ = size_check.tick() => {
+                    let now = ctx.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    if !Arc::ptr_eq(&now, &rules) {
+                        rules = now;
+                        apply_limit(ctx, domid, devid, be).await;
+                    }
                     match disk.refresh_sectors() {
                         Ok(now) if now != published => {
                             publish_resize(xs, be, now).await?;
@@ -445,6 +517,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                     }
                 }
                 alive = changed(&mut be_w, &mut fe_w, stop) => {
+                    apply_limit(ctx, domid, devid, be).await;
                     let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
                     let be_state = state_of(xs, &format!("{be}/state")).await?;
                     let online = read(xs, &format!("{be}/online")).await?;

@@ -9,6 +9,7 @@
 
 pub mod frontend;
 pub mod lifecycle;
+pub mod limit;
 pub mod queue;
 
 use std::sync::Arc;
@@ -408,6 +409,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         engine = engine_name, "rings connected"
     );
     let slots = live.map(|l| l.register(be, engine_name, queues.len()));
+    let limiter = live.map(|l| l.limiter(be));
     // Each queue is served by a thread of its own; the stop reaches them
     // through a signal they sleep on.
     let signal = queue::StopSignal::new().map_err(|e| VbdError::Connect {
@@ -418,6 +420,10 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
     for (i, q) in queues.into_iter().enumerate() {
         let q = match &slots {
             Some(s) => q.with_counters(s[i].clone()),
+            None => q,
+        };
+        let q = match &limiter {
+            Some(l) => q.with_limiter(l.clone(), i),
             None => q,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -38,6 +38,7 @@ use crate::io::pool::{BouncePool, Buf, POOL_PAGE};
 use crate::io::Disk;
 use crate::ring::request::{parse, Limits, Operation, Parsed, Request};
 use crate::ring::{BackRing, RingError};
+use crate::vbd::limit::Limiter;
 use crate::xen::mem::SharedMem;
 use crate::xen::{DomId, EventChannel, Grants};
 
@@ -94,6 +95,8 @@ struct Slot {
     /// [`QueueStats::latency`]; `None`: refused when parsed, not timed).
     taken_at: std::time::Instant,
     kind: Option<OpKind>,
+    /// The I/O limits let it start (it paid its tokens once).
+    admitted: bool,
 }
 
 /// One ring being served.
@@ -132,6 +135,13 @@ pub struct Queue<G, E, D> {
     /// Do the disk I/O on the guest's pages where they are mapped (kept
     /// persistent grants, map mode) instead of through the bounce pool.
     zero_copy: bool,
+    /// The vbd's I/O limits (shared by its queues), if any, and this
+    /// queue's number among them.
+    limiter: Option<(Arc<Limiter>, usize)>,
+    /// When the limits let the oldest waiting request start.
+    throttled_until: Option<std::time::Instant>,
+    /// Limits no longer apply (the ring is draining to stop).
+    unthrottled: bool,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -181,7 +191,18 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             polling: Polling::default(),
             completed: 0,
             zero_copy: true,
+            limiter: None,
+            throttled_until: None,
+            unthrottled: false,
         }
+    }
+
+    /// Holds requests to `limiter`'s limits (shared with the vbd's other
+    /// queues, this one being number `index`): a request over them waits,
+    /// taken but not started.
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>, index: usize) -> Self {
+        self.limiter = Some((limiter, index));
+        self
     }
 
     /// Publishes this ring's counters into `slot` after every pass.
@@ -307,11 +328,32 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self.stats.in_flight_peak = self.stats.in_flight_peak.max(running);
     }
 
-    /// Starts the waiting requests in ring order while buffers last.
+    /// Starts the waiting requests in ring order while the I/O limits
+    /// allow and buffers last.
     fn start_waiting(&mut self) {
+        self.throttled_until = None;
+        let now = std::time::Instant::now();
         for i in 0..self.slots.len() {
-            if !matches!(self.slots[i].stage, Stage::Waiting(_)) {
+            let Stage::Waiting(req) = &self.slots[i].stage else {
                 continue;
+            };
+            if !self.slots[i].admitted && !self.unthrottled {
+                if let Some((l, q)) = &self.limiter {
+                    let bytes = if req.segments.is_empty() {
+                        0
+                    } else {
+                        req.nr_sectors.saturating_mul(SECTOR_SIZE)
+                    };
+                    let r = l.admit(*q, bytes, now);
+                    if let Err(wait) = r {
+                        // Over the limit: it and everything after it wait
+                        // (ring order is kept), the serving loop wakes then.
+                        self.throttled_until = Some(now + wait);
+                        self.stats.throttled += 1;
+                        return;
+                    }
+                }
+                self.slots[i].admitted = true;
             }
             let Stage::Waiting(req) = std::mem::replace(&mut self.slots[i].stage, Stage::Done(0))
             else {
@@ -607,6 +649,7 @@ impl Slot {
         };
         Slot {
             kind: Some(kind),
+            admitted: false,
             id: req.id,
             wire_op: req.wire_op,
             stage: Stage::Waiting(req),
@@ -625,6 +668,7 @@ impl Slot {
             guest: None,
             taken_at: std::time::Instant::now(),
             kind: None,
+            admitted: true,
         }
     }
 }

@@ -195,7 +195,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             }
             let listen = self.halt.is_none();
             let asleep = std::time::Instant::now();
-            match self.sleep(listen, stop, None) {
+            // Requests held by the I/O limits are started when they allow.
+            let wake = (self.throttled_until).map(|t| t.saturating_duration_since(asleep));
+            match self.sleep(listen, stop, wake) {
                 Ok(Woke { kick, io }) => {
                     if kick {
                         self.stats.kicks += 1;
@@ -257,6 +259,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// everything it took, and the next daemon starts from there.
     pub(super) fn drain(&mut self) {
         let deadline = std::time::Instant::now() + DRAIN;
+        // What was taken is finished now, limits or not: the next daemon
+        // starts after it.
+        self.unthrottled = true;
         let never = StopSignal::never();
         loop {
             self.advance();

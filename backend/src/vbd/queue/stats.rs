@@ -54,6 +54,9 @@ pub struct QueueStats {
     /// Nanoseconds spent polling.
     #[serde(default)]
     pub poll_ns: u64,
+    /// Times a request waited for the vbd's I/O limits.
+    #[serde(default)]
+    pub throttled: u64,
     /// How long requests spent in the backend, from being taken off the
     /// ring to their answer being written (waiting for buffers, the disk,
     /// the copies, waiting for older answers), per operation: its own share
