@@ -480,3 +480,208 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Depth-1 guests beside the flooder in [`fairness`].
+const QUIET_GUESTS: u16 = 7;
+
+/// One run of [`fairness`]: each quiet guest's p99 in µs, and the
+/// flooder's rate (IOPS) if it ran.
+struct FairRun {
+    quiet_p99: Vec<f64>,
+    flood_iops: Option<f64>,
+}
+
+impl Bench {
+    /// Serves `QUIET_GUESTS` guests reading 4 KiB at depth 1, each from its
+    /// own file, and (if `flood`) one more writing 4 KiB at random at depth
+    /// 128 over four queues from its own file, all on the same file system
+    /// at once, the flooder held to `limit` IOPS if given; returns what each
+    /// measured.
+    async fn fair_run(
+        &mut self,
+        dir: &Path,
+        secs: f64,
+        flood: bool,
+        limit: Option<u64>,
+    ) -> anyhow::Result<FairRun> {
+        let quiet = format!("randread:4096:1:{secs}");
+        let flooder = format!("randwrite:4096:128:{secs}");
+        let mut served = Vec::new();
+        let mut guests = tokio::task::JoinSet::new();
+        let n = QUIET_GUESTS + u16::from(flood);
+        for g in 0..n {
+            self.next_domid += 1;
+            let domid = DomId(self.next_domid);
+            let is_flooder = flood && g == QUIET_GUESTS;
+            let disk = Arc::new(FileDisk::open_file(
+                &dir.join(format!("fair-{g}.img")),
+                false,
+            )?);
+            let offer = Offer {
+                engine: self.engine,
+                direct_io: true,
+                poll_us: self.poll_us,
+                zero_copy: self.zero_copy,
+                ..Offer::default()
+            };
+            let b = self
+                .world
+                .serve_with(domid, 51712, "fairness", disk, offer)
+                .await?;
+            if let (true, Some(iops)) = (is_flooder, limit) {
+                self.world
+                    .live
+                    .limiter(&b.paths.backend)
+                    .set(crate::vbd::limit::IoLimit {
+                        iops,
+                        ..Default::default()
+                    });
+            }
+            served.push((domid, b));
+            let mut cmd = self.world.guest_command(&self.exe, domid, "bench");
+            cmd.arg("--bench")
+                .arg(if is_flooder { &flooder } else { &quiet })
+                .args(["--queues", if is_flooder { "4" } else { "1" }])
+                .env("RUST_LOG", "warn");
+            guests.spawn(async move { (is_flooder, cmd.output().await) });
+        }
+        let mut run = FairRun {
+            quiet_p99: Vec::new(),
+            flood_iops: None,
+        };
+        while let Some(r) = guests.join_next().await {
+            let (is_flooder, out) = r?;
+            let out = out.context("running a guest")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .find(|l| l.contains("BENCH "))
+                .with_context(|| {
+                    format!(
+                        "a guest reported no figures: {text}{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })?;
+            let field = |k: &str| -> f64 {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            if is_flooder {
+                run.flood_iops = Some(field("ops=") / field("secs="));
+            } else {
+                run.quiet_p99.push(field("p99_us="));
+            }
+        }
+        for (domid, b) in served {
+            let ends = tokio::time::timeout(Duration::from_secs(30), b.finish())
+                .await
+                .context("a backend did not stop")??;
+            let errors: u64 = ends.iter().map(|(_, s)| s.errors).sum();
+            anyhow::ensure!(
+                errors == 0,
+                "{errors} requests failed for domain {}",
+                domid.0
+            );
+            self.world.destroy_domain(domid);
+        }
+        Ok(run)
+    }
+}
+
+/// `blkbackd bench --fairness`: seven guests at depth 1 alone, then beside
+/// a guest flooding the same file system with 4 KiB random writes at depth
+/// 128 over four queues (no limits set), then with that flooder held to
+/// a quarter of the rate it reached. Prints the quiet guests' p99 latency in each
+/// case (the median of their p99s, per repetition, then the median of
+/// those) and the flooder's rate against its limit (a quarter of its free
+/// rate: well inside what it can do beside the others).
+pub async fn fairness(opts: BenchOptions) -> anyhow::Result<()> {
+    let temp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("blkbackd-fair-")
+                .tempdir_in("/var/tmp")?;
+            temp.path().to_owned()
+        }
+    };
+    let per = (opts.size_mib / u64::from(QUIET_GUESTS + 1)).max(16);
+    println!(
+        "blkbackd bench --fairness: {QUIET_GUESTS} guests reading 4 KiB at depth 1 and one writing 4 KiB \
+         at random at depth 128 over 4 queues, each on its own {per} MiB file in {}, O_DIRECT, \
+         {} s per run, {} repetitions",
+        dir.display(),
+        opts.seconds,
+        opts.reps
+    );
+    for g in 0..=QUIET_GUESTS {
+        make_disk(&dir.join(format!("fair-{g}.img")), per)?;
+    }
+    let mut bench = Bench {
+        world: SimWorld::start(&dir.join("xen")).await?,
+        img: dir.join("fair-0.img"),
+        exe: opts.exe.clone(),
+        engine: opts.engine,
+        poll_us: opts.poll_us,
+        zero_copy: opts.zero_copy,
+        next_domid: 0,
+    };
+    let med_p99 = |r: &FairRun| {
+        let mut v = r.quiet_p99.clone();
+        median(&mut v)
+    };
+    let (mut alone, mut beside, mut limited, mut flood, mut held) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut limits = vec![];
+    for rep in 0..opts.reps {
+        // In turn, so slow drift of the machine hits all three alike.
+        let a = bench.fair_run(&dir, opts.seconds, false, None).await?;
+        let b = bench.fair_run(&dir, opts.seconds, true, None).await?;
+        let f = b.flood_iops.unwrap_or(0.0);
+        let limit = ((f / 4.0) as u64).max(100);
+        let c = bench
+            .fair_run(&dir, opts.seconds, true, Some(limit))
+            .await?;
+        let h = c.flood_iops.unwrap_or(0.0);
+        println!(
+            "rep {rep}: quiet p99 alone {:.0} µs, beside the flooder {:.0} µs ({:.2}x; flooder {f:.0} IOPS), \
+             flooder held to {limit}: {h:.0} IOPS ({:+.1}%), quiet p99 {:.0} µs",
+            med_p99(&a),
+            med_p99(&b),
+            med_p99(&b) / med_p99(&a).max(1e-9),
+            (h / limit as f64 - 1.0) * 100.0,
+            med_p99(&c),
+        );
+        alone.push(med_p99(&a));
+        beside.push(med_p99(&b));
+        limited.push(med_p99(&c));
+        flood.push(f);
+        held.push(h / limit as f64);
+        limits.push(limit as f64);
+    }
+    let (a, b, c) = (
+        median(&mut alone),
+        median(&mut beside),
+        median(&mut limited),
+    );
+    println!();
+    println!("quiet guests' p99 (median of {} repetitions; each the median of the {QUIET_GUESTS} guests' p99):", opts.reps);
+    println!("  alone                      {a:>8.0} µs");
+    println!("  beside the flooder         {b:>8.0} µs   {:.2}x alone (target: within 2x, no limits set)", b / a.max(1e-9));
+    println!(
+        "  beside the flooder, held   {c:>8.0} µs   {:.2}x alone",
+        c / a.max(1e-9)
+    );
+    println!(
+        "flooder: {:.0} IOPS free; held to a quarter of that, it ran at {:.3}x its limit (target: within 5%)",
+        median(&mut flood),
+        median(&mut held)
+    );
+    Ok(())
+}

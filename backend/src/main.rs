@@ -104,6 +104,10 @@ enum Cmd {
         /// Run only the workloads whose name contains this (e.g. "128k write").
         #[arg(long)]
         only: Option<String>,
+        /// Instead: seven guests at depth 1 beside one flooding guest, their
+        /// p99 latency alone, beside it, and beside it held to a limit.
+        #[arg(long)]
+        fairness: bool,
     },
     /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which hands
     /// every device over as it stands (answers published, rings left
@@ -373,8 +377,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 poll_us,
                 zero_copy,
                 only,
+                fairness,
             } => {
-                blkbackd::bench::run(blkbackd::bench::BenchOptions {
+                let opts = blkbackd::bench::BenchOptions {
                     dir,
                     seconds,
                     reps,
@@ -384,8 +389,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     zero_copy,
                     only,
                     exe: std::env::current_exe().context("finding the blkbackd binary")?,
-                })
-                .await
+                };
+                if fairness {
+                    blkbackd::bench::fairness(opts).await
+                } else {
+                    blkbackd::bench::run(opts).await
+                }
             }
             Cmd::Xenstored { socket } => xenstored(socket).await,
             Cmd::Serve {

@@ -31,6 +31,14 @@ async fn world() -> World {
 
 /// A world whose daemon serves disks published without diskseq if `allow`.
 async fn world_with(allow_missing_diskseq: bool) -> World {
+    world_full(allow_missing_diskseq, Vec::new()).await
+}
+
+/// A world whose daemon has the configuration's `[[limit]]` rules `limits`.
+async fn world_full(
+    allow_missing_diskseq: bool,
+    limits: Vec<blkbackd::config::LimitRule>,
+) -> World {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("blkbackd=debug")
         .with_test_writer()
@@ -56,7 +64,7 @@ async fn world_with(allow_missing_diskseq: bool) -> World {
         offer: std::sync::RwLock::new(Offer::default()),
         allow_missing_diskseq,
         live: live.clone(),
-        limits: Default::default(),
+        limits: std::sync::RwLock::new(Arc::new(limits)),
     });
     let (stop, rx) = watch::channel(blkbackd::daemon::Stop::Run);
     let daemon = tokio::spawn(blkbackd::daemon::run(ctx, rx));
@@ -1202,5 +1210,79 @@ async fn a_limit_set_at_run_time_holds_the_guest_to_its_rate_and_its_requests_wa
     let errors: u64 = c.rings.iter().map(|r| r.errors).sum();
     assert!(waits > 0 && errors == 0, "{:?}", c.rings);
     w.detach(41, &p).await;
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_limit_finds_its_guest_by_name_or_uuid_and_a_guest_cannot_rename_itself_out() {
+    use blkbackd::config::LimitRule;
+    use blkbackd::vbd::limit::IoLimit;
+    use xenstore::wire::{Access, Perm};
+    let rule = |domain: Option<&str>, uuid: Option<&str>, iops| LimitRule {
+        domain: domain.map(String::from),
+        uuid: uuid.map(String::from),
+        limit: IoLimit {
+            iops,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    const UUID: &str = "6a1d7c2e-1f00-4b7e-9c3a-2d5e00000053";
+    let w = world_full(
+        false,
+        vec![rule(Some("web1"), None, 200), rule(None, Some(UUID), 700)],
+    )
+    .await;
+    // What the limit of a connected vbd of `domid` is, once its guest ran.
+    let limit_of = |domid: u16| {
+        let w = &w;
+        async move {
+            let img = w.image(&format!("rule{domid}.img"), 16);
+            let p = w.vbd(domid, &format!("file:{img}")).await;
+            w.added(&p.backend, domid).await;
+            let (ok, text) = w.guest(domid, "verify").await;
+            assert!(ok, "{text}");
+            let l = w.live.snapshot()[p.backend.as_str()].limit;
+            w.detach(domid, &p).await;
+            l
+        }
+    };
+    // libxl writes the name where only dom0 may write (n0 r<domid>).
+    let named = |domid: u16, key: &'static str, value: String, dom0_only: bool| {
+        let w = &w;
+        async move {
+            let path = format!("/local/domain/{domid}/{key}");
+            w.xs.write(&path, value.as_bytes()).await.unwrap();
+            if dom0_only {
+                w.xs.set_perms(
+                    &path,
+                    &[Perm::new(Access::None, 0), Perm::new(Access::Read, domid)],
+                )
+                .await
+                .unwrap();
+            }
+        }
+    };
+    w.server.introduce(DomId(51));
+    toolstack::create_domain_home(&w.xs, DomId(51))
+        .await
+        .unwrap();
+    named(51, "name", "web1".into(), true).await;
+    assert_eq!(limit_of(51).await.iops, 200);
+    // The same name in a node the guest owns (as if it had renamed itself)
+    // is not taken at its word: no rule applies.
+    w.server.introduce(DomId(52));
+    toolstack::create_domain_home(&w.xs, DomId(52))
+        .await
+        .unwrap();
+    named(52, "name", "web1".into(), false).await;
+    assert!(limit_of(52).await.is_none());
+    // By UUID, from the domain's vm path.
+    w.server.introduce(DomId(53));
+    toolstack::create_domain_home(&w.xs, DomId(53))
+        .await
+        .unwrap();
+    named(53, "vm", format!("/vm/{}", UUID.to_uppercase()), true).await;
+    assert_eq!(limit_of(53).await.iops, 700);
     w.finish().await;
 }

@@ -25,6 +25,8 @@ pub struct SimWorld {
     /// Dom0's Xenstore connection (toolstack and backend).
     pub dom0: Client,
     grants: Arc<SimGrants>,
+    /// What the vbds served count, and their I/O limiters, as the daemon's.
+    pub live: crate::status::Live,
 }
 
 /// A vbd being served.
@@ -68,6 +70,7 @@ impl SimWorld {
             server,
             listening,
             dom0,
+            live: Default::default(),
         })
     }
 
@@ -136,6 +139,7 @@ impl SimWorld {
             paths.clone(),
         );
         let evtchn = SimEvtchn::new(&self.dir, DomId::DOM0);
+        let live = self.live.clone();
         let task = tokio::spawn(async move {
             vbd::serve_frontend(
                 &xs,
@@ -147,7 +151,7 @@ impl SimWorld {
                 d,
                 &offer,
                 stop_rx,
-                None,
+                Some(&live),
             )
             .await
         });

@@ -369,9 +369,13 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                     // for buffers to come back (ring order is kept).
                     self.slots[i].stage = Stage::Waiting(req);
                     self.stats.buffer_waits += 1;
-                    return;
+                    break;
                 }
             }
+        }
+        // Nothing here waits for the limits now: the vbd's other queues go.
+        if let Some((l, q)) = &self.limiter {
+            l.done(*q, now);
         }
     }
 
