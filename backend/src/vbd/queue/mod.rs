@@ -31,6 +31,7 @@ pub use transfer::{MapBudget, MAP_BUDGET, MAX_PERSISTENT_GRANTS};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::abi::blkif::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE};
 use crate::io::engine::{Engine, GuestBufs, IoDone, IoKind, IoOp};
@@ -142,6 +143,8 @@ pub struct Queue<G, E, D> {
     throttled_until: Option<std::time::Instant>,
     /// Limits no longer apply (the ring is draining to stop).
     unthrottled: bool,
+    /// When the counters were last published.
+    published_at: std::time::Instant,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -194,6 +197,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             limiter: None,
             throttled_until: None,
             unthrottled: false,
+            published_at: std::time::Instant::now(),
         }
     }
 
@@ -211,9 +215,16 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self
     }
 
-    fn publish_counters(&self) {
+    /// Copies the counters where `blkbackd status` reads them: at most
+    /// once a millisecond while busy (the copy carries the histograms),
+    /// and always when `now` (before the queue sleeps or stops).
+    fn publish_counters(&mut self, now: bool) {
         if let Some(c) = &self.counters {
-            *c.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
+            let t = std::time::Instant::now();
+            if now || t.duration_since(self.published_at) >= Duration::from_millis(1) {
+                self.published_at = t;
+                *c.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
+            }
         }
     }
 
@@ -257,7 +268,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         }
         self.advance();
         self.publish();
-        self.publish_counters();
+        self.publish_counters(false);
     }
 
     /// Starts what waits, submits, and handles the completions; again while

@@ -194,6 +194,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 }
             }
             let listen = self.halt.is_none();
+            // Idle: what it counted is there for `blkbackd status` now.
+            self.publish_counters(self.engine.in_flight() == 0);
             let asleep = std::time::Instant::now();
             // Requests held by the I/O limits are started when they allow.
             let wake = (self.throttled_until).map(|t| t.saturating_duration_since(asleep));
@@ -266,7 +268,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         loop {
             self.advance();
             self.publish();
-            self.publish_counters();
+            self.publish_counters(true);
             if self.engine.in_flight() == 0 {
                 if self.has_waiting() {
                     // Nothing in flight frees room: cannot happen with a pool
