@@ -220,22 +220,9 @@ impl Bench {
             .await
             .context("the backend did not stop")??;
         self.world.destroy_domain(domid);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .find(|l| l.contains("BENCH "))
-            .with_context(|| {
-                format!(
-                    "the guest reported no figures: {stdout}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-        let field = |k: &str| -> f64 {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0)
-        };
+        let report = GuestReport::of(&out)?;
+        let field = |k: &str| report.field(k);
+        let line = &report.0;
         let (ops, secs) = (field("ops="), field("secs="));
         let latency = line
             .contains("p50_us=")
@@ -277,22 +264,58 @@ fn histogram_cost_ns() -> f64 {
     ns
 }
 
-/// Runs the benchmark and prints the table.
-pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
-    // Removed at the end unless the caller named the directory.
-    let temp;
-    let dir = match &opts.dir {
+/// A bench guest's `BENCH ops=... secs=...` line.
+struct GuestReport(String);
+
+impl GuestReport {
+    /// The line from the guest process's output, or why there is none.
+    fn of(out: &std::process::Output) -> anyhow::Result<GuestReport> {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("BENCH "))
+            .with_context(|| {
+                format!(
+                    "the guest reported no figures: {stdout}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        Ok(GuestReport(line.to_owned()))
+    }
+
+    /// The number after `key` (e.g. "ops="), 0 if absent.
+    fn field(&self, key: &str) -> f64 {
+        self.0
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The bench's directory: the one named, or a fresh one under /var/tmp
+/// (on a real file system, for `O_DIRECT`) removed when the guard drops.
+fn work_dir(
+    opts: &BenchOptions,
+    prefix: &str,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match &opts.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            d.clone()
+            (d.clone(), None)
         }
         None => {
-            temp = tempfile::Builder::new()
-                .prefix("blkbackd-bench-")
+            let t = tempfile::Builder::new()
+                .prefix(prefix)
                 .tempdir_in("/var/tmp")?;
-            temp.path().to_owned()
+            (t.path().to_owned(), Some(t))
         }
-    };
+    })
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    let (dir, _temp) = work_dir(&opts, "blkbackd-bench-")?;
     let img = dir.join("disk.img");
     println!(
         "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}, zero copy {}, polling {}",
@@ -552,22 +575,8 @@ impl Bench {
         while let Some(r) = guests.join_next().await {
             let (is_flooder, out) = r?;
             let out = out.context("running a guest")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let line = text
-                .lines()
-                .find(|l| l.contains("BENCH "))
-                .with_context(|| {
-                    format!(
-                        "a guest reported no figures: {text}{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    )
-                })?;
-            let field = |k: &str| -> f64 {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0)
-            };
+            let report = GuestReport::of(&out)?;
+            let field = |k: &str| report.field(k);
             if is_flooder {
                 run.flood_iops = Some(field("ops=") / field("secs="));
             } else {
@@ -598,19 +607,7 @@ impl Bench {
 /// those) and the flooder's rate against its limit (a quarter of its free
 /// rate: well inside what it can do beside the others).
 pub async fn fairness(opts: BenchOptions) -> anyhow::Result<()> {
-    let temp;
-    let dir = match &opts.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("blkbackd-fair-")
-                .tempdir_in("/var/tmp")?;
-            temp.path().to_owned()
-        }
-    };
+    let (dir, _temp) = work_dir(&opts, "blkbackd-fair-")?;
     let per = (opts.size_mib / u64::from(QUIET_GUESTS + 1)).max(16);
     println!(
         "blkbackd bench --fairness: {QUIET_GUESTS} guests reading 4 KiB at depth 1 and one writing 4 KiB \

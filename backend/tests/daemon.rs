@@ -15,6 +15,18 @@ use blkbackd::xen::sim::{SimEvtchn, SimGrants};
 use tokio::sync::watch;
 use xenstore::{Client, DomId, Endpoint, Server, Xs};
 
+/// A process's success and what it printed (stdout, then stderr).
+fn said(out: &std::process::Output) -> (bool, String) {
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 struct World {
     dir: tempfile::TempDir,
     server: Server,
@@ -162,6 +174,15 @@ impl World {
             .await;
     }
 
+    /// A vbd of `domid` on a new `mib` MiB image file `name`, added by the
+    /// block script and opened by the daemon (InitWait, disk published).
+    async fn file_vbd(&self, domid: u16, name: &str, mib: usize) -> toolstack::VbdPaths {
+        let img = self.image(name, mib);
+        let p = self.vbd(domid, &format!("file:{img}")).await;
+        self.added(&p.backend, domid).await;
+        p
+    }
+
     /// `blkbackd ARGS` against this world's Xenstore: (success, stdout+stderr).
     async fn cli(&self, args: &[&str]) -> (bool, String) {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
@@ -170,14 +191,7 @@ impl World {
             .output()
             .await
             .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        said(&out)
     }
 
     async fn hotplug(&self, action: &str, domid: u16) -> std::process::Output {
@@ -211,14 +225,7 @@ impl World {
         .await
         .expect("guest hung")
         .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        said(&out)
     }
 
     /// libxl's removal: online=0 and Closing in one transaction, then Closed
@@ -827,10 +834,8 @@ async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_disca
     // A file on a loop device: the loop device's own discard limits (a loop
     // device over a file system frees whole blocks of it, never 512 bytes),
     // as Linux blkback publishes them; it used to publish the sector size.
-    let img = w.image("discard.img", 16);
-    let p = w.vbd(21, &format!("file:{img}")).await;
+    let p = w.file_vbd(21, "discard.img", 16).await;
     let be = &p.backend;
-    w.added(be, 21).await;
     let phys = w.read(&format!("{be}/physical-device")).await.unwrap();
     let (major, minor) = blkbackd::disk::parse_physical_device(phys.as_bytes()).unwrap();
     let sys = format!("/sys/dev/block/{major}:{minor}");
@@ -967,10 +972,8 @@ fn sample(text: &str, name: &str, has: &[&str]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_serves_what_the_rings_counted_and_promtool_accepts_it() {
     let w = world().await;
-    let img = w.image("metrics.img", 16);
-    let p = w.vbd(31, &format!("file:{img}")).await;
+    let p = w.file_vbd(31, "metrics.img", 16).await;
     let be = &p.backend;
-    w.added(be, 31).await;
     let (ok, text) = w.guest(31, "verify").await;
     assert!(ok, "{text}");
 
@@ -1114,10 +1117,8 @@ async fn the_metrics_endpoint_serves_what_the_rings_counted_and_promtool_accepts
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_set_at_run_time_holds_the_guest_to_its_rate_and_its_requests_wait_not_fail() {
     let w = world().await;
-    let img = w.image("limit.img", 64);
-    let p = w.vbd(41, &format!("file:{img}")).await;
+    let p = w.file_vbd(41, "limit.img", 64).await;
     let be = &p.backend;
-    w.added(be, 41).await;
     let limit = |extra: &[&'static str]| {
         let mut a = vec!["limit", "--domid", "41", "--devid", "51712"];
         a.extend_from_slice(extra);
@@ -1237,9 +1238,7 @@ async fn a_configured_limit_finds_its_guest_by_name_or_uuid_and_a_guest_cannot_r
     let limit_of = |domid: u16| {
         let w = &w;
         async move {
-            let img = w.image(&format!("rule{domid}.img"), 16);
-            let p = w.vbd(domid, &format!("file:{img}")).await;
-            w.added(&p.backend, domid).await;
+            let p = w.file_vbd(domid, &format!("rule{domid}.img"), 16).await;
             let (ok, text) = w.guest(domid, "verify").await;
             assert!(ok, "{text}");
             let l = w.live.snapshot()[p.backend.as_str()].limit;
