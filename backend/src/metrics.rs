@@ -118,7 +118,7 @@ impl Families {
 }
 
 /// Every ring counter: name (without `blkbackd_ring_`), help, value.
-fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 13] {
+fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 14] {
     [
         (
             "bytes_total",
@@ -184,6 +184,11 @@ fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 13] {
             "throttled_total",
             "Times a request waited for the vbd's I/O limits.",
             q.throttled as f64,
+        ),
+        (
+            "share_waits_total",
+            "Times requests waited for the vbd's fair share of the host's requests in flight.",
+            q.share_waits as f64,
         ),
     ]
 }

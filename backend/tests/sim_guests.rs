@@ -239,9 +239,11 @@ async fn a_guest_that_never_answers_pins_only_bounded_memory() {
             st.pool_peak_bytes <= DEFAULT_POOL_BYTES as u64,
             "bounce buffers past the pool: {st:?}"
         );
+        // A bound was reached: the pool's, or the vbd's fair share of the
+        // host's requests in flight while the other guest was busy.
         assert!(
-            st.buffer_waits > 0,
-            "the pool bound was never reached: {st:?}"
+            st.buffer_waits > 0 || st.share_waits > 0,
+            "neither the pool bound nor the fair share was reached: {st:?}"
         );
         assert_eq!(
             st.persistent_maps, MAX_PERSISTENT_GRANTS as u64,

@@ -11,6 +11,7 @@ pub mod frontend;
 pub mod lifecycle;
 pub mod limit;
 pub mod queue;
+pub mod share;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -410,6 +411,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
     );
     let slots = live.map(|l| l.register(be, engine_name, queues.len()));
     let limiter = live.map(|l| l.limiter(be));
+    let share = Arc::new(share::VbdShare::default());
     // Each queue is served by a thread of its own; the stop reaches them
     // through a signal they sleep on.
     let signal = queue::StopSignal::new().map_err(|e| VbdError::Connect {
@@ -425,7 +427,8 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         let q = match &limiter {
             Some(l) => q.with_limiter(l.clone(), i),
             None => q,
-        };
+        }
+        .with_share(share.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let spawned = signal.try_clone().and_then(|sig| {
             std::thread::Builder::new()

@@ -145,6 +145,9 @@ pub struct Queue<G, E, D> {
     unthrottled: bool,
     /// When the counters were last published.
     published_at: std::time::Instant,
+    /// The vbd's share of the host's requests in flight, and what this
+    /// queue counts in it.
+    share: Option<(Arc<crate::vbd::share::VbdShare>, u32)>,
 }
 
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
@@ -198,6 +201,34 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             throttled_until: None,
             unthrottled: false,
             published_at: std::time::Instant::now(),
+            share: None,
+        }
+    }
+
+    /// Keeps the vbd's requests in flight within its fair share while
+    /// other vbds are busy (`share` is the vbd's, shared by its queues).
+    pub fn with_share(mut self, share: Arc<crate::vbd::share::VbdShare>) -> Self {
+        self.share = Some((share, 0));
+        self
+    }
+
+    /// Tells the vbd's share what this queue has in flight now.
+    pub(super) fn account_share(&mut self) {
+        let now = u32::try_from(self.engine.in_flight()).unwrap_or(u32::MAX);
+        if let Some((s, mine)) = &mut self.share {
+            if *mine != now {
+                s.account(*mine, now);
+                *mine = now;
+            }
+        }
+    }
+
+    /// This queue counts for nothing in the vbd's share any more (it
+    /// stopped; what a hung disk still holds is abandoned with it).
+    pub(super) fn leave_share(&mut self) {
+        if let Some((s, mine)) = &mut self.share {
+            s.account(*mine, 0);
+            *mine = 0;
         }
     }
 
@@ -344,10 +375,20 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     fn start_waiting(&mut self) {
         self.throttled_until = None;
         let now = std::time::Instant::now();
+        self.account_share();
         for i in 0..self.slots.len() {
             let Stage::Waiting(req) = &self.slots[i].stage else {
                 continue;
             };
+            // Beside other busy vbds, this one starts no more than its
+            // share (but always one, if this queue has none in flight: its
+            // completions are what wakes it to start the rest).
+            if let Some((s, _)) = &self.share {
+                if !self.unthrottled && s.room() == 0 && self.engine.in_flight() > 0 {
+                    self.stats.share_waits += 1;
+                    break;
+                }
+            }
             if !self.slots[i].admitted && !self.unthrottled {
                 if let Some((l, q)) = &self.limiter {
                     let bytes = if req.segments.is_empty() {
@@ -372,6 +413,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             };
             match self.start(i, req) {
                 Ok(()) => {
+                    self.account_share();
                     let used = (self.pool.in_use() * crate::io::pool::POOL_PAGE) as u64;
                     self.stats.pool_peak_bytes = self.stats.pool_peak_bytes.max(used);
                 }

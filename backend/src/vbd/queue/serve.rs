@@ -158,9 +158,11 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         loop {
             if stop.is_stopped() {
                 self.drain();
+                self.leave_share();
                 return (QueueEnd::Stopped, self.stats);
             }
             self.pass();
+            self.account_share();
             if self.halt.is_none() && self.spurious >= STORM_HALT {
                 self.halt = Some(RingError::EventStorm(self.spurious));
             }
@@ -169,6 +171,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 if self.engine.in_flight() == 0 {
                     let e = e.clone();
                     self.ring.halt(e.clone());
+                    self.leave_share();
                     return (QueueEnd::Halted(e), self.stats);
                 }
             } else {
@@ -214,6 +217,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 Err(e) => {
                     tracing::warn!(domid = %self.domid, "event channel failed: {e}");
                     self.drain();
+                    self.leave_share();
                     return (QueueEnd::Stopped, self.stats);
                 }
             }

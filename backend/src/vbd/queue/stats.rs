@@ -57,6 +57,10 @@ pub struct QueueStats {
     /// Times a request waited for the vbd's I/O limits.
     #[serde(default)]
     pub throttled: u64,
+    /// Times requests waited for the vbd's share of the host's requests in
+    /// flight (other vbds were busy).
+    #[serde(default)]
+    pub share_waits: u64,
     /// How long requests spent in the backend, from being taken off the
     /// ring to their answer being written (waiting for buffers, the disk,
     /// the copies, waiting for older answers), per operation: its own share
