@@ -128,6 +128,21 @@ impl LimitRule {
     }
 }
 
+/// A TOML error as one line: where (line and column, from its span) and
+/// what, without the quoted snippet the parser draws over several lines.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
 fn is_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
@@ -322,11 +337,12 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// Parses and checks configuration text (`path` names it in errors).
+    /// Parses and checks configuration text (`path` names it in errors, one
+    /// line each: `PATH: line L, column C: what is wrong`).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: one_line(text, &e),
         })?;
         c.offer()
             .map_err(|(key, value, range)| ConfigError::Range {
@@ -543,7 +559,11 @@ mod tests {
                 "[io]\npool_kib = 8",
                 "io.pool_kib = 8 is outside 64..=65536",
             ),
-            ("not toml at all", "test.toml"),
+            ("not toml at all", "test.toml: line 1, column 5:"),
+            (
+                "[offer]\n\nmax_queue = 4",
+                "line 3, column 1: unknown field `max_queue`",
+            ),
             (
                 "[metrics]\nlisten = \"localhost:9587\"",
                 "metrics.listen = \"localhost:9587\" is neither ADDRESS:PORT",
@@ -578,6 +598,7 @@ mod tests {
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(wants), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{text:?}: {e}");
         }
     }
 }
