@@ -1,10 +1,16 @@
 //! blkbackd: a userspace Xen block backend.
 //!
-//! Layout (see `DESIGN.md` in the project notes): `abi` (blkif structs), `ring`
-//! (the shared-ring engine), `xen` (grants and event channels), `io` (I/O
-//! engines), `disk` (diskseq, loop, device-mapper), `vbd` (one device's xenbus
-//! state machine), `daemon`, `hotplug` and `sim` arrive issue by issue. Today:
-//! the demo of the embedded default and the signal handling the commands share.
+//! Layout, from the wire inwards (the README's module table says more):
+//! `abi` (blkif, grant-table, gntdev and evtchn definitions), `ring` (the
+//! shared ring, both ends; requests copied out, then validated), `xen` (the
+//! hypervisor seam: guest memory, grants, event channels; real and
+//! simulated), `io` (the `Disk` trait, bounce pools, the io_uring and
+//! blocking engines), `disk` (disks named by dev_t and diskseq, loop and
+//! device-mapper devices), `vbd` (one device: its xenbus lifecycle, its
+//! queues' serving loop, I/O limits and fair share), `daemon` (every vbd of
+//! `backend/vbd`, handover on stop), `hotplug` (the libxl block script),
+//! `status` and `metrics` (what an operator reads), `config`, `bench`, and
+//! `sim` with `demo` (the embedded default).
 #![deny(unsafe_code)]
 
 /// The git commit this binary was built from (see `build.rs`).

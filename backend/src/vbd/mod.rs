@@ -1,10 +1,11 @@
-//! One virtual block device.
-//!
-//! Today: publishing what the backend offers, reading what the frontend wrote,
-//! mapping its rings, binding its event channels and serving every queue until
-//! told to stop or until the frontend breaks the protocol ([`serve_frontend`]).
-//! The full xenbus lifecycle (hotplug handshake, Closing, reconnect, resize)
-//! builds on this.
+//! One virtual block device: publishing what the backend offers, reading
+//! what the frontend wrote, mapping its rings, binding its event channels and
+//! serving every queue on a thread of its own until told to stop or until the
+//! frontend breaks the protocol ([`serve_frontend`]). The xenbus lifecycle
+//! around it (the hotplug handshake, Connected, Closing, reconnect, resize,
+//! adoption after a restart) is [`lifecycle`]; the per-queue serving loop is
+//! [`queue`]; a vbd's I/O limits are [`limit`] and its fair share of the
+//! host's requests in flight is [`share`].
 #![forbid(unsafe_code)]
 
 pub mod frontend;
