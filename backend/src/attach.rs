@@ -12,7 +12,7 @@ use xenstore::{Client, DomId, Xs};
 
 use crate::abi::sys::XenbusState;
 use crate::hotplug::{self, HotplugError};
-use crate::sim::toolstack::{self, VbdPaths};
+use crate::xenbus::toolstack::{self, VbdPaths};
 
 /// libxl's timeouts for InitWait after creation and Closed after Closing.
 pub const LIBXL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,7 +84,7 @@ pub async fn attach(
     devid: u32,
     params: &str,
     writable: bool,
-) -> Result<(VbdPaths, hotplug::Published), AttachError> {
+) -> Result<(VbdPaths, crate::xenbus::Published), AttachError> {
     let mode = if writable { "w" } else { "r" };
     let paths = toolstack::create_vbd(xs, domid, devid, params, mode).await?;
     let built = async {
@@ -94,7 +94,7 @@ pub async fn attach(
             XenbusState::InitWait.as_str(),
         )
         .await?;
-        let rel = format!("backend/vbd/{}/{devid}", domid.0);
+        let rel = crate::xenbus::backend_rel(domid, devid);
         Ok::<_, AttachError>(hotplug::add(xs, &rel).await?)
     };
     match built.await {
@@ -124,7 +124,7 @@ pub async fn detach(xs: &Client, domid: DomId, devid: u32) -> Result<(), AttachE
     })
     .await?;
     wait_value(xs, &format!("{be}/state"), XenbusState::Closed.as_str()).await?;
-    hotplug::remove(xs, &format!("backend/vbd/{}/{devid}", domid.0)).await?;
+    hotplug::remove(xs, &crate::xenbus::backend_rel(domid, devid)).await?;
     xs.rm(&paths.backend).await?;
     xs.rm(&paths.frontend).await?;
     Ok(())

@@ -19,7 +19,7 @@ use anyhow::Context;
 use xenstore::DomId;
 
 use crate::io::engine::EngineChoice;
-use crate::io::uring::raw_baseline;
+use crate::io::uring::{raw_run, RawJob, RawRun};
 use crate::io::FileDisk;
 use crate::sim::guest::BenchSpec;
 use crate::sim::world::SimWorld;
@@ -681,4 +681,30 @@ pub async fn fairness(opts: BenchOptions) -> anyhow::Result<()> {
         median(&mut held)
     );
     Ok(())
+}
+
+/// The benchmark's baseline: the requests `spec` describes, issued with
+/// io_uring straight on the image at `path` (`O_DIRECT` if `direct`).
+fn raw_baseline(path: &Path, direct: bool, spec: &BenchSpec) -> std::io::Result<RawRun> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(spec.write)
+        .custom_flags(flags)
+        .open(path)?;
+    let bytes = file.metadata()?.len();
+    let job = RawJob {
+        write: spec.write,
+        depth: spec.depth as usize,
+        bs: spec.bs as usize,
+        seconds: spec.seconds,
+        latency_samples: crate::sim::guest::LATENCY_SAMPLES,
+    };
+    raw_run(&file, &job, |lane, n| {
+        crate::sim::guest::bench_offset(spec, bytes, lane, n)
+    })
 }

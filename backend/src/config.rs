@@ -363,10 +363,11 @@ impl Config {
     /// The offer, checked.
     pub fn offer(&self) -> Result<Offer, (&'static str, u32, &'static str)> {
         let o = &self.offer;
-        if o.max_ring_page_order > 4 {
+        use crate::vbd::{MAX_QUEUES, MAX_RING_ORDER};
+        if o.max_ring_page_order > MAX_RING_ORDER {
             return Err(("max_ring_page_order", o.max_ring_page_order, "0..=4"));
         }
-        if !(1..=32).contains(&o.max_queues) {
+        if !(1..=MAX_QUEUES).contains(&o.max_queues) {
             return Err(("max_queues", o.max_queues, "1..=32"));
         }
         let ind = o.max_indirect_segments;

@@ -23,7 +23,7 @@ use anyhow::{bail, Context as _};
 use tokio::io::AsyncBufReadExt as _;
 use xenstore::{DomId, Xs};
 
-use crate::hotplug::Published;
+use crate::xenbus::Published;
 
 const DEVID: u32 = 51712; // xvda
 const GOOD: DomId = DomId(1);
@@ -138,7 +138,7 @@ pub async fn run_with(
         let img = dir.join(format!("guest{}.img", d.0));
         std::fs::File::create(&img)?.set_len(mib << 20)?;
         server.introduce(d);
-        crate::sim::toolstack::create_domain_home(&xs, d).await?;
+        crate::xenbus::toolstack::create_domain_home(&xs, d).await?;
         let scheme = if loops { "file" } else { "direct" };
         let params = format!("{scheme}:{}", img.display());
         let (p, published) = crate::attach::attach(&xs, d, DEVID, &params, true).await?;
@@ -213,9 +213,8 @@ pub async fn run_with(
         format!("domain {GOOD}: noticed the new size and published sectors = {sectors} while connected, as blkback does"),
     );
     let err = xs
-        .try_read(&format!("{}/error", vbds[1].1.backend))
+        .try_read_text(&format!("{}/error", vbds[1].1.backend))
         .await?
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
         .unwrap_or_default();
     say(
         "daemon",

@@ -42,6 +42,8 @@ use xenstore::{Client, Xs};
 
 use crate::disk::loopdev::{self, LoopOptions};
 use crate::disk::{self, DiskId, FileId};
+pub use crate::xenbus::Published;
+use crate::xenbus::{self, key, node, published::Nodes};
 
 /// What `params` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,38 +224,6 @@ impl Params {
     }
 }
 
-async fn read_opt(xs: &Client, path: &str) -> Result<Option<String>, HotplugError> {
-    Ok(xs
-        .try_read(path)
-        .await?
-        .map(|v| String::from_utf8_lossy(&v).into_owned()))
-}
-
-/// What `add` published.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Published {
-    /// A block device, by (dev_t, diskseq).
-    Block(DiskId),
-    /// A regular file served directly, by its identity.
-    File(PathBuf, FileId),
-}
-
-impl std::fmt::Display for Published {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Published::Block(id) => write!(
-                f,
-                "physical-device {} diskseq {}",
-                id.physical_device(),
-                id.diskseq_hex()
-            ),
-            Published::File(p, id) => {
-                write!(f, "physical-file {} file-id {id}", p.display())
-            }
-        }
-    }
-}
-
 /// A directory from the environment, or its default.
 fn env_dir(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
@@ -325,15 +295,13 @@ pub async fn add(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     };
     match &made {
         Ok(id) => {
-            xs.write(&format!("{be}/hotplug-status"), "connected")
+            xs.write(&node(be, key::HOTPLUG_STATUS), "connected")
                 .await?;
             tracing::info!(backend = be, "hotplug add: {id} published");
         }
         Err(e) => {
-            let _ = xs
-                .write(&format!("{be}/hotplug-error"), e.to_string())
-                .await;
-            let _ = xs.write(&format!("{be}/hotplug-status"), "error").await;
+            let _ = xs.write(&node(be, key::HOTPLUG_ERROR), e.to_string()).await;
+            let _ = xs.write(&node(be, key::HOTPLUG_STATUS), "error").await;
         }
     }
     made
@@ -408,8 +376,9 @@ fn prepare(params: &Params, writable: bool) -> Result<(Prepared<'_>, sharing::Us
 }
 
 async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
-    let raw = xs.read_string(&format!("{be}/params")).await?;
-    let mode = read_opt(xs, &format!("{be}/mode"))
+    let raw = xs.read_string(&node(be, key::PARAMS)).await?;
+    let mode = xs
+        .try_read_text(&node(be, key::MODE))
         .await?
         .unwrap_or_else(|| "w".into());
     let writable = match mode.as_str() {
@@ -422,16 +391,9 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     sharing::check(xs, be, &raw, uses, writable).await?;
     let (id, path, made_loop) = match prepared {
         Prepared::Direct(p, id) => {
-            let path = p.display().to_string();
-            xs.transaction(|tx| {
-                let (be, path) = (be.to_owned(), path.clone());
-                async move {
-                    tx.write(&format!("{be}/physical-file"), &path).await?;
-                    tx.write(&format!("{be}/file-id"), id.to_string()).await
-                }
-            })
-            .await?;
-            return Ok(Published::File(p.to_owned(), id));
+            let published = Published::File(p.to_owned(), id);
+            published.write(xs, be, None).await?;
+            return Ok(published);
         }
         Prepared::Block(p, d) => (d.id, p.to_owned(), None),
         Prepared::File(p, file, opts) => {
@@ -457,48 +419,26 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
             )
         }
     };
-    let publish = xs
-        .transaction(|tx| {
-            let (be, path) = (be.to_owned(), path.display().to_string());
-            async move {
-                tx.write(&format!("{be}/physical-device"), id.physical_device())
-                    .await?;
-                tx.write(&format!("{be}/physical-device-path"), &path)
-                    .await?;
-                tx.write(&format!("{be}/diskseq"), id.diskseq_hex()).await
-            }
-        })
-        .await;
-    if let Err(e) = publish {
+    let published = Published::Block(id);
+    if let Err(e) = published.write(xs, be, Some(&path)).await {
         if made_loop.is_some() {
             let _ = loopdev::release_by_id(id);
         }
         return Err(e.into());
     }
-    Ok(Published::Block(id))
+    Ok(published)
 }
 
 /// The disk the vbd at `be` published (`physical-device` and `diskseq`),
 /// `None` if it published none.
 async fn published_id(xs: &Client, be: &str) -> Result<Option<DiskId>, HotplugError> {
-    let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
-    let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
-    let (Some(phys), Some(seq)) = (phys, seq) else {
-        return Ok(None);
-    };
-    let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
-    let diskseq = disk::parse_diskseq(seq.as_bytes())?;
-    Ok(Some(DiskId {
-        major,
-        minor,
-        diskseq,
-    }))
+    Ok(Nodes::read(xs, be).await?.block()?)
 }
 
 /// `remove`: releases what `add` made (a loop device, if it is still the one
 /// `add` published); nothing for a block device we did not make.
 pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
-    let Some(raw) = read_opt(xs, &format!("{be}/params")).await? else {
+    let Some(raw) = xs.try_read_text(&node(be, key::PARAMS)).await? else {
         return Ok(());
     };
     match Params::parse(&raw) {
@@ -529,20 +469,10 @@ pub async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
 /// snapshot's template and store.
 pub async fn loops_of(xs: &Client, be: &str) -> Result<Vec<DiskId>, HotplugError> {
     let mut out = snapshot::recorded_loops(xs, be).await?;
-    let phys = read_opt(xs, &format!("{be}/physical-device")).await?;
-    let seq = read_opt(xs, &format!("{be}/diskseq")).await?;
-    if let (Some(phys), Some(seq)) = (phys, seq) {
-        if let (Ok((major, minor)), Ok(diskseq)) = (
-            disk::parse_physical_device(phys.as_bytes()),
-            disk::parse_diskseq(seq.as_bytes()),
-        ) {
-            if major == loopdev::LOOP_MAJOR {
-                out.push(DiskId {
-                    major,
-                    minor,
-                    diskseq,
-                });
-            }
+    // A malformed record names no device of ours.
+    if let Ok(Some(id)) = Nodes::read(xs, be).await?.block() {
+        if id.major == loopdev::LOOP_MAJOR {
+            out.push(id);
         }
     }
     Ok(out)
@@ -562,28 +492,18 @@ fn parse_size(s: &str) -> Option<u64> {
     (bytes > 0 && bytes % 512 == 0).then_some(bytes / 512)
 }
 
-/// Where the block script records the dm device it made for a vbd.
-const DM_NAME: &str = "blkbackd-dm";
-
 /// (domid, devid) from `backend/vbd/<domid>/<devid>`.
 fn vbd_ids(be: &str) -> Result<(u16, u32), HotplugError> {
-    let mut it = be.rsplit('/');
-    let devid = it.next().and_then(|v| v.parse().ok());
-    let domid = it.next().and_then(|v| v.parse().ok());
-    match (domid, devid) {
-        (Some(d), Some(v)) => Ok((d, v)),
-        _ => Err(HotplugError::Params(
-            be.to_owned(),
-            "XENBUS_PATH does not end in <domid>/<devid>",
-        )),
-    }
+    xenbus::vbd_of(be).map(|(d, v)| (d.0, v)).ok_or_else(|| {
+        HotplugError::Params(be.to_owned(), "XENBUS_PATH does not end in <domid>/<devid>")
+    })
 }
 
 /// Removes the dm device recorded in `be` (deferred if still open), if it
 /// is still ours; forgets the record.
 async fn remove_dm(xs: &Client, be: &str) -> Result<(), HotplugError> {
     use crate::disk::dm::{self, Control, DevId, DmError};
-    if let Some(name) = read_opt(xs, &format!("{be}/{DM_NAME}")).await? {
+    if let Some(name) = xs.try_read_text(&node(be, key::DM_NAME)).await? {
         dm::validate_name(&name)?;
         let ctl = Control::open()?;
         let bound = match published_id(xs, be).await? {
@@ -611,11 +531,12 @@ async fn remove_dm(xs: &Client, be: &str) -> Result<(), HotplugError> {
             Err(DmError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::ENXIO) => {}
             Err(e) => tracing::warn!(backend = be, "hotplug remove: not removing {name}: {e}"),
         }
-        xs.rm(&format!("{be}/{DM_NAME}")).await?;
+        xs.rm(&node(be, key::DM_NAME)).await?;
     }
     Ok(())
 }
 
+pub mod reconcile;
 mod sharing;
 mod snapshot;
 mod thin;

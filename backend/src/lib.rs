@@ -33,3 +33,4 @@ pub mod sim;
 pub mod status;
 pub mod vbd;
 pub mod xen;
+pub mod xenbus;

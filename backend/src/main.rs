@@ -340,7 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 clear,
             } => {
                 let xs = xenstore::Client::connect().await?;
-                let be = format!("{}/{domid}/{devid}", blkbackd::daemon::VBD_ROOT);
+                let be = blkbackd::xenbus::backend_path(blkbackd::xen::DomId(domid), devid);
                 let change = if clear {
                     None
                 } else {
@@ -721,8 +721,8 @@ async fn serve(
                 live: live.clone(),
                 limits: RwLock::new(Arc::new(cfg.limit.clone())),
             });
-            blkbackd::daemon::reconcile_dm(&ctx.xs).await?;
-            blkbackd::daemon::reconcile_loops(&ctx.xs).await?;
+            blkbackd::hotplug::reconcile::reconcile_dm(&ctx.xs).await?;
+            blkbackd::hotplug::reconcile::reconcile_loops(&ctx.xs).await?;
             reload_on_sighup(ctx.clone(), config.clone());
             blkbackd::daemon::run(ctx, stop_rx).await?;
         }

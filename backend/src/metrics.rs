@@ -24,9 +24,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xenstore::{Client, Xs};
 
 use crate::config::Listen;
-use crate::daemon::VBD_ROOT;
 use crate::status::{Live, RingCounters, VbdStatus};
 use crate::vbd::queue::{Latencies, LatencyHistogram, OpKind, QueueStats};
+use crate::xenbus::VBD_ROOT;
 
 /// Connections served at once; more are closed unanswered.
 const MAX_CONNECTIONS: usize = 8;
@@ -251,7 +251,7 @@ pub fn families(
     }
     for v in vbds {
         let id = [("domid", v.domid.as_str()), ("devid", v.devid.as_str())];
-        let be = format!("{VBD_ROOT}/{}/{}", v.domid, v.devid);
+        let be = v.backend_path();
         let counters = live.get(&be);
         let sectors = v.sectors.map(|s| s.to_string()).unwrap_or_default();
         let engine = counters.map(|c| c.engine.as_str()).unwrap_or("");

@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xenstore::{Client, Xs};
 
 use crate::abi::sys::XenbusState;
-use crate::daemon::VBD_ROOT;
 use crate::vbd::queue::QueueStats;
+use crate::xenbus::VBD_ROOT;
 
 /// Where the daemon on real Xen answers status queries.
 pub const SOCKET: &str = "/run/blkbackd/status.sock";
@@ -242,7 +242,7 @@ pub async fn fetch(path: &Path) -> Option<BTreeMap<String, RingCounters>> {
 /// Adds the daemon's per-ring counters to what Xenstore said.
 pub fn merge(vbds: &mut [VbdStatus], live: &BTreeMap<String, RingCounters>) {
     for v in vbds {
-        let be = format!("{VBD_ROOT}/{}/{}", v.domid, v.devid);
+        let be = v.backend_path();
         if let Some(c) = live.get(&be) {
             v.engine = Some(c.engine.clone());
             v.rings = c.rings.clone();
@@ -305,6 +305,13 @@ pub struct VbdStatus {
     pub limit: Option<crate::vbd::limit::IoLimit>,
 }
 
+impl VbdStatus {
+    /// Its backend directory.
+    pub fn backend_path(&self) -> String {
+        format!("{VBD_ROOT}/{}/{}", self.domid, self.devid)
+    }
+}
+
 /// A thin-backed vbd's pool: its name and health.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ThinPool {
@@ -333,10 +340,7 @@ fn state_name(v: Option<&str>) -> String {
 }
 
 async fn get(xs: &Client, p: &str) -> Result<Option<String>, xenstore::Error> {
-    Ok(xs
-        .try_read(p)
-        .await?
-        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    xs.try_read_text(p).await
 }
 
 /// Reads the status of every vbd below [`VBD_ROOT`].
@@ -344,57 +348,47 @@ pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
     let mut out = Vec::new();
     // Thin pools are read through device-mapper (root; absent without dm).
     let dm = crate::disk::dm::Control::open().ok();
-    let domids = match xs.directory(VBD_ROOT).await {
-        Ok(d) => d,
-        Err(e) if e.is_not_found() => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for domid in domids {
-        let devids = xs
-            .directory(&format!("{VBD_ROOT}/{domid}"))
-            .await
-            .unwrap_or_default();
-        for devid in devids {
-            let be = format!("{VBD_ROOT}/{domid}/{devid}");
-            let fe = get(xs, &format!("{be}/frontend")).await?;
-            let fget = |k: &'static str| {
-                let fe = fe.clone();
-                async move {
-                    match fe {
-                        Some(fe) => get(xs, &format!("{fe}/{k}")).await,
-                        None => Ok(None),
-                    }
+    for (domid, devid) in crate::xenbus::scan(xs).await? {
+        let be = crate::xenbus::backend_path(domid, devid);
+        let (domid, devid) = (domid.0.to_string(), devid.to_string());
+        let fe = get(xs, &format!("{be}/frontend")).await?;
+        let fget = |k: &'static str| {
+            let fe = fe.clone();
+            async move {
+                match fe {
+                    Some(fe) => get(xs, &format!("{fe}/{k}")).await,
+                    None => Ok(None),
                 }
-            };
-            let num = |v: Option<String>| v.and_then(|s| s.parse::<u32>().ok());
-            let params = get(xs, &format!("{be}/params")).await?;
-            out.push(VbdStatus {
-                state: state_name(get(xs, &format!("{be}/state")).await?.as_deref()),
-                frontend_state: state_name(fget("state").await?.as_deref()),
-                thin_pool: thin_pool_of(dm.as_ref(), params.as_deref()),
-                params,
-                mode: get(xs, &format!("{be}/mode")).await?,
-                physical_device: get(xs, &format!("{be}/physical-device")).await?,
-                diskseq: get(xs, &format!("{be}/diskseq")).await?,
-                opened: get(xs, &format!("{be}/opened")).await?.as_deref() == Some("1"),
-                sectors: get(xs, &format!("{be}/sectors"))
-                    .await?
-                    .and_then(|s| s.parse().ok()),
-                hotplug_status: get(xs, &format!("{be}/hotplug-status")).await?,
-                error: get(xs, &format!("{be}/error")).await?,
-                ring_page_order: num(fget("ring-page-order").await?).unwrap_or(0),
-                queues: num(fget("multi-queue-num-queues").await?).unwrap_or(1),
-                protocol: fget("protocol").await?,
-                persistent: fget("feature-persistent").await?.as_deref() == Some("1"),
-                domid: domid.clone(),
-                devid,
-                engine: None,
-                rings: Vec::new(),
-                connected_at: None,
-                adopted: false,
-                limit: None,
-            });
-        }
+            }
+        };
+        let num = |v: Option<String>| v.and_then(|s| s.parse::<u32>().ok());
+        let params = get(xs, &format!("{be}/params")).await?;
+        out.push(VbdStatus {
+            state: state_name(get(xs, &format!("{be}/state")).await?.as_deref()),
+            frontend_state: state_name(fget("state").await?.as_deref()),
+            thin_pool: thin_pool_of(dm.as_ref(), params.as_deref()),
+            params,
+            mode: get(xs, &format!("{be}/mode")).await?,
+            physical_device: get(xs, &format!("{be}/physical-device")).await?,
+            diskseq: get(xs, &format!("{be}/diskseq")).await?,
+            opened: get(xs, &format!("{be}/opened")).await?.as_deref() == Some("1"),
+            sectors: get(xs, &format!("{be}/sectors"))
+                .await?
+                .and_then(|s| s.parse().ok()),
+            hotplug_status: get(xs, &format!("{be}/hotplug-status")).await?,
+            error: get(xs, &format!("{be}/error")).await?,
+            ring_page_order: num(fget("ring-page-order").await?).unwrap_or(0),
+            queues: num(fget("multi-queue-num-queues").await?).unwrap_or(1),
+            protocol: fget("protocol").await?,
+            persistent: fget("feature-persistent").await?.as_deref() == Some("1"),
+            domid: domid.clone(),
+            devid,
+            engine: None,
+            rings: Vec::new(),
+            connected_at: None,
+            adopted: false,
+            limit: None,
+        });
     }
     Ok(out)
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blkbackd::disk::loopdev::{self, LoopOptions};
-use blkbackd::sim::toolstack;
 use blkbackd::vbd::{lifecycle::VbdCtx, Offer};
 use blkbackd::xen::sim::{SimEvtchn, SimGrants};
+use blkbackd::xenbus::toolstack;
 use tokio::sync::watch;
 use xenstore::{Client, DomId, Endpoint, Server, Xs};
 

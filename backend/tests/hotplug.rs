@@ -7,7 +7,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use blkbackd::disk::{open_by_diskseq, parse_diskseq, parse_physical_device, DiskId};
-use blkbackd::sim::{toolstack, world::SimWorld};
+use blkbackd::sim::world::SimWorld;
+use blkbackd::xenbus::toolstack;
 use xenstore::{DomId, Xs};
 
 struct Env {

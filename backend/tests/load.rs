@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkbackd::sim::toolstack;
+use blkbackd::xenbus::toolstack;
 use xenstore::{Client, DomId, Xs};
 
 const VBDS: u16 = 64;

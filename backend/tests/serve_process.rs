@@ -42,7 +42,7 @@ async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
         .spawn()
         .unwrap();
     let xs = wait_socket(&sim.join("xenstore.sock")).await;
-    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(2), 51712, "file:/x", "w")
+    blkbackd::xenbus::toolstack::create_vbd(&xs, xenstore::DomId(2), 51712, "file:/x", "w")
         .await
         .unwrap();
     assert_eq!(offered(&xs, 2, "multi-queue-max-queues").await, "1");
@@ -51,7 +51,7 @@ async fn the_offer_comes_from_the_config_file_and_sighup_rereads_it() {
     std::fs::write(&cfg, "[offer]\nmax_queues = 3\n").unwrap();
     signal(&daemon, "HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/y", "w")
+    blkbackd::xenbus::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/y", "w")
         .await
         .unwrap();
     assert_eq!(offered(&xs, 3, "multi-queue-max-queues").await, "3");
@@ -104,7 +104,7 @@ async fn systemd_hears_ready_then_stopping() {
     assert_eq!(&buf[..n], b"READY=1");
     // Ready means watching: a vbd made now reaches InitWait.
     let xs = wait_socket(&sim.join("xenstore.sock")).await;
-    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/x", "w")
+    blkbackd::xenbus::toolstack::create_vbd(&xs, xenstore::DomId(3), 51712, "file:/x", "w")
         .await
         .unwrap();
     assert_eq!(offered(&xs, 3, "feature-flush-cache").await, "1");
@@ -148,7 +148,7 @@ async fn a_lost_xenstore_connection_ends_the_daemon_with_an_error() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    blkbackd::sim::toolstack::create_vbd(&xs, xenstore::DomId(4), 51712, "file:/x", "w")
+    blkbackd::xenbus::toolstack::create_vbd(&xs, xenstore::DomId(4), 51712, "file:/x", "w")
         .await
         .unwrap();
     assert_eq!(offered(&xs, 4, "feature-flush-cache").await, "1");
@@ -216,7 +216,7 @@ async fn restart_under_io(how: Restart, second_config: Option<&str>) -> Restarte
         .unwrap();
     let d = xenstore::DomId(5);
     xs.introduce(d, 0, 0).await.unwrap();
-    blkbackd::sim::toolstack::create_domain_home(&xs, d)
+    blkbackd::xenbus::toolstack::create_domain_home(&xs, d)
         .await
         .unwrap();
     let params = format!("direct:{}", img.display());
@@ -336,7 +336,7 @@ struct OneVbd {
     _xenstored: tokio::process::Child,
     xs: Client,
     img: std::path::PathBuf,
-    paths: blkbackd::sim::toolstack::VbdPaths,
+    paths: blkbackd::xenbus::toolstack::VbdPaths,
 }
 
 impl OneVbd {
@@ -350,7 +350,7 @@ impl OneVbd {
             .set_len(16 << 20)
             .unwrap();
         OneVbd {
-            paths: blkbackd::sim::toolstack::VbdPaths::new(xenstore::DomId(6), 51712),
+            paths: blkbackd::xenbus::toolstack::VbdPaths::new(xenstore::DomId(6), 51712),
             dir,
             _xenstored: xenstored,
             xs,
@@ -379,7 +379,7 @@ impl OneVbd {
     async fn home(&self, domid: u16) -> xenstore::DomId {
         let d = xenstore::DomId(domid);
         self.xs.introduce(d, 0, 0).await.unwrap();
-        blkbackd::sim::toolstack::create_domain_home(&self.xs, d)
+        blkbackd::xenbus::toolstack::create_domain_home(&self.xs, d)
             .await
             .unwrap();
         d
@@ -552,7 +552,7 @@ async fn a_guest_storming_its_xenstore_nodes_cannot_grow_the_daemon() {
         .set_len(16 << 20)
         .unwrap();
     v.attach_domain(7, &storm_img).await;
-    let stormer = blkbackd::sim::toolstack::VbdPaths::new(xenstore::DomId(7), 51712);
+    let stormer = blkbackd::xenbus::toolstack::VbdPaths::new(xenstore::DomId(7), 51712);
     let neighbour = v.guest_doing(6, "verify", 300);
     let storm = v.guest_doing(7, "xenstore-storm", 5);
     // Both connected (their rings' buffers allocated) before the baseline.
@@ -670,7 +670,7 @@ async fn backend_nodes_a_guest_can_write_are_not_trusted() {
         let v = OneVbd::new().await;
         let d = v.home(6).await;
         let params = format!("direct:{}", v.img.display());
-        let p = blkbackd::sim::toolstack::create_vbd(&v.xs, d, 51712, &params, "w")
+        let p = blkbackd::xenbus::toolstack::create_vbd(&v.xs, d, 51712, &params, "w")
             .await
             .unwrap();
         let (_, id) = blkbackd::disk::identify_file(&v.img, false).unwrap();

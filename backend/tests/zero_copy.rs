@@ -9,14 +9,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use blkbackd::abi::blkif::{Abi, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, XEN_PAGE_SIZE};
+use blkbackd::abi::blkif::{
+    Abi, GrantRef, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, XEN_PAGE_SIZE,
+};
 use blkbackd::abi::sys::GNTST_OKAY;
-use blkbackd::io::engine::{Engine, IoOp, ScriptedEngine};
+use blkbackd::io::engine::{Engine, ScriptedEngine};
+use blkbackd::io::op::IoOp;
 use blkbackd::io::pool::BouncePool;
 use blkbackd::io::MemDisk;
 use blkbackd::ring::request::{encode, Limits, Segment};
 use blkbackd::ring::{BackRing, FrontRing};
-use blkbackd::vbd::queue::{Queue, MAP_BUDGET};
+use blkbackd::vbd::queue::{Queue, QueueParts, MAP_BUDGET};
 use blkbackd::xen::mem::SharedMem;
 use blkbackd::xen::{CopySeg, DomId, EventChannel, Grants, Port};
 
@@ -35,7 +38,7 @@ impl Grants for CountingGrants {
         Ok(())
     }
 
-    fn map(&self, _domid: DomId, refs: &[u32], _writable: bool) -> std::io::Result<SharedMem> {
+    fn map(&self, _domid: DomId, refs: &[GrantRef], _writable: bool) -> std::io::Result<SharedMem> {
         self.mapped.fetch_add(1, Ordering::SeqCst);
         let unmapped = self.unmapped.clone();
         Ok(
@@ -50,7 +53,7 @@ struct QuietEv;
 
 impl EventChannel for QuietEv {
     fn local_port(&self) -> Port {
-        1
+        Port(1)
     }
     fn notify(&self) -> std::io::Result<()> {
         Ok(())
@@ -92,16 +95,16 @@ fn setup(
     let back = BackRing::new(map(), 1, Abi::X86_64).expect("back ring");
     let grants = CountingGrants::default();
     let (mapped, unmapped) = (grants.mapped.clone(), grants.unmapped.clone());
-    let q = Queue::new(
-        back,
-        QuietEv,
-        Arc::new(grants),
-        Arc::new(MemDisk::new(4096, false)),
-        Engine::Scripted(ScriptedEngine::default()),
-        Arc::new(BouncePool::new(64).expect("pool")),
-        DomId(1),
-        Limits::new(4096),
-    )
+    let q = Queue::new(QueueParts {
+        ring: back,
+        ev: QuietEv,
+        grants: Arc::new(grants),
+        disk: Arc::new(MemDisk::new(4096, false)),
+        engine: Engine::Scripted(ScriptedEngine::default()),
+        pool: Arc::new(BouncePool::new(64).expect("pool")),
+        domid: DomId(1),
+        limits: Limits::new(4096),
+    })
     .with_persistent_grants(persistent)
     .with_map_mode(map_mode);
     (front, q, mapped, unmapped)
@@ -119,7 +122,7 @@ fn rand_suffix() -> u64 {
 fn ask(front: &mut FrontRing<SharedMem>, op: u8, id: u64, pages: u32) {
     let segs: Vec<Segment> = (0..pages)
         .map(|i| Segment {
-            gref: 8 + i,
+            gref: GrantRef(8 + i),
             first_sect: 0,
             last_sect: 7,
         })

@@ -805,6 +805,15 @@ pub trait Xs {
         }
     }
 
+    /// READ as text (invalid UTF-8 replaced, as a value is only ever shown
+    /// or parsed), with ENOENT as `None`.
+    async fn try_read_text(&self, path: &str) -> Result<Option<String>> {
+        Ok(self
+            .try_read(path)
+            .await?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     /// Whether `path` exists (as `xenstore-exists`: a readable node).
     async fn exists(&self, path: &str) -> Result<bool> {
         Ok(self.try_read(path).await?.is_some())

@@ -2,8 +2,17 @@
 
 use std::mem::{offset_of, size_of};
 
-/// A grant reference (`grant_ref_t`).
-pub type GrantRef = u32;
+/// A grant reference (`grant_ref_t`): an index into the granting guest's
+/// grant table, meaningful only with that guest's domid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(transparent)]
+pub struct GrantRef(pub u32);
+
+impl std::fmt::Display for GrantRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Xen's page size for rings and grants: always 4 KiB, whatever the guest uses.
 pub const XEN_PAGE_SIZE: usize = 4096;
@@ -34,6 +43,8 @@ pub const BLKIF_RSP_ERROR: i16 = -1;
 /// `BLKIF_RSP_EOPNOTSUPP`.
 pub const BLKIF_RSP_EOPNOTSUPP: i16 = -2;
 
+/// `XENBUS_MAX_RING_GRANT_ORDER`: the largest ring Linux maps, 2^4 pages.
+pub const XENBUS_MAX_RING_GRANT_ORDER: u32 = 4;
 /// `BLKIF_MAX_SEGMENTS_PER_REQUEST`.
 pub const BLKIF_MAX_SEGMENTS_PER_REQUEST: usize = 11;
 /// `BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST`.

@@ -13,63 +13,18 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use xenstore::{wire, Xs};
+use xenstore::wire;
 
 pub use crate::vbd::lifecycle::Stop;
 use crate::vbd::lifecycle::{self, VbdCtx};
 use crate::xen::{DomId, EventChannels, Grants};
+use crate::xenbus::{scan, VbdId, VBD_ROOT};
 
-/// Where libxl puts the vbds dom0 serves.
-pub const VBD_ROOT: &str = "/local/domain/0/backend/vbd";
-
-type Key = (DomId, u32);
+type Key = VbdId;
 
 struct Task {
     handle: JoinHandle<()>,
     stop: watch::Sender<Stop>,
-}
-
-/// The vbds that exist now: (domid, devid) pairs below [`VBD_ROOT`].
-async fn scan(xs: &xenstore::Client) -> Result<HashSet<Key>, xenstore::Error> {
-    let mut out = HashSet::new();
-    let domids = match xs.directory(VBD_ROOT).await {
-        Ok(d) => d,
-        Err(e) if e.is_not_found() => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    let domids: Vec<(String, DomId)> = domids
-        .into_iter()
-        .filter_map(|d| match DomId::parse(&d) {
-            Some(id) => Some((d, id)),
-            None => {
-                tracing::debug!("ignoring {VBD_ROOT}/{d}: not a domid");
-                None
-            }
-        })
-        .collect();
-    // One request per domain, all in flight at once: a rescan costs one
-    // round trip however many domains there are.
-    let paths: Vec<String> = domids
-        .iter()
-        .map(|(d, _)| format!("{VBD_ROOT}/{d}"))
-        .collect();
-    let listings = futures_util::future::join_all(paths.iter().map(|p| xs.directory(p))).await;
-    for ((d, domid), listing) in domids.into_iter().zip(listings) {
-        let devids = match listing {
-            Ok(v) => v,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        for v in devids {
-            match wire::parse_decimal(&v).and_then(|n| u32::try_from(n).ok()) {
-                Some(devid) => {
-                    out.insert((domid, devid));
-                }
-                None => tracing::debug!("ignoring {VBD_ROOT}/{d}/{v}: not a device id"),
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// How long a stopping daemon gives its devices to finish what their rings
@@ -244,62 +199,4 @@ async fn shutdown(tasks: HashMap<Key, Task>, grace: Duration, how: Stop) {
             tracing::warn!(domid = %d, devid = v, "vbd did not close within {grace:?}");
         }
     }
-}
-
-/// Start-up reconciliation: removes the dm devices with our UUID prefix
-/// that no vbd in Xenstore claims (left by a crash between a block script's
-/// `add` and its `remove`); removal is deferred while one is open. Does
-/// nothing where device-mapper is absent.
-pub async fn reconcile_dm(xs: &xenstore::Client) -> Result<Vec<String>, xenstore::Error> {
-    if !std::path::Path::new(crate::disk::dm::CONTROL).exists() {
-        return Ok(Vec::new());
-    }
-    let mut claimed = HashSet::new();
-    for (domid, devid) in scan(xs).await? {
-        let key = format!("{VBD_ROOT}/{}/{devid}/blkbackd-dm", domid.0);
-        if let Some(v) = xs.try_read(&key).await? {
-            claimed.insert(String::from_utf8_lossy(&v).into_owned());
-        }
-    }
-    let removed = crate::disk::dm::Control::open()
-        .and_then(|ctl| crate::disk::dm::reconcile(&ctl, |name| claimed.contains(name)));
-    match removed {
-        Ok(names) => {
-            for n in &names {
-                tracing::info!(name = n, "removed a dm device no vbd claims");
-            }
-            Ok(names)
-        }
-        Err(e) => {
-            tracing::warn!("cannot reconcile dm devices: {e}");
-            Ok(Vec::new())
-        }
-    }
-}
-
-/// Start-up reconciliation of loop devices: releases those we made (marked
-/// in `lo_file_name`) that no vbd in Xenstore still uses, as a crash between
-/// a block script's `add` and its `remove` leaves them. One still open
-/// elsewhere detaches on its last close.
-pub async fn reconcile_loops(
-    xs: &xenstore::Client,
-) -> Result<Vec<crate::disk::DiskId>, xenstore::Error> {
-    let mut claimed = HashSet::new();
-    for (domid, devid) in scan(xs).await? {
-        let be = format!("{VBD_ROOT}/{}/{devid}", domid.0);
-        match crate::hotplug::loops_of(xs, &be).await {
-            Ok(ids) => claimed.extend(ids),
-            Err(crate::hotplug::HotplugError::Xenstore(e)) => return Err(e),
-            Err(e) => tracing::warn!(backend = be, "cannot read its loop devices: {e}"),
-        }
-    }
-    let released = tokio::task::spawn_blocking(move || {
-        crate::disk::loopdev::reconcile(|id| claimed.contains(&id), |_| true)
-    })
-    .await
-    .unwrap_or_default();
-    for f in &released {
-        tracing::info!(dev = %f.id, backing = %f.backing.display(), "released a loop device no vbd claims");
-    }
-    Ok(released.into_iter().map(|f| f.id).collect())
 }

@@ -49,8 +49,9 @@ use std::path::Path;
 use xenstore::{Client, Xs};
 
 use super::snapshot::{self, COW, COW_FILE, ORIGIN};
-use super::{read_opt, vbd_ids, HotplugError, Params};
+use super::{vbd_ids, HotplugError, Params};
 use crate::disk::{self, dm, loopdev, sys, FileId};
+use crate::xenbus;
 
 /// One piece of storage, by identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -326,11 +327,13 @@ const KEYS: [&str; 10] = [
 /// The VM `domid` belongs to: the `vm` node of its `target` if it is a stub
 /// domain, else its own.
 async fn vm_of(xs: &Client, domid: &str) -> Result<Option<String>, HotplugError> {
-    let target = read_opt(xs, &format!("/local/domain/{domid}/target"))
+    let target = xs
+        .try_read_text(&format!("/local/domain/{domid}/target"))
         .await?
         .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
     let of = target.as_deref().unwrap_or(domid);
-    Ok(read_opt(xs, &format!("/local/domain/{of}/vm"))
+    Ok(xs
+        .try_read_text(&format!("/local/domain/{of}/vm"))
         .await?
         .filter(|v| !v.is_empty()))
 }
@@ -344,31 +347,25 @@ pub(super) async fn check(
     uses: Uses,
     writable: bool,
 ) -> Result<(), HotplugError> {
-    let root = "/local/domain/0/backend/vbd";
     let me_abs = xs.get_domain_path(xenstore::DomId::DOM0).await? + "/" + be;
     let (my_domid, _) = vbd_ids(be)?;
     // Every request in flight at once (a dom0 with many guests must not pay
-    // a round trip per vbd): the domains, their vbds, then their keys.
-    let domids = xs.directory(root).await.unwrap_or_default();
-    let dirs: Vec<String> = domids.iter().map(|d| format!("{root}/{d}")).collect();
-    let listings = futures_util::future::join_all(dirs.iter().map(|d| xs.directory(d))).await;
+    // a round trip per vbd): the vbds, then their keys.
     let mut others = Vec::new();
-    for ((domid, dir), devids) in domids.iter().zip(&dirs).zip(listings) {
-        for devid in devids.unwrap_or_default() {
-            let other = format!("{dir}/{devid}");
-            if other != me_abs && other != be {
-                others.push((domid.clone(), other));
-            }
+    for (domid, devid) in xenbus::scan(xs).await? {
+        let other = xenbus::backend_path(domid, devid);
+        if other != me_abs && other != be {
+            others.push((domid.0.to_string(), other));
         }
     }
     let paths: Vec<String> = others
         .iter()
         .flat_map(|(_, o)| KEYS.map(|k| format!("{o}/{k}")))
         .collect();
-    let values = futures_util::future::join_all(paths.iter().map(|k| read_opt(xs, k)))
+    let values = futures_util::future::join_all(paths.iter().map(|k| xs.try_read_text(k)))
         .await
         .into_iter()
-        .collect::<Result<Vec<Option<String>>, HotplugError>>()?;
+        .collect::<Result<Vec<Option<String>>, xenstore::Error>>()?;
     let my_domid = my_domid.to_string();
     let mut domains: Vec<&str> = others.iter().map(|(d, _)| d.as_str()).collect();
     domains.push(&my_domid);

@@ -15,10 +15,11 @@ use std::path::{Path, PathBuf};
 
 use xenstore::{Client, Xs};
 
-use super::{env_dir, read_opt, remove_dm, vbd_ids, HotplugError, DM_NAME};
+use super::{env_dir, remove_dm, vbd_ids, HotplugError};
 use crate::disk::dm::{self, Control, DevRef, Table, Target};
 use crate::disk::loopdev::{self, LoopOptions};
 use crate::disk::{self, DiskId};
+use crate::xenbus::key::DM_NAME;
 
 /// The template's loop device, `%x:%x:%llx` (dev_t and diskseq).
 pub(super) const ORIGIN: &str = "blkbackd-origin";
@@ -52,7 +53,8 @@ pub(super) fn parse_id(v: &str) -> Option<DiskId> {
 pub(super) async fn recorded_loops(xs: &Client, be: &str) -> Result<Vec<DiskId>, HotplugError> {
     let mut out = Vec::new();
     for key in [ORIGIN, COW] {
-        if let Some(id) = read_opt(xs, &format!("{be}/{key}"))
+        if let Some(id) = xs
+            .try_read_text(&format!("{be}/{key}"))
             .await?
             .as_deref()
             .and_then(parse_id)
@@ -70,21 +72,12 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> HotplugError {
 /// The stores the vbds in Xenstore record (`blkbackd-cow-file`): each path,
 /// with the (st_dev, inode) it names now, if any.
 async fn claimed_stores(xs: &Client) -> Result<Vec<(String, Option<(u64, u64)>)>, HotplugError> {
-    let root = "/local/domain/0/backend/vbd";
-    let domids = xs.directory(root).await.unwrap_or_default();
-    let dirs: Vec<String> = domids.iter().map(|d| format!("{root}/{d}")).collect();
-    let listings = futures_util::future::join_all(dirs.iter().map(|d| xs.directory(d))).await;
-    let keys: Vec<String> = dirs
-        .iter()
-        .zip(listings)
-        .flat_map(|(dir, devids)| {
-            devids
-                .unwrap_or_default()
-                .into_iter()
-                .map(move |v| format!("{dir}/{v}/{COW_FILE}"))
-        })
+    let keys: Vec<String> = crate::xenbus::scan(xs)
+        .await?
+        .into_iter()
+        .map(|(d, v)| crate::xenbus::node(&crate::xenbus::backend_path(d, v), COW_FILE))
         .collect();
-    let values = futures_util::future::join_all(keys.iter().map(|k| read_opt(xs, k))).await;
+    let values = futures_util::future::join_all(keys.iter().map(|k| xs.try_read_text(k))).await;
     let mut out = Vec::new();
     for v in values {
         if let Some(p) = v? {
@@ -160,7 +153,7 @@ pub(super) async fn add(
     // Nothing may be recorded yet: undoing a failure would remove what an
     // earlier add of this vbd made, and may still be serving.
     for key in [ORIGIN, COW, COW_FILE, DM_NAME] {
-        if read_opt(xs, &format!("{be}/{key}")).await?.is_some() {
+        if xs.try_read_text(&format!("{be}/{key}")).await?.is_some() {
             return Err(HotplugError::AlreadyMade {
                 be: be.to_owned(),
                 key,
@@ -228,7 +221,7 @@ pub(super) async fn add(
 pub(super) async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
     remove_dm(xs, be).await?;
     for key in [COW, ORIGIN] {
-        if let Some(v) = read_opt(xs, &format!("{be}/{key}")).await? {
+        if let Some(v) = xs.try_read_text(&format!("{be}/{key}")).await? {
             if let Some(id) = parse_id(&v) {
                 // Released only if it is still the device we made.
                 loopdev::release_by_id(id)?;
@@ -236,7 +229,7 @@ pub(super) async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
             xs.rm(&format!("{be}/{key}")).await?;
         }
     }
-    if let Some(f) = read_opt(xs, &format!("{be}/{COW_FILE}")).await? {
+    if let Some(f) = xs.try_read_text(&format!("{be}/{COW_FILE}")).await? {
         let p = Path::new(&f);
         let cow_dir = env_dir("BLKBACKD_COW_DIR", "/var/lib/blkbackd/cow");
         // Only ever a file we made, in our store directory.
@@ -258,7 +251,7 @@ pub(super) async fn remove(xs: &Client, be: &str) -> Result<(), HotplugError> {
 /// UUID: a device re-created under the vbd's name is refused, untouched.
 pub async fn revoke(xs: &Client, domid: u16, devid: u32) -> Result<String, HotplugError> {
     let name = dm::vbd_name(domid, devid, None)?;
-    let be = format!("{}/{domid}/{devid}", crate::daemon::VBD_ROOT);
+    let be = crate::xenbus::backend_path(crate::xen::DomId(domid), devid);
     let published = super::published_id(xs, &be)
         .await?
         .ok_or(HotplugError::Params(

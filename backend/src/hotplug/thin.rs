@@ -11,9 +11,10 @@
 
 use xenstore::{Client, Xs};
 
-use super::{remove_dm, vbd_ids, HotplugError, DM_NAME};
+use super::{remove_dm, vbd_ids, HotplugError};
 use crate::disk::dm::{self, Control, DevId, DevRef, DmError, Table, Target};
 use crate::disk::DiskId;
+use crate::xenbus::key::DM_NAME;
 
 /// Activates volume `id` of `pool` (creating it if the pool has none by that
 /// id) as the vbd's disk of `sectors`; returns its identity.

@@ -8,7 +8,9 @@
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod op;
 pub mod pool;
+pub mod thread;
 pub mod uring;
 pub mod wait;
 

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::engine::{GuestBufs, IoDone, IoKind, IoOp, ThreadEngine};
+use super::op::{GuestBufs, IoDone, IoKind, IoOp};
 use super::pool::{BouncePool, Buf};
+use super::thread::ThreadEngine;
 use super::{DiscardKind, Disk, UringTarget};
 
 /// Submission queue entries per ring (the completion queue is twice that).
@@ -513,27 +514,31 @@ pub struct RawRun {
     pub latency_ns: Vec<u32>,
 }
 
-/// The benchmark's baseline: the same requests `spec` describes, issued with
-/// io_uring straight on `path` (the limit a backend can approach), lanes of
-/// one request each kept in flight as the guest's are.
-pub fn raw_baseline(
-    path: &std::path::Path,
-    direct: bool,
-    spec: &crate::sim::guest::BenchSpec,
+/// What a raw run issues: `depth` lanes, each keeping one request of `bs`
+/// bytes in flight, for `seconds`.
+#[derive(Clone, Copy, Debug)]
+pub struct RawJob {
+    /// Writes (else reads).
+    pub write: bool,
+    /// Lanes.
+    pub depth: usize,
+    /// Bytes per request.
+    pub bs: usize,
+    /// How long.
+    pub seconds: f64,
+    /// At depth 1, at most this many latencies are kept.
+    pub latency_samples: usize,
+}
+
+/// Requests issued with io_uring straight on `file` (the limit a backend
+/// can approach: the benchmark's baseline), lanes of one request each kept
+/// in flight; lane `l`'s `n`th request goes to `offset(l, n)`.
+pub fn raw_run(
+    file: &std::fs::File,
+    job: &RawJob,
+    offset: impl Fn(u32, u64) -> u64,
 ) -> io::Result<RawRun> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(spec.write)
-        .custom_flags(flags)
-        .open(path)?;
-    let bytes = file.metadata()?.len();
-    let depth = spec.depth as usize;
-    let bs = spec.bs as usize;
+    let (depth, bs) = (job.depth, job.bs);
     let pool = BouncePool::new(depth * bs.div_ceil(super::pool::POOL_PAGE))?;
     let mut bufs: Vec<Buf> = (0..depth)
         .map(|_| {
@@ -550,13 +555,13 @@ pub fn raw_baseline(
     let mut latency_ns = Vec::new();
     let mut sent_at;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(spec.seconds);
+    let deadline = started + Duration::from_secs_f64(job.seconds);
     let mut ops = 0u64;
     let mut in_flight = 0usize;
     let push = |ring: &mut IoUring, lane: usize, n: u64| -> io::Result<()> {
-        let off = crate::sim::guest::bench_offset(spec, bytes, lane as u32, n);
+        let off = offset(lane as u32, n);
         let p = pool.ptr(&bufs[lane]);
-        let e = if spec.write {
+        let e = if job.write {
             opcode::Write::new(fd, p, bs as u32).offset(off).build()
         } else {
             opcode::Read::new(fd, p, bs as u32).offset(off).build()
@@ -592,7 +597,7 @@ pub fn raw_baseline(
             let lane = lane as usize;
             issued[lane] += 1;
             let now = Instant::now();
-            if depth == 1 && latency_ns.len() < crate::sim::guest::LATENCY_SAMPLES {
+            if depth == 1 && latency_ns.len() < job.latency_samples {
                 latency_ns.push((now - sent_at).as_nanos().min(u128::from(u32::MAX)) as u32);
             }
             if now < deadline {

@@ -259,7 +259,7 @@ fn le_u16(b: &[u8], at: usize) -> u16 {
 /// Reads segment `i` of a packed array starting at `at`.
 fn segment(b: &[u8], at: usize) -> Segment {
     Segment {
-        gref: le_u32(b, at),
+        gref: GrantRef(le_u32(b, at)),
         first_sect: b[at + 4],
         last_sect: b[at + 5],
     }
@@ -444,7 +444,7 @@ pub fn parse(raw: &RawRequest, abi: Abi, l: &Limits) -> Result<Parsed, Refusal> 
             let pages = usize::from(nr).div_ceil(SEGS_PER_INDIRECT_FRAME);
             debug_assert!(pages <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST);
             let grefs = (0..pages)
-                .map(|i| le_u32(b, lay.ind_grefs + i * 4))
+                .map(|i| GrantRef(le_u32(b, lay.ind_grefs + i * 4)))
                 .collect();
             Ok(Parsed::Indirect(IndirectHeader {
                 id: ctx.id,
@@ -518,7 +518,7 @@ pub mod encode {
 
     /// Writes one segment into a slot or an indirect page.
     pub fn put_segment(b: &mut [u8], at: usize, s: &Segment) {
-        b[at..at + 4].copy_from_slice(&s.gref.to_le_bytes());
+        b[at..at + 4].copy_from_slice(&s.gref.0.to_le_bytes());
         b[at + 4] = s.first_sect;
         b[at + 5] = s.last_sect;
     }
@@ -557,7 +557,7 @@ pub mod encode {
             .enumerate()
         {
             let at = lay.ind_grefs + i * 4;
-            b[at..at + 4].copy_from_slice(&g.to_le_bytes());
+            b[at..at + 4].copy_from_slice(&g.0.to_le_bytes());
         }
         b
     }

@@ -45,7 +45,7 @@ impl<T: RingMem> RingMem for std::sync::Arc<T> {
 
 fn seg(gref: u32, first: u8, last: u8) -> Segment {
     Segment {
-        gref,
+        gref: GrantRef(gref),
         first_sect: first,
         last_sect: last,
     }
@@ -316,7 +316,7 @@ fn no_write_discard_or_flush_with_data_on_a_read_only_disk() {
         encode::rw(Abi::X86_64, BLKIF_OP_FLUSH_DISKCACHE, 1, 0, &[seg(1, 0, 7)]),
         encode::rw(Abi::X86_64, BLKIF_OP_WRITE_BARRIER, 1, 0, &[seg(1, 0, 7)]),
         encode::discard(Abi::X86_64, 1, 0, 8, false),
-        encode::indirect(Abi::X86_64, BLKIF_OP_WRITE, 1, 0, 20, &[5]),
+        encode::indirect(Abi::X86_64, BLKIF_OP_WRITE, 1, 0, 20, &[GrantRef(5)]),
     ] {
         let (r, st, halt) = reason(raw, Abi::X86_64, &l);
         assert_eq!((r, st, halt), (Reason::ReadOnly, BLKIF_RSP_ERROR, false));
@@ -372,7 +372,7 @@ fn operations_not_offered_are_answered_eopnotsupp() {
         encode::rw(Abi::X86_64, BLKIF_OP_FLUSH_DISKCACHE, 1, 0, &[]),
         encode::rw(Abi::X86_64, BLKIF_OP_WRITE_BARRIER, 1, 0, &[]),
         encode::discard(Abi::X86_64, 1, 0, 8, false),
-        encode::indirect(Abi::X86_64, BLKIF_OP_READ, 1, 0, 20, &[5]),
+        encode::indirect(Abi::X86_64, BLKIF_OP_READ, 1, 0, 20, &[GrantRef(5)]),
     ] {
         let (_, st, halt) = reason(raw, Abi::X86_64, &l);
         assert_eq!((st, halt), (BLKIF_RSP_EOPNOTSUPP, false));
@@ -385,12 +385,30 @@ fn indirect_pages_are_ceil_of_segments_over_512_within_the_negotiated_maximum() 
         max_indirect_segments: 1024,
         ..Limits::new(1 << 30)
     };
-    let raw = encode::indirect(Abi::X86_64, BLKIF_OP_READ, 7, 0, 513, &[10, 11, 12]);
+    let raw = encode::indirect(
+        Abi::X86_64,
+        BLKIF_OP_READ,
+        7,
+        0,
+        513,
+        &[GrantRef(10), GrantRef(11), GrantRef(12)],
+    );
     let Parsed::Indirect(h) = parse(&RawRequest { bytes: raw }, Abi::X86_64, &l).unwrap() else {
         panic!()
     };
-    assert_eq!(h.grefs, vec![10, 11], "513 segments take exactly 2 pages");
-    let over = encode::indirect(Abi::X86_64, BLKIF_OP_READ, 7, 0, 1025, &[1, 2, 3]);
+    assert_eq!(
+        h.grefs,
+        vec![GrantRef(10), GrantRef(11)],
+        "513 segments take exactly 2 pages"
+    );
+    let over = encode::indirect(
+        Abi::X86_64,
+        BLKIF_OP_READ,
+        7,
+        0,
+        1025,
+        &[GrantRef(1), GrantRef(2), GrantRef(3)],
+    );
     assert!(matches!(
         reason(over, Abi::X86_64, &l).0,
         Reason::SegmentCount {
@@ -399,9 +417,16 @@ fn indirect_pages_are_ceil_of_segments_over_512_within_the_negotiated_maximum() 
             ..
         }
     ));
-    let zero = encode::indirect(Abi::X86_64, BLKIF_OP_READ, 7, 0, 0, &[1]);
+    let zero = encode::indirect(Abi::X86_64, BLKIF_OP_READ, 7, 0, 0, &[GrantRef(1)]);
     assert!(reason(zero, Abi::X86_64, &l).2, "zero segments halts");
-    let flush = encode::indirect(Abi::X86_64, BLKIF_OP_FLUSH_DISKCACHE, 7, 0, 4, &[1]);
+    let flush = encode::indirect(
+        Abi::X86_64,
+        BLKIF_OP_FLUSH_DISKCACHE,
+        7,
+        0,
+        4,
+        &[GrantRef(1)],
+    );
     assert_eq!(
         reason(flush, Abi::X86_64, &l).0,
         Reason::IndirectOp(BLKIF_OP_FLUSH_DISKCACHE)
@@ -411,7 +436,7 @@ fn indirect_pages_are_ceil_of_segments_over_512_within_the_negotiated_maximum() 
 #[test]
 fn indirect_segments_are_validated_from_the_private_copy() {
     let l = Limits::new(1 << 30);
-    let raw = encode::indirect(Abi::X86_32, BLKIF_OP_WRITE, 7, 16, 3, &[10]);
+    let raw = encode::indirect(Abi::X86_32, BLKIF_OP_WRITE, 7, 16, 3, &[GrantRef(10)]);
     let Parsed::Indirect(h) = parse(&RawRequest { bytes: raw }, Abi::X86_32, &l).unwrap() else {
         panic!()
     };

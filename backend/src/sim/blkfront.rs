@@ -569,11 +569,7 @@ impl Blkfront {
 
     /// The backend's `error` node, if it wrote one.
     pub async fn backend_error(&self) -> Result<Option<String>> {
-        Ok(self
-            .xs
-            .try_read(&format!("{}/error", self.be))
-            .await?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.xs.try_read_text(&format!("{}/error", self.be)).await?)
     }
 
     /// The backend's state.

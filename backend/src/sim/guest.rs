@@ -326,7 +326,7 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
         Mode::TooManySegments | Mode::BadSector => {
             let segs: Vec<Segment> = (0..12)
                 .map(|i| Segment {
-                    gref: 8 + i,
+                    gref: GrantRef(8 + i),
                     first_sect: if args.mode == Mode::BadSector { 5 } else { 0 },
                     last_sect: if args.mode == Mode::BadSector { 2 } else { 7 },
                 })
@@ -367,7 +367,7 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
         Mode::BadGrant | Mode::RevokedGrant => {
             let dom = front.domain();
             let gref = if args.mode == Mode::BadGrant {
-                7 // reserved, never granted
+                GrantRef(7) // reserved, never granted
             } else {
                 let f = dom.alloc_pages(1)?;
                 let g = dom.grant(f, DomId::DOM0, false)?;

@@ -3,5 +3,4 @@
 
 pub mod blkfront;
 pub mod guest;
-pub mod toolstack;
 pub mod world;

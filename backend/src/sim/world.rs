@@ -9,11 +9,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use xenstore::{Client, DomId, Endpoint, Server};
 
-use super::toolstack::{self, VbdPaths};
 use crate::io::{Disk, MemDisk};
 use crate::vbd::queue::{QueueEnd, QueueStats};
 use crate::vbd::{self, Offer, VbdError};
 use crate::xen::sim::{SimEvtchn, SimGrants};
+use crate::xenbus::toolstack::{self, VbdPaths};
 
 /// A running simulation.
 #[derive(Debug)]
@@ -141,19 +141,19 @@ impl SimWorld {
         let evtchn = SimEvtchn::new(&self.dir, DomId::DOM0);
         let live = self.live.clone();
         let task = tokio::spawn(async move {
-            vbd::serve_frontend(
-                &xs,
-                &p.backend,
-                &p.frontend,
+            vbd::wait_frontend_ready(&xs, &p.frontend, std::time::Duration::from_secs(30)).await?;
+            let conn = vbd::Connection {
+                xs: &xs,
+                be: &p.backend,
+                fe: &p.frontend,
                 domid,
                 grants,
-                &evtchn,
-                d,
-                &offer,
-                stop_rx,
-                Some(&live),
-            )
-            .await
+                evtchn: &evtchn,
+                disk: d,
+                offer: &offer,
+                live: Some(&live),
+            };
+            vbd::serve_frontend(conn, stop_rx).await
         });
         Ok(Served {
             paths,

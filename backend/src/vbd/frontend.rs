@@ -136,17 +136,17 @@ pub async fn read(
         };
         let refs = if order_key.is_none() {
             let p = format!("{dir}/ring-ref");
-            vec![parse_u32(&p, &need(xs, &p).await?)?]
+            vec![GrantRef(parse_u32(&p, &need(xs, &p).await?)?)]
         } else {
             let mut refs = Vec::with_capacity(1 << order);
             for i in 0..(1u32 << order) {
                 let p = format!("{dir}/ring-ref{i}");
-                refs.push(parse_u32(&p, &need(xs, &p).await?)?);
+                refs.push(GrantRef(parse_u32(&p, &need(xs, &p).await?)?));
             }
             refs
         };
         let p = format!("{dir}/event-channel");
-        let port = parse_u32(&p, &need(xs, &p).await?)?;
+        let port = Port(parse_u32(&p, &need(xs, &p).await?)?);
         queues.push(QueueRing { refs, port });
     }
     let persistent = read_u32(xs, &format!("{fe}/feature-persistent"))
@@ -183,8 +183,8 @@ mod tests {
         assert_eq!(
             cfg.queues,
             vec![QueueRing {
-                refs: vec![8],
-                port: 5
+                refs: vec![GrantRef(8)],
+                port: Port(5)
             }]
         );
     }
@@ -209,8 +209,8 @@ mod tests {
         assert_eq!(
             cfg.queues[1],
             QueueRing {
-                refs: vec![20, 21],
-                port: 8
+                refs: vec![GrantRef(20), GrantRef(21)],
+                port: Port(8)
             }
         );
     }

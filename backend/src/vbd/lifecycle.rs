@@ -28,11 +28,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use xenstore::{Client, Xs};
 
-use super::{publish_geometry, serve_frontend, Offer};
+use super::transition::{step, Observed, Phase, Step};
+use super::{publish_geometry, serve_frontend, Connection, Offer};
 use crate::abi::sys::XenbusState;
 use crate::disk::{self, DiskId};
 use crate::io::{Disk, FileDisk};
 use crate::xen::{DomId, EventChannels, Grants};
+use crate::xenbus::{self, key, published::Nodes, Published};
 
 /// What a vbd task needs.
 #[derive(Debug)]
@@ -73,10 +75,7 @@ pub enum Fatal {
 }
 
 async fn read(xs: &Client, path: &str) -> Result<Option<String>, Fatal> {
-    Ok(xs
-        .try_read(path)
-        .await?
-        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    Ok(xs.try_read_text(path).await?)
 }
 
 async fn state_of(xs: &Client, path: &str) -> Result<Option<XenbusState>, Fatal> {
@@ -163,7 +162,7 @@ pub async fn run<G: Grants, EC: EventChannels>(
     devid: u32,
     mut stop: watch::Receiver<Stop>,
 ) {
-    let be = format!("/local/domain/0/backend/vbd/{}/{devid}", domid.0);
+    let be = xenbus::backend_path(domid, devid);
     match lifecycle(&ctx, domid, &be, &mut stop).await {
         Ok(()) => tracing::debug!(%domid, devid, "vbd done"),
         Err(e) => fail(&ctx.xs, &be, &e.to_string()).await,
@@ -361,12 +360,26 @@ fn handing_over(stop: &watch::Receiver<Stop>) -> bool {
     *stop.borrow() == Stop::Handover
 }
 
-/// Whether the toolstack is removing the device (`online = 0`, or it wrote
-/// Closing itself, as libxl's removal does).
-async fn being_removed(xs: &Client, be: &str) -> Result<bool, Fatal> {
-    let (online, state) = (format!("{be}/online"), format!("{be}/state"));
-    let (online, be_state) = tokio::try_join!(read(xs, &online), state_of(xs, &state))?;
-    Ok(online.as_deref() == Some("0") || be_state == Some(XenbusState::Closing))
+/// One look at the nodes the state machine reads ([`step`]), in one round
+/// trip.
+async fn observe(xs: &Client, be: &str, fe: &str) -> Result<Observed, Fatal> {
+    let (online, be_state, fe_state) = (
+        xenbus::node(be, key::ONLINE),
+        xenbus::node(be, key::STATE),
+        xenbus::node(fe, key::STATE),
+    );
+    let (dir, online, backend, frontend) = tokio::try_join!(
+        read(xs, be),
+        read(xs, &online),
+        state_of(xs, &be_state),
+        state_of(xs, &fe_state)
+    )?;
+    Ok(Observed {
+        exists: dir.is_some(),
+        online: online.as_deref() != Some("0"),
+        backend,
+        frontend,
+    })
 }
 
 async fn lifecycle<G: Grants, EC: EventChannels>(
@@ -404,16 +417,17 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
 
     // The hotplug script's handshake: physical-device + diskseq.
     let disk = loop {
-        if read(xs, be).await?.is_none() {
-            return Ok(()); // removed before it was used
-        }
-        if !adopted && being_removed(xs, be).await? {
-            // The toolstack gave up on it (its block script failed, or the
-            // guest went away before it was built): Closed at once, as the
-            // kernel backend does, not after libxl's 10 s.
-            set_state(xs, be, XenbusState::Closed).await?;
-            tracing::info!(%domid, backend = be, "vbd removed before its disk was published: closed");
-            return wait_removed(xs, be, &mut be_w, stop).await;
+        match step(
+            Phase::AwaitingDisk { adopted },
+            &observe(xs, be, &ts.fe).await?,
+        ) {
+            Step::Gone => return Ok(()), // removed before it was used
+            Step::CloseForRemoval => {
+                set_state(xs, be, XenbusState::Closed).await?;
+                tracing::info!(%domid, backend = be, "vbd removed before its disk was published: closed");
+                return wait_removed(xs, be, &mut be_w, stop).await;
+            }
+            _ => {} // Step::OpenDisk: if it is published
         }
         match published_disk(ctx, be).await? {
             Some(Published::Block(id)) => {
@@ -444,25 +458,18 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
     loop {
         // Wait for the frontend (or for the end).
         loop {
-            if read(xs, be).await?.is_none() {
-                return Ok(());
-            }
-            let online = read(xs, &format!("{be}/online")).await?;
-            let be_state = state_of(xs, &format!("{be}/state")).await?;
-            if online.as_deref() == Some("0") || be_state == Some(XenbusState::Closing) {
-                // Being removed: let go of the disk first, so the hotplug
-                // script's remove (run once we are Closed) can release it.
-                drop(disk);
-                set_state(xs, be, XenbusState::Closed).await?;
-                return wait_removed(xs, be, &mut be_w, stop).await;
-            }
-            match state_of(xs, &format!("{}/state", ts.fe)).await? {
-                Some(XenbusState::Initialised | XenbusState::Connected) => break,
-                Some(XenbusState::Initialising) if be_state == Some(XenbusState::Closed) => {
-                    // blkfront recovering (migration, a backend restart): start over.
-                    set_state(xs, be, XenbusState::InitWait).await?;
+            match step(Phase::AwaitingFrontend, &observe(xs, be, &ts.fe).await?) {
+                Step::Gone => return Ok(()),
+                Step::CloseForRemoval => {
+                    // Let go of the disk first, so the hotplug script's
+                    // remove (run once we are Closed) can release it.
+                    drop(disk);
+                    set_state(xs, be, XenbusState::Closed).await?;
+                    return wait_removed(xs, be, &mut be_w, stop).await;
                 }
-                _ => {}
+                Step::Connect => break,
+                Step::Reinitialise => set_state(xs, be, XenbusState::InitWait).await?,
+                _ => {} // Step::Wait
             }
             if !changed(&mut be_w, &mut fe_w, stop).await {
                 if !handing_over(stop) {
@@ -476,16 +483,18 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         // Boxed so it can be dropped as soon as the queues are given up on:
         // it holds the disk, which the hotplug script's remove needs closed.
         let mut serving = Box::pin(serve_frontend(
-            xs,
-            be,
-            &ts.fe,
-            domid,
-            ctx.grants.clone(),
-            &*ctx.evtchn,
-            disk.clone(),
-            &offer,
+            Connection {
+                xs,
+                be,
+                fe: &ts.fe,
+                domid,
+                grants: ctx.grants.clone(),
+                evtchn: &*ctx.evtchn,
+                disk: disk.clone(),
+                offer: &offer,
+                live: Some(&ctx.live),
+            },
             qstop_rx,
-            Some(&ctx.live),
         ));
         let mut size_check = tokio::time::interval(Duration::from_secs(1));
         // The configuration's limit rules as last applied (SIGHUP replaces them).
@@ -518,10 +527,8 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 }
                 alive = changed(&mut be_w, &mut fe_w, stop) => {
                     apply_limit(ctx, domid, devid, be).await;
-                    let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
-                    let be_state = state_of(xs, &format!("{be}/state")).await?;
-                    let online = read(xs, &format!("{be}/online")).await?;
-                    if alive && !announced && be_state == Some(XenbusState::Connected) {
+                    let o = observe(xs, be, &ts.fe).await?;
+                    if alive && !announced && o.backend == Some(XenbusState::Connected) {
                         announced = true;
                         if chatter.loud() {
                             tracing::info!(%domid, backend = be, adopted_at_start = adopted, "vbd connected");
@@ -529,13 +536,9 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                             tracing::debug!(%domid, backend = be, "vbd connected");
                         }
                     }
-                    let closing = !alive
-                        || read(xs, be).await?.is_none()
-                        || matches!(fe_state, None | Some(XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown))
-                        || be_state == Some(XenbusState::Closing)
-                        || online.as_deref() == Some("0");
-                    if closing {
-                        if fe_state == Some(XenbusState::Closing) {
+                    let next = step(Phase::Connected, &o);
+                    if !alive || next != Step::Wait {
+                        if next == (Step::Disconnect { closing: true }) {
                             set_state(xs, be, XenbusState::Closing).await?;
                         }
                         let _ = qstop.send(true);
@@ -566,24 +569,12 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         // Closed (Closing until then, as blkback answers a closing frontend),
         // or at once when the toolstack removes the device.
         let removing = loop {
-            if read(xs, be).await?.is_none() {
-                return Ok(());
-            }
-            let fe_state = state_of(xs, &format!("{}/state", ts.fe)).await?;
-            let online = read(xs, &format!("{be}/online")).await?;
-            if online.as_deref() == Some("0") {
-                break true;
-            }
-            if matches!(
-                fe_state,
-                None | Some(XenbusState::Closed | XenbusState::Unknown)
-            ) {
-                break false;
-            }
-            if fe_state == Some(XenbusState::Closing)
-                && state_of(xs, &format!("{be}/state")).await? != Some(XenbusState::Closing)
-            {
-                set_state(xs, be, XenbusState::Closing).await?;
+            match step(Phase::Disconnected, &observe(xs, be, &ts.fe).await?) {
+                Step::Gone => return Ok(()),
+                Step::CloseForRemoval => break true,
+                Step::Closed => break false,
+                Step::AnswerClosing => set_state(xs, be, XenbusState::Closing).await?,
+                _ => {} // Step::Wait
             }
             if !changed(&mut be_w, &mut fe_w, stop).await {
                 if handing_over(stop) {
@@ -658,82 +649,25 @@ async fn wait_removed(
     Ok(())
 }
 
-/// What the hotplug script published.
-enum Published {
-    /// A block device: `physical-device` and `diskseq`.
-    Block(DiskId),
-    /// A regular file served directly: `physical-file` and `file-id`.
-    File(std::path::PathBuf, disk::FileId),
-}
-
-/// The nodes the hotplug script publishes a disk by, read together.
-#[derive(Debug, Default)]
-struct PublishedNodes {
-    physical_device: Option<String>,
-    diskseq: Option<String>,
-    physical_file: Option<String>,
-    file_id: Option<String>,
-    hotplug_status: Option<String>,
-}
-
-/// Reads the published-disk nodes in one Xenstore transaction, so that
-/// `physical-device` and `diskseq` (or `physical-file` and `file-id`) are
-/// seen as one snapshot, never one from before a rewrite and one after.
-async fn read_published(xs: &Client, be: &str) -> Result<PublishedNodes, Fatal> {
-    let nodes = xs
-        .transaction(|tx| async move {
-            let keys = [
-                "physical-device",
-                "diskseq",
-                "physical-file",
-                "file-id",
-                "hotplug-status",
-            ]
-            .map(|k| format!("{be}/{k}"));
-            let reads = keys.iter().map(|k| tx.try_read(k));
-            let mut v = futures_util::future::join_all(reads).await.into_iter();
-            let mut next = || -> xenstore::client::Result<Option<String>> {
-                Ok(v.next()
-                    .transpose()?
-                    .flatten()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned()))
-            };
-            Ok(PublishedNodes {
-                physical_device: next()?,
-                diskseq: next()?,
-                physical_file: next()?,
-                file_id: next()?,
-                hotplug_status: next()?,
-            })
-        })
-        .await?;
-    Ok(nodes)
-}
-
 /// The disk the hotplug script published, if it has.
 async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<Published>, Fatal> {
     let xs = &ctx.xs;
-    let n = read_published(xs, be).await?;
-    let Some(phys) = n.physical_device else {
+    let n = Nodes::read(xs, be).await?;
+    let Some(phys) = n.physical_device.as_deref() else {
         // A file to serve directly is published in one transaction.
-        let Some(path) = n.physical_file else {
+        if n.physical_file.is_none() {
             return Ok(None);
-        };
-        let Some(id) = n.file_id else {
+        }
+        let Some(published) = n.file()? else {
             return Err(Fatal::Config(
                 "the hotplug script wrote physical-file without file-id; refusing to serve a file by path alone".into(),
             ));
         };
-        all_dom0_only(
-            xs,
-            &[format!("{be}/physical-file"), format!("{be}/file-id")],
-        )
-        .await?;
-        let id = disk::FileId::parse(id.as_bytes())?;
-        return Ok(Some(Published::File(path.into(), id)));
+        trusted(xs, be, &published).await?;
+        return Ok(Some(published));
     };
     let (major, minor) = disk::parse_physical_device(phys.as_bytes())?;
-    let diskseq = match n.diskseq {
+    let diskseq = match n.diskseq.as_deref() {
         Some(s) => disk::parse_diskseq(s.as_bytes())?,
         None if ctx.allow_missing_diskseq => {
             tracing::warn!(
@@ -750,14 +684,16 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
         }
         None => return Ok(None),
     };
-    all_dom0_only(
-        xs,
-        &[format!("{be}/physical-device"), format!("{be}/diskseq")],
-    )
-    .await?;
-    Ok(Some(Published::Block(DiskId {
+    let published = Published::Block(DiskId {
         major,
         minor,
         diskseq,
-    })))
+    });
+    trusted(xs, be, &published).await?;
+    Ok(Some(published))
+}
+
+/// Refuses a published disk whose nodes anyone but dom0 could have written.
+async fn trusted(xs: &Client, be: &str, p: &Published) -> Result<(), Fatal> {
+    all_dom0_only(xs, &p.keys().map(|k| xenbus::node(be, k))).await
 }

@@ -342,10 +342,7 @@ pub async fn read_nodes(
     let keys = NODES.map(|k| format!("{be}/{k}"));
     let mut v: [Option<String>; 3] = Default::default();
     for (slot, k) in v.iter_mut().zip(&keys) {
-        *slot = xs
-            .try_read(k)
-            .await?
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        *slot = xs.try_read_text(k).await?;
     }
     Ok(from_nodes(
         v[0].as_deref(),

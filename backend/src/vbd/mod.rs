@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod limit;
 pub mod queue;
 pub mod share;
+pub mod transition;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,12 @@ use crate::io::Disk;
 use crate::ring::request::Limits;
 use crate::ring::BackRing;
 use crate::xen::{DomId, EventChannels, Grants};
-use queue::{Queue, QueueEnd, QueueStats};
+use queue::{Queue, QueueEnd, QueueParts, QueueStats};
+
+/// The largest `max-ring-page-order` offered: Linux's own bound.
+pub const MAX_RING_ORDER: u32 = crate::abi::blkif::XENBUS_MAX_RING_GRANT_ORDER;
+/// The most queues offered (`multi-queue-max-queues`).
+pub const MAX_QUEUES: u32 = 32;
 
 /// What the backend offers a frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +68,7 @@ pub struct Offer {
 impl Default for Offer {
     fn default() -> Self {
         Offer {
-            max_ring_order: 4,
+            max_ring_order: MAX_RING_ORDER,
             max_queues: 4,
             max_indirect_segments: 256,
             persistent_grants: true,
@@ -119,8 +125,10 @@ impl Offer {
         for kv in s.split_ascii_whitespace() {
             let (k, v) = kv.split_once('=')?;
             match k {
-                "order" => o.max_ring_order = v.parse().ok().filter(|n| *n <= 4)?,
-                "queues" => o.max_queues = v.parse().ok().filter(|n| (1..=32).contains(n))?,
+                "order" => o.max_ring_order = v.parse().ok().filter(|n| *n <= MAX_RING_ORDER)?,
+                "queues" => {
+                    o.max_queues = v.parse().ok().filter(|n| (1..=MAX_QUEUES).contains(n))?
+                }
                 "indirect" => o.max_indirect_segments = v.parse().ok()?,
                 "persistent" => o.persistent_grants = flag(v)?,
                 "engine" => o.engine = crate::io::engine::EngineChoice::from_str(v, true).ok()?,
@@ -166,10 +174,10 @@ pub async fn adopted_offer(xs: &Client, be: &str, current: &Offer) -> Result<Off
         xs.try_read(&keys[2]),
         xs.try_read(&keys[3]),
     )?;
-    if let Some(n) = num(order).filter(|n| *n <= 4) {
+    if let Some(n) = num(order).filter(|n| *n <= MAX_RING_ORDER) {
         o.max_ring_order = n;
     }
-    if let Some(n) = num(queues).filter(|n| (1..=32).contains(n)) {
+    if let Some(n) = num(queues).filter(|n| (1..=MAX_QUEUES).contains(n)) {
         o.max_queues = n;
     }
     if let Some(n) = num(indirect).and_then(|n| u16::try_from(n).ok()) {
@@ -323,7 +331,10 @@ pub async fn publish<D: Disk>(
     Ok(())
 }
 
-async fn wait_frontend_ready(xs: &Client, fe: &str, timeout: Duration) -> Result<(), VbdError> {
+/// Waits until the frontend at `fe` is Initialised (or Connected), for a
+/// backend without a lifecycle around it (the simulation's vbds; the
+/// lifecycle's own state machine waits for it otherwise).
+pub async fn wait_frontend_ready(xs: &Client, fe: &str, timeout: Duration) -> Result<(), VbdError> {
     let mut w = xs.watch(&format!("{fe}/state")).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -342,23 +353,50 @@ async fn wait_frontend_ready(xs: &Client, fe: &str, timeout: Duration) -> Result
     }
 }
 
-/// Connects to the frontend at `fe` (domain `domid`) once it is Initialised and
-/// serves every queue until `stop` turns true or a ring halts. A halted ring
-/// puts its reason in the backend's `error` node and the device in Closing.
-#[allow(clippy::too_many_arguments)]
+/// One frontend's connection: who it is, what serves it and what it was
+/// offered (what [`serve_frontend`] needs, read once by the lifecycle).
+#[derive(Debug)]
+pub struct Connection<'a, G, EC, D> {
+    /// Dom0's Xenstore.
+    pub xs: &'a Client,
+    /// The backend directory.
+    pub be: &'a str,
+    /// The frontend directory.
+    pub fe: &'a str,
+    /// The frontend's domain.
+    pub domid: DomId,
+    /// Grant access.
+    pub grants: Arc<G>,
+    /// Event channels.
+    pub evtchn: &'a EC,
+    /// The disk.
+    pub disk: Arc<D>,
+    /// What the backend offered this device.
+    pub offer: &'a Offer,
+    /// Where the rings' counters and the vbd's limiter live (`None`: not
+    /// shown, not limited).
+    pub live: Option<&'a crate::status::Live>,
+}
+
+/// Maps the rings of a frontend that is ready (Initialised or Connected)
+/// and serves every queue until `stop` turns true or a ring halts. A halted
+/// ring puts its reason in the backend's `error` node and the device in
+/// Closing.
 pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
-    xs: &Client,
-    be: &str,
-    fe: &str,
-    domid: DomId,
-    grants: Arc<G>,
-    evtchn: &EC,
-    disk: Arc<D>,
-    offer: &Offer,
+    c: Connection<'_, G, EC, D>,
     stop: watch::Receiver<bool>,
-    live: Option<&crate::status::Live>,
 ) -> Result<Vec<(QueueEnd, QueueStats)>, VbdError> {
-    wait_frontend_ready(xs, fe, Duration::from_secs(30)).await?;
+    let Connection {
+        xs,
+        be,
+        fe,
+        domid,
+        grants,
+        evtchn,
+        disk,
+        offer,
+        live,
+    } = c;
     let cfg = frontend::read(xs, fe, offer.max_ring_order, offer.max_queues).await?;
     let limits = limits(&*disk, offer);
     let pages = 1usize << cfg.order;
@@ -386,16 +424,16 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
             engine_name = engine.name();
         }
         queues.push(
-            Queue::new(
+            Queue::new(QueueParts {
                 ring,
                 ev,
-                grants.clone(),
-                disk.clone(),
+                grants: grants.clone(),
+                disk: disk.clone(),
                 engine,
                 pool,
                 domid,
-                limits.clone(),
-            )
+                limits: limits.clone(),
+            })
             .with_persistent_grants(cfg.persistent && offer.persistent_grants)
             .with_map_mode(offer.map_grants)
             .with_polling(Duration::from_micros(u64::from(offer.poll_us)))
@@ -458,16 +496,26 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
     let mut out = Vec::new();
     while let Some(r) = futures_util::StreamExt::next(&mut ends).await {
         let r = r.unwrap_or_else(|_| {
-            let why = "queue thread failed".to_owned();
             (
-                QueueEnd::Halted(crate::ring::RingError::Protocol(why)),
+                QueueEnd::Failed("the queue's thread ended without an answer (it panicked)".into()),
                 QueueStats::default(),
             )
         });
-        // A halted ring takes the device to Closing at once, reason in `error`.
-        if let QueueEnd::Halted(e) = &r.0 {
-            tracing::debug!(%domid, "ring halted: {e}");
-            let _ = xs.write(&format!("{be}/error"), e.to_string()).await;
+        // A dead ring takes the device to Closing at once, reason in `error`:
+        // the guest's doing at debug level, ours at error level.
+        let why = match &r.0 {
+            QueueEnd::Stopped => None,
+            QueueEnd::Halted(e) => {
+                tracing::debug!(%domid, "ring halted: {e}");
+                Some(e.to_string())
+            }
+            QueueEnd::Failed(e) => {
+                tracing::error!(%domid, backend = be, "a queue failed: {e}");
+                Some(format!("internal error of the backend: {e}"))
+            }
+        };
+        if let Some(why) = why {
+            let _ = xs.write(&format!("{be}/error"), why).await;
             let _ = xs
                 .write(&format!("{be}/state"), XenbusState::Closing.as_str())
                 .await;

@@ -21,11 +21,24 @@ pub const GNTDEV: &str = "/dev/xen/gntdev";
 /// The evtchn device.
 pub const EVTCHN: &str = "/dev/xen/evtchn";
 
-fn ioctl(fd: RawFd, req: u32, arg: *mut libc::c_void) -> io::Result<libc::c_int> {
-    // SAFETY: every caller passes a request number from `abi::sys` together with
-    // a pointer to a live, writable value of exactly the type that request's
-    // header declares (sizes are pinned by compile-time assertions).
-    let r = unsafe { libc::ioctl(fd, req as libc::c_ulong, arg) };
+/// `ioctl(fd, req, arg)` on the gntdev or evtchn device.
+///
+/// # Safety
+///
+/// `req` must be a request number from `abi::sys` whose argument, as the
+/// kernel's header declares it, is exactly a `T` (sizes are pinned by
+/// compile-time assertions there), and every address inside `*arg` must be
+/// valid for what that request does with it for the length of the call.
+unsafe fn ioctl<T: ?Sized>(fd: RawFd, req: u32, arg: &mut T) -> io::Result<libc::c_int> {
+    // SAFETY: `arg` is a live, writable `T`, which the caller vouches is
+    // what `req` reads and writes.
+    let r = unsafe {
+        libc::ioctl(
+            fd,
+            req as libc::c_ulong,
+            (arg as *mut T).cast::<libc::c_void>(),
+        )
+    };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -40,7 +53,7 @@ pub fn encode_map(domid: DomId, refs: &[GrantRef]) -> Vec<u64> {
     let mut buf = vec![0u64; words];
     buf[0] = refs.len() as u64; // count (low half), pad (high half) = 0
     for (i, r) in refs.iter().enumerate() {
-        buf[2 + i] = u64::from(domid.0) | (u64::from(*r) << 32);
+        buf[2 + i] = u64::from(domid.0) | (u64::from(r.0) << 32);
     }
     buf
 }
@@ -52,7 +65,7 @@ pub fn encode_copy(segs: &mut [CopySeg<'_>]) -> Vec<GntdevGrantCopySegment> {
         .map(|s| {
             let foreign = GntdevCopyPtr {
                 foreign: GntdevCopyForeign {
-                    gref: s.gref,
+                    gref: s.gref.0,
                     offset: s.offset,
                     domid: s.domid.0,
                 },
@@ -114,11 +127,14 @@ impl Gntdev {
         let (mem, index) = self.map_indexed(domid, refs, writable)?;
         let mut arg = unmap_notify(index, clear_byte, port);
         if arg.action != 0 {
-            ioctl(
-                self.file.as_raw_fd(),
-                IOCTL_GNTDEV_SET_UNMAP_NOTIFY,
-                (&mut arg as *mut GntdevUnmapNotify).cast(),
-            )?;
+            // SAFETY: the request's argument is a `GntdevUnmapNotify`.
+            unsafe {
+                ioctl(
+                    self.file.as_raw_fd(),
+                    IOCTL_GNTDEV_SET_UNMAP_NOTIFY,
+                    &mut arg,
+                )
+            }?;
         }
         Ok(mem)
     }
@@ -133,11 +149,15 @@ impl Gntdev {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let mut arg = encode_map(domid, refs);
-        ioctl(
-            self.file.as_raw_fd(),
-            IOCTL_GNTDEV_MAP_GRANT_REF,
-            arg.as_mut_ptr().cast(),
-        )?;
+        // SAFETY: the request's argument is a `GntdevMapGrantRef` head
+        // followed by its `count` refs, which `encode_map` laid out in `arg`.
+        unsafe {
+            ioctl(
+                self.file.as_raw_fd(),
+                IOCTL_GNTDEV_MAP_GRANT_REF,
+                &mut arg[..],
+            )
+        }?;
         let index = arg[1];
         let len = refs.len() * XEN_PAGE_SIZE;
         let unmap = {
@@ -149,11 +169,9 @@ impl Gntdev {
                     count,
                     pad: 0,
                 };
-                if let Err(e) = ioctl(
-                    file.as_raw_fd(),
-                    IOCTL_GNTDEV_UNMAP_GRANT_REF,
-                    (&mut u as *mut GntdevUnmapGrantRef).cast(),
-                ) {
+                // SAFETY: the request's argument is a `GntdevUnmapGrantRef`.
+                let r = unsafe { ioctl(file.as_raw_fd(), IOCTL_GNTDEV_UNMAP_GRANT_REF, &mut u) };
+                if let Err(e) = r {
                     tracing::error!("gntdev unmap of {count} grants at {index:#x} failed: {e}");
                 }
             }
@@ -180,7 +198,7 @@ pub fn unmap_notify(index: u64, clear_byte: Option<u64>, port: Option<Port>) -> 
     GntdevUnmapNotify {
         index: index + clear_byte.unwrap_or(0),
         action,
-        event_channel_port: port.unwrap_or(0),
+        event_channel_port: port.map_or(0, |p| p.0),
     }
 }
 
@@ -200,12 +218,10 @@ impl Grants for Gntdev {
                 .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
             segments: wire.as_mut_ptr() as u64,
         };
-        // The local buffers named in `wire` are borrowed by `segs` for this call.
-        ioctl(
-            self.file.as_raw_fd(),
-            IOCTL_GNTDEV_GRANT_COPY,
-            (&mut arg as *mut GntdevGrantCopy).cast(),
-        )?;
+        // SAFETY: the request's argument is a `GntdevGrantCopy`; the
+        // segments it points to are `wire`, alive until this returns, and the
+        // local buffers named in them are borrowed by `segs` for this call.
+        unsafe { ioctl(self.file.as_raw_fd(), IOCTL_GNTDEV_GRANT_COPY, &mut arg) }?;
         for (s, w) in segs.iter_mut().zip(&wire) {
             s.status = w.status;
         }
@@ -240,13 +256,11 @@ impl EventChannels for Evtchn {
             .open(EVTCHN)?;
         let mut arg = EvtchnBindInterdomain {
             remote_domain: u32::from(remote.0),
-            remote_port,
+            remote_port: remote_port.0,
         };
-        let port = ioctl(
-            file.as_raw_fd(),
-            IOCTL_EVTCHN_BIND_INTERDOMAIN,
-            (&mut arg as *mut EvtchnBindInterdomain).cast(),
-        )? as Port;
+        // SAFETY: the request's argument is an `EvtchnBindInterdomain`.
+        let port = unsafe { ioctl(file.as_raw_fd(), IOCTL_EVTCHN_BIND_INTERDOMAIN, &mut arg) }?;
+        let port = Port(u32::try_from(port).map_err(|_| io::Error::other("negative port"))?);
         Ok(DevChannel { fd: file, port })
     }
 }
@@ -259,13 +273,9 @@ impl EventChannel for DevChannel {
     }
 
     fn notify(&self) -> io::Result<()> {
-        let mut arg = EvtchnPortArg { port: self.port };
-        ioctl(
-            self.fd.as_raw_fd(),
-            IOCTL_EVTCHN_NOTIFY,
-            (&mut arg as *mut EvtchnPortArg).cast(),
-        )
-        .map(drop)
+        let mut arg = EvtchnPortArg { port: self.port.0 };
+        // SAFETY: the request's argument is an `EvtchnPortArg`.
+        unsafe { ioctl(self.fd.as_raw_fd(), IOCTL_EVTCHN_NOTIFY, &mut arg) }.map(drop)
     }
 
     fn fd(&self) -> Option<std::os::fd::RawFd> {
@@ -282,7 +292,7 @@ impl EventChannel for DevChannel {
                 Ok(n) => {
                     any |= bytes[..n]
                         .chunks_exact(4)
-                        .any(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")) == self.port);
+                        .any(|c| c == self.port.0.to_ne_bytes());
                     // The driver hands over every pending port that fits:
                     // a read that did not fill the buffer left none.
                     if n < bytes.len() {
@@ -297,7 +307,7 @@ impl EventChannel for DevChannel {
     }
 
     fn unmask(&self) -> io::Result<()> {
-        let n = io::Write::write(&mut (&self.fd), &self.port.to_ne_bytes())?;
+        let n = io::Write::write(&mut (&self.fd), &self.port.0.to_ne_bytes())?;
         if n == 4 {
             Ok(())
         } else {
@@ -308,12 +318,9 @@ impl EventChannel for DevChannel {
 
 impl Drop for DevChannel {
     fn drop(&mut self) {
-        let mut arg = EvtchnPortArg { port: self.port };
-        let _ = ioctl(
-            self.fd.as_raw_fd(),
-            IOCTL_EVTCHN_UNBIND,
-            (&mut arg as *mut EvtchnPortArg).cast(),
-        );
+        let mut arg = EvtchnPortArg { port: self.port.0 };
+        // SAFETY: the request's argument is an `EvtchnPortArg`.
+        let _ = unsafe { ioctl(self.fd.as_raw_fd(), IOCTL_EVTCHN_UNBIND, &mut arg) };
     }
 }
 
@@ -323,7 +330,7 @@ mod tests {
 
     #[test]
     fn map_argument_is_head_then_domid_ref_pairs() {
-        let w = encode_map(DomId(5), &[0x11, 0x22]);
+        let w = encode_map(DomId(5), &[GrantRef(0x11), GrantRef(0x22)]);
         let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
         assert_eq!(bytes.len(), 16 + 2 * 8);
         assert_eq!(&bytes[0..4], &2u32.to_ne_bytes(), "count");
@@ -338,8 +345,8 @@ mod tests {
         let mut a = [0u8; 512];
         let b = [1u8; 100];
         let mut segs = [
-            CopySeg::from_guest(DomId(3), 9, 512, &mut a),
-            CopySeg::to_guest(DomId(4), 10, 8, &b),
+            CopySeg::from_guest(DomId(3), GrantRef(9), 512, &mut a),
+            CopySeg::to_guest(DomId(4), GrantRef(10), 8, &b),
         ];
         let a_ptr = match &segs[0].dir {
             CopyDir::FromGuest(x) => x.as_ptr() as u64,
@@ -359,12 +366,12 @@ mod tests {
 
     #[test]
     fn unmap_notify_names_the_byte_and_the_port() {
-        let a = unmap_notify(0x1000, Some(8), Some(5));
+        let a = unmap_notify(0x1000, Some(8), Some(Port(5)));
         assert_eq!(
             (a.index, a.action, a.event_channel_port),
             (0x1008, UNMAP_NOTIFY_CLEAR_BYTE | UNMAP_NOTIFY_SEND_EVENT, 5)
         );
-        let b = unmap_notify(0x2000, None, Some(9));
+        let b = unmap_notify(0x2000, None, Some(Port(9)));
         assert_eq!((b.index, b.action), (0x2000, UNMAP_NOTIFY_SEND_EVENT));
         assert_eq!(unmap_notify(0, None, None).action, 0);
     }
@@ -375,6 +382,6 @@ mod tests {
             return; // a real dom0: covered by the VM tests
         }
         assert!(Gntdev::open().is_err());
-        assert!(Evtchn.bind_interdomain(DomId(1), 1).is_err());
+        assert!(Evtchn.bind_interdomain(DomId(1), Port(1)).is_err());
     }
 }

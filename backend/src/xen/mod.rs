@@ -17,8 +17,15 @@ pub use xenstore::DomId;
 use crate::abi::blkif::GrantRef;
 use mem::SharedMem;
 
-/// An event-channel port number.
-pub type Port = u32;
+/// An event-channel port number, local to the domain that bound it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Port(pub u32);
+
+impl std::fmt::Display for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Which way a grant copy goes.
 #[derive(Debug)]

@@ -169,6 +169,7 @@ impl SimDomain {
             }
         };
         let frame = u32::try_from(frame).map_err(|_| einval("frame too large"))?;
+        let gref = GrantRef(gref);
         self.write_entry(gref, frame, to, readonly);
         Ok(gref)
     }
@@ -176,7 +177,7 @@ impl SimDomain {
     /// Writes a grant entry as a guest does: frame and domid first, then the
     /// flags that make it valid.
     pub fn write_entry(&self, gref: GrantRef, frame: u32, to: DomId, readonly: bool) {
-        let at = gref as usize * ENTRY;
+        let at = gref.0 as usize * ENTRY;
         self.grants.store_u32(at + 4, frame);
         let flags = GTF_PERMIT_ACCESS | if readonly { GTF_READONLY } else { 0 };
         self.grants
@@ -187,19 +188,19 @@ impl SimDomain {
     /// invalid and the reference free again.
     pub fn end_access(&self, gref: GrantRef) {
         self.revoke(gref);
-        self.st().free_grefs.push(gref);
+        self.st().free_grefs.push(gref.0);
     }
 
     /// Invalidates a grant without freeing the reference (misbehaviour tests).
     pub fn revoke(&self, gref: GrantRef) {
-        if gref < self.entries {
-            self.grants.store_u32(gref as usize * ENTRY, 0);
+        if gref.0 < self.entries {
+            self.grants.store_u32(gref.0 as usize * ENTRY, 0);
         }
     }
 
     /// Allocates an unbound event-channel port for `remote` to bind to.
     pub fn alloc_unbound(&self, _remote: DomId) -> io::Result<GuestPort> {
-        for port in 1..4096 {
+        for port in (1..4096).map(Port) {
             let path = port_path(&self.dir, self.domid, port);
             match std::os::unix::net::UnixDatagram::bind(&path) {
                 Ok(s) => {
@@ -363,10 +364,10 @@ impl SimGrants {
 
     /// Checks a grant as Xen does; the frame on success, a `GNTST_*` otherwise.
     fn check(&self, f: &Foreign, gref: GrantRef, write: bool) -> Result<u64, i16> {
-        if gref >= f.entries {
+        if gref.0 >= f.entries {
             return Err(GNTST_BAD_GNTREF);
         }
-        let at = gref as usize * ENTRY;
+        let at = gref.0 as usize * ENTRY;
         let head = f.grants.load_u32(at);
         let frame = u64::from(f.grants.load_u32(at + 4));
         let flags = (head & 0xffff) as u16;
@@ -472,7 +473,7 @@ impl EventChannels for SimEvtchn {
             ));
         }
         std::fs::create_dir_all(self.dir.join("evtchn"))?;
-        for port in 1..65536 {
+        for port in (1..65536).map(Port) {
             let path = port_path(&self.dir, self.me, port);
             match std::os::unix::net::UnixDatagram::bind(&path) {
                 Ok(s) => {
@@ -584,7 +585,7 @@ mod tests {
             CopySeg::to_guest(DomId(3), ro, 0, b"x"),
             CopySeg::to_guest(DomId(3), other, 0, b"x"),
             CopySeg::to_guest(DomId(3), revoked, 0, b"x"),
-            CopySeg::to_guest(DomId(3), 10_000, 0, b"x"),
+            CopySeg::to_guest(DomId(3), GrantRef(10_000), 0, b"x"),
             CopySeg::to_guest(DomId(3), good, 4095, b"xx"),
             CopySeg::to_guest(DomId(9), good, 0, b"x"),
             CopySeg::to_guest(DomId(3), good, 0, b"ok"),
@@ -651,7 +652,9 @@ mod tests {
         let (d, g, _gr) = setup();
         let gp = g.alloc_unbound(DomId(0)).unwrap();
         let ev = SimEvtchn::new(d.path(), DomId(0));
-        assert!(ev.bind_interdomain(DomId(3), gp.port() + 100).is_err());
+        assert!(ev
+            .bind_interdomain(DomId(3), Port(gp.port().0 + 100))
+            .is_err());
         let ch = ev.bind_interdomain(DomId(3), gp.port()).unwrap();
         // The guest may kick before it has waited for anything: the bind
         // announcement, still queued, tells it where the backend is.

@@ -34,7 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::abi::blkif::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE};
-use crate::io::engine::{Engine, GuestBufs, IoDone, IoKind, IoOp};
+use crate::io::engine::Engine;
+use crate::io::op::{GuestBufs, IoDone, IoKind, IoOp};
 use crate::io::pool::{BouncePool, Buf, POOL_PAGE};
 use crate::io::Disk;
 use crate::ring::request::{parse, Limits, Operation, Parsed, Request};
@@ -66,6 +67,9 @@ pub enum QueueEnd {
     Stopped,
     /// The frontend broke the protocol; the ring is dead.
     Halted(RingError),
+    /// The queue's thread ended without saying how (it panicked): the
+    /// backend's fault, not the guest's; the ring is dead.
+    Failed(String),
 }
 
 /// Where a taken request is.
@@ -150,6 +154,27 @@ pub struct Queue<G, E, D> {
     share: Option<(Arc<crate::vbd::share::VbdShare>, u32)>,
 }
 
+/// What a queue is made of (see [`Queue::new`]).
+#[derive(Debug)]
+pub struct QueueParts<G, E, D> {
+    /// The mapped ring.
+    pub ring: BackRing<SharedMem>,
+    /// Its event channel.
+    pub ev: E,
+    /// Grant access, for the requests' segments.
+    pub grants: Arc<G>,
+    /// The disk.
+    pub disk: Arc<D>,
+    /// The I/O engine.
+    pub engine: Engine,
+    /// The bounce pool `engine` does its I/O in.
+    pub pool: Arc<BouncePool>,
+    /// The frontend's domain.
+    pub domid: DomId,
+    /// What requests are checked against.
+    pub limits: Limits,
+}
+
 impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
@@ -163,17 +188,17 @@ impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
 impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// A queue over a mapped ring, doing its I/O with `engine` in buffers of
     /// `pool`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        ring: BackRing<SharedMem>,
-        ev: E,
-        grants: Arc<G>,
-        disk: Arc<D>,
-        engine: Engine,
-        pool: Arc<BouncePool>,
-        domid: DomId,
-        limits: Limits,
-    ) -> Self {
+    pub fn new(parts: QueueParts<G, E, D>) -> Self {
+        let QueueParts {
+            ring,
+            ev,
+            grants,
+            disk,
+            engine,
+            pool,
+            domid,
+            limits,
+        } = parts;
         Queue {
             ring,
             ev,
@@ -470,9 +495,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             };
             if writes {
                 if let Err(e) = self.copy_in(&req, &mut b) {
-                    tracing::debug!(domid = %self.domid, id = req.id, "{e}");
+                    e.log(self.domid, req.id);
                     self.pool.free(b);
-                    self.finish(i, &req, BLKIF_RSP_ERROR);
+                    self.finish(i, &req, e.answer());
                     return Ok(());
                 }
             }
@@ -603,8 +628,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             match self.copy_out_slot(i, &req) {
                 Ok(()) => BLKIF_RSP_OKAY,
                 Err(e) => {
-                    tracing::debug!(domid = %self.domid, id = req.id, "{e}");
-                    BLKIF_RSP_ERROR
+                    e.log(self.domid, req.id);
+                    e.answer()
                 }
             }
         } else {

@@ -5,17 +5,65 @@
 //! daemon-wide budget of kept mappings.
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::Queue;
 use crate::abi::blkif::{GrantRef, XEN_PAGE_SIZE};
 use crate::abi::sys::GNTST_OKAY;
-use crate::io::engine::GuestBufs;
+use crate::io::op::GuestBufs;
 use crate::io::pool::Buf;
 use crate::io::Disk;
 use crate::ring::request::{IndirectHeader, Request};
 use crate::xen::mem::SharedMem;
 use crate::xen::{CopySeg, EventChannel, Grants};
+
+/// Why a request's data could not reach the guest's pages or come from
+/// them. Each is answered to the guest as `BLKIF_RSP_ERROR` (the request
+/// fails; the ring goes on) and logged as [`TransferError::log`] says.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The guest's grants could not be mapped (a bad or revoked grant).
+    #[error("mapping the request's grants: {0}")]
+    Map(std::io::Error),
+    /// A grant copy entry failed (a bad or read-only grant).
+    #[error("grant copy of ref {gref} failed with status {status}")]
+    Status {
+        /// The grant.
+        gref: GrantRef,
+        /// Xen's `GNTST_*` status.
+        status: i16,
+    },
+    /// The grant-copy call itself failed (the hypervisor interface, ours).
+    #[error("the grant copy call failed: {0}")]
+    Copy(std::io::Error),
+    /// A completed read had no buffer to copy out of (a bug of ours).
+    #[error("a read without its buffer")]
+    NoBuffer,
+}
+
+impl TransferError {
+    /// The status the guest is answered.
+    pub fn answer(&self) -> i16 {
+        crate::abi::blkif::BLKIF_RSP_ERROR
+    }
+
+    /// Whether the guest caused it (its grants), rather than the backend.
+    pub fn guest_caused(&self) -> bool {
+        matches!(self, TransferError::Map(_) | TransferError::Status { .. })
+    }
+
+    /// Logs it: a guest's doing at debug level (a guest must not fill
+    /// dom0's logs); the backend's once per daemon at warn, then at debug.
+    pub fn log(&self, domid: crate::xen::DomId, id: u64) {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if self.guest_caused() || WARNED.swap(true, Ordering::Relaxed) {
+            tracing::debug!(%domid, id, "request failed: {self}");
+        } else {
+            tracing::warn!(%domid, id, "request failed: {self} (said once; further at debug level)");
+        }
+    }
+}
 
 /// Persistent grants kept per ring, as Linux blkback keeps at most 1056: past
 /// this, further grants are served by grant copy (memory stays bounded).
@@ -201,12 +249,12 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         &mut self,
         rest: &[(GrantRef, u16, usize, usize)],
         writable: bool,
-    ) -> Result<SharedMem, String> {
+    ) -> Result<SharedMem, TransferError> {
         let refs: Vec<GrantRef> = rest.iter().map(|r| r.0).collect();
         let m = self
             .grants
             .map(self.domid, &refs, writable)
-            .map_err(|e| format!("mapping the request's grants: {e}"))?;
+            .map_err(TransferError::Map)?;
         self.stats.mapped_segments += rest.len() as u64;
         Ok(m)
     }
@@ -238,7 +286,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 }
                 Err(e) => {
                     MAP_BUDGET.release(1);
-                    tracing::debug!(domid = %self.domid, gref, "persistent grant not mappable, copying: {e}");
+                    tracing::debug!(domid = %self.domid, %gref, "persistent grant not mappable, copying: {e}");
                     if p.unmappable.len() < MAX_PERSISTENT_GRANTS {
                         p.unmappable.insert(gref);
                     }
@@ -291,9 +339,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     }
 
     /// Copies a completed read's data to the guest's pages.
-    pub(super) fn copy_out_slot(&mut self, i: usize, req: &Request) -> Result<(), String> {
+    pub(super) fn copy_out_slot(&mut self, i: usize, req: &Request) -> Result<(), TransferError> {
         let Some(buf) = self.slots[i].buf.take() else {
-            return Err("a read without its buffer".into());
+            return Err(TransferError::NoBuffer);
         };
         let pool = self.pool.clone();
         let r = self.copy_out(req, pool.slice(&buf));
@@ -301,7 +349,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         r
     }
 
-    pub(super) fn copy_out(&mut self, req: &Request, data: &[u8]) -> Result<(), String> {
+    pub(super) fn copy_out(&mut self, req: &Request, data: &[u8]) -> Result<(), TransferError> {
         let mut at = 0;
         let mut rest = Vec::new();
         for s in &req.segments {
@@ -327,7 +375,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     }
 
     /// Copies a write's data from the guest's pages into `buf`.
-    pub(super) fn copy_in(&mut self, req: &Request, buf: &mut Buf) -> Result<(), String> {
+    pub(super) fn copy_in(&mut self, req: &Request, buf: &mut Buf) -> Result<(), TransferError> {
         let pool = self.pool.clone();
         let buf = pool.slice_mut(buf);
         let mut at = 0;
@@ -359,14 +407,14 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self.copy(&mut segs)
     }
 
-    pub(super) fn copy(&self, segs: &mut [CopySeg<'_>]) -> Result<(), String> {
-        self.grants.copy(segs).map_err(|e| e.to_string())?;
+    pub(super) fn copy(&self, segs: &mut [CopySeg<'_>]) -> Result<(), TransferError> {
+        self.grants.copy(segs).map_err(TransferError::Copy)?;
         match segs.iter().find(|s| s.status != GNTST_OKAY) {
             None => Ok(()),
-            Some(s) => Err(format!(
-                "grant copy of ref {} failed with status {}",
-                s.gref, s.status
-            )),
+            Some(s) => Err(TransferError::Status {
+                gref: s.gref,
+                status: s.status,
+            }),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! What libxl does for a vbd, for the simulation: the backend and frontend
-//! directories with their permissions, in one transaction (a separate
-//! write-then-chmod loses a race with the frontend's probe).
+//! What libxl does for a vbd (for `blkbackd attach`, the embedded default
+//! and the tests): the backend and frontend directories with their
+//! permissions, in one transaction (a separate write-then-chmod loses a race
+//! with the frontend's probe).
 #![forbid(unsafe_code)]
 
 use xenstore::{Access, Client, DomId, Perm, Xs};
@@ -18,15 +19,15 @@ impl VbdPaths {
     /// The paths for `devid` of `domid`, served by dom0.
     pub fn new(domid: DomId, devid: u32) -> VbdPaths {
         VbdPaths {
-            backend: format!("/local/domain/0/backend/vbd/{}/{devid}", domid.0),
-            frontend: format!("/local/domain/{}/device/vbd/{devid}", domid.0),
+            backend: super::backend_path(domid, devid),
+            frontend: super::frontend_path(domid, devid),
         }
     }
 }
 
 /// Gives `domid` its home directory, owned by it (as domain creation does).
 pub async fn create_domain_home(xs: &Client, domid: DomId) -> xenstore::client::Result<()> {
-    let home = format!("/local/domain/{}", domid.0);
+    let home = super::domain_home(domid);
     xs.transaction(|tx| {
         let home = home.clone();
         async move {

@@ -1,0 +1,142 @@
+//! What an I/O engine is asked to do and what it answers: an [`IoOp`]
+//! carries the [`Buf`] it reads into or writes from (or the guest pages it
+//! runs on, [`GuestBufs`]); the engine keeps it until the I/O has completed
+//! and hands it back in the [`IoDone`], so a buffer is never reused while the
+//! kernel may still touch it. Shared by every engine ([`super::engine`],
+//! [`super::uring`], [`super::thread`]).
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::sync::Arc;
+
+use super::pool::Buf;
+use crate::xen::mem::SharedMem;
+
+/// What an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read `len` bytes at `off` into the buffer.
+    Read,
+    /// Write the buffer's `len` bytes at `off`.
+    Write,
+    /// Make every completed write durable (fdatasync or a device flush).
+    Flush,
+    /// Discard `len` bytes at `off`.
+    Discard,
+}
+
+/// Guest memory an operation moves its data into or out of directly (zero
+/// copy): pieces of mappings of the guest's granted pages, in order. The
+/// operation holds the mappings, and the engine holds the operation until
+/// its I/O has completed (or, on a hung disk, a reaper does), so a mapping is
+/// never unmapped while the kernel may still touch it.
+#[derive(Debug, Default)]
+pub struct GuestBufs {
+    pieces: Vec<Piece>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Piece {
+    map: Arc<SharedMem>,
+    off: usize,
+    len: usize,
+}
+
+impl GuestBufs {
+    /// Appends bytes `off..off + len` of `map`; refused (false) when they
+    /// do not lie inside it.
+    pub fn push(&mut self, map: Arc<SharedMem>, off: usize, len: usize) -> bool {
+        if off.checked_add(len).is_none_or(|end| end > map.len()) || len == 0 {
+            return false;
+        }
+        self.len += len;
+        self.pieces.push(Piece { map, off, len });
+        true
+    }
+
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mappings held (one per piece).
+    pub fn mappings(&self) -> impl Iterator<Item = &Arc<SharedMem>> {
+        self.pieces.iter().map(|p| &p.map)
+    }
+
+    /// The address ranges of bytes `from..from + len`, in order, pieces that
+    /// touch merged: what a vectored read or write is given. `None` when the
+    /// range is not inside.
+    pub fn ranges(&self, from: usize, len: usize) -> Option<Vec<(*mut u8, usize)>> {
+        let end = from.checked_add(len).filter(|&e| e <= self.len)?;
+        let mut out: Vec<(*mut u8, usize)> = Vec::with_capacity(self.pieces.len());
+        let mut at = 0;
+        for p in &self.pieces {
+            let (lo, hi) = (at.max(from), (at + p.len).min(end));
+            at += p.len;
+            if lo >= hi {
+                continue;
+            }
+            let ptr = p.map.as_ptr().wrapping_add(p.off + (lo - (at - p.len)));
+            let n = hi - lo;
+            match out.last_mut() {
+                Some((q, m)) if q.wrapping_add(*m) == ptr => *m += n,
+                _ => out.push((ptr, n)),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// One operation for an engine.
+#[derive(Debug)]
+pub struct IoOp {
+    /// The caller's name for it, returned with the completion.
+    pub tag: u64,
+    /// What to do.
+    pub kind: IoKind,
+    /// Byte offset on the disk.
+    pub off: u64,
+    /// Bytes.
+    pub len: u64,
+    /// The buffer (reads and writes), owned by the engine until completion.
+    pub buf: Option<Buf>,
+    /// Guest pages instead of `buf` (zero copy), held until completion.
+    pub guest: Option<GuestBufs>,
+    /// Where in the buffer (or the guest pages) the `len` bytes start.
+    pub buf_off: usize,
+    /// Start only after every operation submitted before it has completed.
+    pub drain: bool,
+}
+
+/// A completed operation.
+#[derive(Debug)]
+pub struct IoDone {
+    /// The operation's tag.
+    pub tag: u64,
+    /// Bytes transferred, or the error.
+    pub result: io::Result<usize>,
+    /// The operation's buffer, back with its owner.
+    pub buf: Option<Buf>,
+    /// The operation's guest pages, back with their owner.
+    pub guest: Option<GuestBufs>,
+}
+
+impl IoDone {
+    /// `op` ended before it reached the disk, with `err`; its memory goes
+    /// back with it.
+    pub fn failed(op: IoOp, err: io::Error) -> IoDone {
+        IoDone {
+            tag: op.tag,
+            result: Err(err),
+            buf: op.buf,
+            guest: op.guest,
+        }
+    }
+}
