@@ -5,7 +5,11 @@
 use std::fmt;
 use std::fs::File;
 
-use super::ioctl::*;
+use super::ioctl::{
+    cstr_at, decode_dev, encode_table, u32_at, u64_at, Req, BUFFER_FULL_FLAG, DATA_OUT_FLAG,
+    DEFERRED_REMOVE, HEADER, NOFLUSH_FLAG, READONLY_FLAG, SECURE_DATA_FLAG, STATUS_TABLE_FLAG,
+    SUSPEND_FLAG, UUID_FLAG,
+};
 use super::name::check_id;
 use super::{
     sys, validate_name, validate_uuid, DevId, DmError, DmOps, Info, Table, NAME_LEN, UUID_LEN,
@@ -39,7 +43,7 @@ impl Control {
     fn run(
         &self,
         op: &'static str,
-        nr: u8,
+        cmd: sys::DmCmd,
         mut req: Req,
         who: &dyn fmt::Display,
     ) -> Result<Req, DmError> {
@@ -49,7 +53,7 @@ impl Control {
                 .chunks_exact(8)
                 .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
                 .collect();
-            let r = sys::dm_ioctl(&self.file, nr, &mut words);
+            let r = sys::dm_ioctl(&self.file, cmd, &mut words);
             let out: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
             let secure = req.flags() & SECURE_DATA_FLAG != 0;
             if secure {
@@ -76,7 +80,7 @@ impl Control {
     pub fn version(&self) -> Result<(u32, u32, u32), DmError> {
         let r = self.run(
             "DM_VERSION",
-            DM_VERSION,
+            sys::DM_VERSION,
             Req::new(None, 0, &[], HEADER),
             &"control",
         )?;
@@ -89,7 +93,9 @@ impl Control {
         validate_uuid(uuid)?;
         let mut req = Req::new(Some(&DevId::Name(name.into())), 0, &[], HEADER);
         req.b[176..176 + uuid.len()].copy_from_slice(uuid.as_bytes());
-        Ok(self.run("DM_DEV_CREATE", DM_DEV_CREATE, req, &name)?.info())
+        Ok(self
+            .run("DM_DEV_CREATE", sys::DM_DEV_CREATE, req, &name)?
+            .info())
     }
 
     /// `DM_DEV_STATUS`.
@@ -98,7 +104,7 @@ impl Control {
         Ok(self
             .run(
                 "DM_DEV_STATUS",
-                DM_DEV_STATUS,
+                sys::DM_DEV_STATUS,
                 Req::new(Some(id), 0, &[], HEADER),
                 id,
             )?
@@ -111,7 +117,7 @@ impl Control {
         let flags = if deferred { DEFERRED_REMOVE } else { 0 };
         self.run(
             "DM_DEV_REMOVE",
-            DM_DEV_REMOVE,
+            sys::DM_DEV_REMOVE,
             Req::new(Some(id), flags, &[], HEADER),
             id,
         )
@@ -130,7 +136,7 @@ impl Control {
         let flags = if table { STATUS_TABLE_FLAG } else { 0 };
         let r = self.run(
             "DM_TABLE_STATUS",
-            DM_TABLE_STATUS,
+            sys::DM_TABLE_STATUS,
             Req::new(Some(id), flags, &[], 16384),
             id,
         )?;
@@ -162,7 +168,7 @@ impl Control {
         payload.push(0);
         let r = self.run(
             "DM_TARGET_MSG",
-            DM_TARGET_MSG,
+            sys::DM_TARGET_MSG,
             Req::new(Some(id), 0, &payload, 4096),
             id,
         )?;
@@ -173,7 +179,7 @@ impl Control {
     pub fn list(&self) -> Result<Vec<(String, u32, u32, String)>, DmError> {
         let r = self.run(
             "DM_LIST_DEVICES",
-            DM_LIST_DEVICES,
+            sys::DM_LIST_DEVICES,
             Req::new(None, UUID_FLAG, &[], 16384),
             &"control",
         )?;
@@ -219,7 +225,8 @@ impl DmOps for Control {
         let payload = encode_table(t);
         let mut req = Req::new(Some(id), flags, &payload, HEADER);
         req.set_target_count(t.0.len() as u32);
-        self.run("DM_TABLE_LOAD", DM_TABLE_LOAD, req, id).map(drop)
+        self.run("DM_TABLE_LOAD", sys::DM_TABLE_LOAD, req, id)
+            .map(drop)
     }
 
     fn suspend(&self, id: &DevId, noflush: bool) -> Result<(), DmError> {
@@ -227,7 +234,7 @@ impl DmOps for Control {
         let flags = SUSPEND_FLAG | if noflush { NOFLUSH_FLAG } else { 0 };
         self.run(
             "DM_DEV_SUSPEND",
-            DM_DEV_SUSPEND,
+            sys::DM_DEV_SUSPEND,
             Req::new(Some(id), flags, &[], HEADER),
             id,
         )
@@ -238,7 +245,7 @@ impl DmOps for Control {
         check_id(id)?;
         self.run(
             "DM_DEV_SUSPEND",
-            DM_DEV_SUSPEND,
+            sys::DM_DEV_SUSPEND,
             Req::new(Some(id), 0, &[], HEADER),
             id,
         )
@@ -249,7 +256,7 @@ impl DmOps for Control {
         check_id(id)?;
         self.run(
             "DM_TABLE_CLEAR",
-            DM_TABLE_CLEAR,
+            sys::DM_TABLE_CLEAR,
             Req::new(Some(id), 0, &[], HEADER),
             id,
         )

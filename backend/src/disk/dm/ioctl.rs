@@ -2,19 +2,10 @@
 //! byte offsets of `linux/dm-ioctl.h` ([`Req`]), its flags, a table encoded
 //! as `DM_TABLE_LOAD` takes it, and what `DM_DEV_STATUS` says ([`Info`]).
 
-use super::{DevId, Table, NAME_LEN, UUID_LEN};
+use super::{sys, DevId, Table, NAME_LEN, UUID_LEN};
 
-pub(super) const HEADER: usize = 312;
-pub(super) const DM_VERSION: u8 = 0;
-pub(super) const DM_LIST_DEVICES: u8 = 2;
-pub(super) const DM_DEV_CREATE: u8 = 3;
-pub(super) const DM_DEV_REMOVE: u8 = 4;
-pub(super) const DM_DEV_SUSPEND: u8 = 6;
-pub(super) const DM_DEV_STATUS: u8 = 7;
-pub(super) const DM_TABLE_LOAD: u8 = 9;
-pub(super) const DM_TABLE_CLEAR: u8 = 10;
-pub(super) const DM_TABLE_STATUS: u8 = 12;
-pub(super) const DM_TARGET_MSG: u8 = 14;
+/// `sizeof(struct dm_ioctl)`: where a request's payload starts.
+pub(super) const HEADER: usize = sys::DM_IOCTL_SIZE;
 
 pub(super) const READONLY_FLAG: u32 = 1 << 0;
 pub(super) const SUSPEND_FLAG: u32 = 1 << 1;
