@@ -4,7 +4,8 @@
 //!
 //! Every ioctl number is built one way, by nix's `request_code_*!` from the
 //! `_IO`/`_IOR`/`_IOWR` its header defines it with (the test below pins the
-//! headers' values). Every ioctl but device-mapper's is declared once, by
+//! headers' values; `tests/disk_abi.rs` compiles the headers to check them
+//! and the argument layouts). Every ioctl but device-mapper's is declared once, by
 //! nix's `ioctl_*_bad!`, with the argument type its header gives, and called
 //! through a safe function here. `mknodat` and `fallocate` go through nix's
 //! safe wrappers. Raw libc is left where nothing fits: the dm ioctl (its
