@@ -7,6 +7,13 @@
 //! between the two steps (`GET_FREE` can hand out one being configured), so a
 //! bounded number of retries follows. Release: `LOOP_CLR_FD`, close, then
 //! confirm the diskseq moved on (the kernel bumps it on the final detach).
+//!
+//! Deliberate choices:
+//! - Our own loop ioctls, not `losetup` or a loop library: the `O_EXCL` fd
+//!   that ran `LOOP_CONFIGURE` must be the one that reads the diskseq and pins
+//!   the device, which a tool that exits with the device closed cannot give.
+//! - No udev: `/dev/loopN` is opened by number (devtmpfs makes it) and checked
+//!   by diskseq, so nothing waits for udev's events or symlinks.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};

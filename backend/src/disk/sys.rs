@@ -4,8 +4,8 @@
 //!
 //! Every ioctl number is built one way, by nix's `request_code_*!` from the
 //! `_IO`/`_IOR`/`_IOWR` its header defines it with (the test below pins the
-//! headers' values; `tests/disk_abi.rs` compiles the headers to check them
-//! and the argument layouts). Every ioctl but device-mapper's is declared once, by
+//! headers' values; `tests/disk_abi.rs` compiles the headers to check them and
+//! the argument layouts). Every ioctl but device-mapper's is declared once, by
 //! nix's `ioctl_*_bad!`, with the argument type its header gives, and called
 //! through a safe function here. `mknodat` and `fallocate` go through nix's
 //! safe wrappers. Raw libc is left where nothing fits: the dm ioctl (its
@@ -39,7 +39,7 @@ pub const BLKSSZGET: u32 = request_code_none!(BLK, 104) as u32;
 pub const BLKPBSZGET: u32 = request_code_none!(BLK, 123) as u32;
 /// `BLKROGET` = `_IO(0x12, 94)`: read-only flag (int).
 pub const BLKROGET: u32 = request_code_none!(BLK, 94) as u32;
-/// `BLKDISCARD` = `_IO(0x12, 119)`: discard a byte range (u64[2]).
+/// `BLKDISCARD` = `_IO(0x12, 119)`: discard a byte range (`u64[2]`).
 pub const BLKDISCARD: u32 = request_code_none!(BLK, 119) as u32;
 /// `BLKSECDISCARD` = `_IO(0x12, 125)`.
 pub const BLKSECDISCARD: u32 = request_code_none!(BLK, 125) as u32;

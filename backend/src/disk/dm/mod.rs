@@ -1,11 +1,17 @@
 //! Device-mapper: the `/dev/mapper/control` ioctls, the tables we build, and
 //! table swaps that never leave a device suspended or half swapped.
 //!
-//! Written here rather than taken from the `devicemapper` crate, which links
-//! libdevmapper through bindgen and pkg-config at build time and waits for
-//! udev cookies; dom0s without udev (our VM tests) and a static binary want
-//! neither. The layer is the ioctl ABI of `linux/dm-ioctl.h` (DM 4.x) built
-//! with byte offsets (see `reference/diskseq-dm.md`, section 5), no udev.
+//! Deliberate choices:
+//! - No libdevmapper (nor the `devicemapper` crate over it): it brings a C
+//!   library, bindgen and pkg-config into the build and onto every dom0,
+//!   where one self-contained binary needs none.
+//! - No udev: libdevmapper waits for udev cookies, which never come on dom0s
+//!   without udev (our VM tests); nodes are opened by dev_t (`disk::node_for`,
+//!   `mknodat` when devtmpfs has none).
+//! - Our own dm ioctls: the `linux/dm-ioctl.h` ABI (DM 4.x) of the ten
+//!   commands we use is small and stable, built with byte offsets (see
+//!   `reference/diskseq-dm.md`, section 5) and checked against the headers by
+//!   `tests/disk_abi.rs`.
 //!
 //! Names are `blkbackd-<domid>-<devid>[-role]`, UUIDs `BLKBACKD-` plus a
 //! unique part, both checked before any ioctl. A dm disk becomes openable

@@ -4,7 +4,7 @@
 
 use super::{DevId, DmError, Table, Target};
 
-/// The operations a table swap needs (implemented by [`Control`]; a test
+/// The operations a table swap needs (implemented by [`Control`](super::Control); a test
 /// injects failures through it).
 pub trait DmOps {
     /// Loads `t` as the inactive table.
