@@ -47,12 +47,19 @@ pub const GNTST_BAD_PAGE: i16 = -9;
 /// `GNTST_bad_copy_arg`: the copy crosses a page boundary.
 pub const GNTST_BAD_COPY_ARG: i16 = -10;
 
-/// `_IOC(dir, type, nr, size)` of `asm-generic/ioctl.h`.
-pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
-    (dir << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
+/// `_IOC_SIZESHIFT`: where `_IOC` puts the argument's size (16 on every
+/// Linux architecture).
+const IOC_SIZESHIFT: u32 = 16;
+
+/// `_IOC(_IOC_NONE, ty, nr, size)`: the Xen device ioctls declare no
+/// direction yet give their argument's size, which nix's
+/// `request_code_none!` (`_IO`, size 0) has no room for; the size is added
+/// to it.
+macro_rules! xen_ioc {
+    ($ty:expr, $nr:expr, $size:expr) => {
+        (nix::request_code_none!($ty, $nr) as u32) | (($size as u32) << IOC_SIZESHIFT)
+    };
 }
-/// `_IOC_NONE`: the Xen device ioctls declare no direction.
-pub const IOC_NONE: u32 = 0;
 
 /// `struct ioctl_gntdev_grant_ref`.
 #[repr(C)]
@@ -167,15 +174,13 @@ pub struct GntdevGrantCopy {
 }
 
 /// `IOCTL_GNTDEV_MAP_GRANT_REF`.
-pub const IOCTL_GNTDEV_MAP_GRANT_REF: u32 = ioc(IOC_NONE, b'G', 0, size_of::<GntdevMapGrantRef>());
+pub const IOCTL_GNTDEV_MAP_GRANT_REF: u32 = xen_ioc!(b'G', 0, size_of::<GntdevMapGrantRef>());
 /// `IOCTL_GNTDEV_UNMAP_GRANT_REF`.
-pub const IOCTL_GNTDEV_UNMAP_GRANT_REF: u32 =
-    ioc(IOC_NONE, b'G', 1, size_of::<GntdevUnmapGrantRef>());
+pub const IOCTL_GNTDEV_UNMAP_GRANT_REF: u32 = xen_ioc!(b'G', 1, size_of::<GntdevUnmapGrantRef>());
 /// `IOCTL_GNTDEV_SET_UNMAP_NOTIFY`.
-pub const IOCTL_GNTDEV_SET_UNMAP_NOTIFY: u32 =
-    ioc(IOC_NONE, b'G', 7, size_of::<GntdevUnmapNotify>());
+pub const IOCTL_GNTDEV_SET_UNMAP_NOTIFY: u32 = xen_ioc!(b'G', 7, size_of::<GntdevUnmapNotify>());
 /// `IOCTL_GNTDEV_GRANT_COPY`.
-pub const IOCTL_GNTDEV_GRANT_COPY: u32 = ioc(IOC_NONE, b'G', 8, size_of::<GntdevGrantCopy>());
+pub const IOCTL_GNTDEV_GRANT_COPY: u32 = xen_ioc!(b'G', 8, size_of::<GntdevGrantCopy>());
 
 /// `struct ioctl_evtchn_bind_interdomain`.
 #[repr(C)]
@@ -197,13 +202,13 @@ pub struct EvtchnPortArg {
 
 /// `IOCTL_EVTCHN_BIND_INTERDOMAIN` (returns the local port).
 pub const IOCTL_EVTCHN_BIND_INTERDOMAIN: u32 =
-    ioc(IOC_NONE, b'E', 1, size_of::<EvtchnBindInterdomain>());
+    xen_ioc!(b'E', 1, size_of::<EvtchnBindInterdomain>());
 /// `IOCTL_EVTCHN_UNBIND`.
-pub const IOCTL_EVTCHN_UNBIND: u32 = ioc(IOC_NONE, b'E', 3, size_of::<EvtchnPortArg>());
+pub const IOCTL_EVTCHN_UNBIND: u32 = xen_ioc!(b'E', 3, size_of::<EvtchnPortArg>());
 /// `IOCTL_EVTCHN_NOTIFY`.
-pub const IOCTL_EVTCHN_NOTIFY: u32 = ioc(IOC_NONE, b'E', 4, size_of::<EvtchnPortArg>());
+pub const IOCTL_EVTCHN_NOTIFY: u32 = xen_ioc!(b'E', 4, size_of::<EvtchnPortArg>());
 /// `IOCTL_EVTCHN_RESET`.
-pub const IOCTL_EVTCHN_RESET: u32 = ioc(IOC_NONE, b'E', 5, 0);
+pub const IOCTL_EVTCHN_RESET: u32 = xen_ioc!(b'E', 5, 0);
 
 /// `enum xenbus_state`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -253,6 +258,8 @@ impl XenbusState {
     }
 }
 
+// The layouts and the ioctl numbers as gcc computes them from the headers
+// (`tests/abi_layout.rs` checks them against libxen-dev at test time).
 const _: () = {
     assert!(size_of::<GrantEntryV1>() == 8);
     assert!(offset_of!(GrantEntryV1, domid) == 2);
@@ -269,4 +276,5 @@ const _: () = {
     assert!(IOCTL_EVTCHN_BIND_INTERDOMAIN == 0x0008_4501);
     assert!(IOCTL_EVTCHN_UNBIND == 0x0004_4503);
     assert!(IOCTL_EVTCHN_NOTIFY == 0x0004_4504);
+    assert!(IOCTL_EVTCHN_RESET == 0x0000_4505);
 };

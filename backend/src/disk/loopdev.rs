@@ -7,6 +7,13 @@
 //! between the two steps (`GET_FREE` can hand out one being configured), so a
 //! bounded number of retries follows. Release: `LOOP_CLR_FD`, close, then
 //! confirm the diskseq moved on (the kernel bumps it on the final detach).
+//!
+//! Deliberate choices:
+//! - Our own loop ioctls, not `losetup` or a loop library: the `O_EXCL` fd
+//!   that ran `LOOP_CONFIGURE` must be the one that reads the diskseq and pins
+//!   the device, which a tool that exits with the device closed cannot give.
+//! - No udev: `/dev/loopN` is opened by number (devtmpfs makes it) and checked
+//!   by diskseq, so nothing waits for udev's events or symlinks.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -123,11 +130,11 @@ pub fn attach_file(
     let mut last = None;
     for attempt in 0..ATTEMPTS {
         let n = if attempt == 0 {
-            sys::ioctl_int(&ctl, sys::LOOP_CTL_GET_FREE, 0)
+            sys::loop_ctl_get_free(&ctl)
         } else {
-            sys::ioctl_int(&ctl, sys::LOOP_CTL_ADD, libc::c_ulong::MAX)
+            sys::loop_ctl_add(&ctl)
         }
-        .map_err(io_err("asking /dev/loop-control for a free loop device"))? as u32;
+        .map_err(io_err("asking /dev/loop-control for a free loop device"))?;
         match configure(n, back, backing, opts) {
             Ok(dev) => return Ok(dev),
             Err(e) if retryable(&e) => {
@@ -164,13 +171,13 @@ fn configure(n: u32, back: &File, backing: &Path, opts: &LoopOptions) -> io::Res
     if opts.direct_io {
         flags |= sys::LO_FLAGS_DIRECT_IO;
     }
-    let mut cfg =
+    let cfg =
         sys::LoopConfig::new(back.as_raw_fd(), opts.block_size, flags, backing).with_owner(OWNER);
-    sys::loop_configure(&dev, &mut cfg)?;
+    sys::loop_configure(&dev, &cfg)?;
     let diskseq = sys::diskseq(&dev)?;
     if let Err(e) = check_bumped(n, before, diskseq) {
         // Undo the attach: nothing of ours stays on a device we refuse.
-        let _ = sys::ioctl_int(&dev, sys::LOOP_CLR_FD, 0);
+        let _ = sys::loop_clr_fd(&dev);
         return Err(e);
     }
     Ok(LoopDevice {
@@ -204,7 +211,7 @@ impl LoopDevice {
         let f = self.file.as_ref().ok_or_else(|| {
             io_err("refreshing a released loop device")(io::Error::from_raw_os_error(libc::EBADF))
         })?;
-        sys::ioctl_int(f, sys::LOOP_SET_CAPACITY, 0)
+        sys::loop_set_capacity(f)
             .map(drop)
             .map_err(io_err("LOOP_SET_CAPACITY"))
     }
@@ -239,7 +246,7 @@ pub fn refresh_capacity_of(id: DiskId) -> Result<(), DiskError> {
             found: seq,
         });
     }
-    sys::ioctl_int(&f, sys::LOOP_SET_CAPACITY, 0)
+    sys::loop_set_capacity(&f)
         .map(drop)
         .map_err(io_err("LOOP_SET_CAPACITY"))
 }
@@ -264,7 +271,7 @@ pub fn release_by_id(id: DiskId) -> Result<Option<u64>, DiskError> {
 /// `LOOP_CLR_FD` on `f`, close it, and wait (bounded) for the diskseq to move.
 fn clear_and_confirm(f: File, id: DiskId) -> Result<u64, DiskError> {
     let path = format!("/dev/loop{}", id.minor);
-    match sys::ioctl_int(&f, sys::LOOP_CLR_FD, 0) {
+    match sys::loop_clr_fd(&f) {
         Ok(_) => {}
         // Already detached (autoclear, or someone else cleared it).
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}

@@ -1,5 +1,6 @@
 use std::cell::RefCell;
 
+use super::ioctl::{cstr_at, encode_table, u32_at, u64_at, Req, HEADER, READONLY_FLAG};
 use super::*;
 
 #[test]
