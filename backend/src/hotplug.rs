@@ -241,6 +241,23 @@ pub struct HostLock {
     _file: std::fs::File,
 }
 
+/// Where the hotplug lock lives, with the effective uid when it could be
+/// read: `$BLKBACKD_LOCK_DIR` if set, else `/run/blkbackd` for root (the
+/// block script), else a directory of the user's own under the temporary
+/// directory (the embedded default run by a user, which can only serve
+/// plain files: it shares no storage with root's block scripts).
+fn lock_dir() -> (PathBuf, Option<u32>) {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").ok().map(|m| m.uid());
+    if let Some(d) = std::env::var_os("BLKBACKD_LOCK_DIR") {
+        return (PathBuf::from(d), uid);
+    }
+    match uid {
+        Some(0) | None => (PathBuf::from("/run/blkbackd"), uid),
+        Some(u) => (std::env::temp_dir().join(format!("blkbackd-{u}")), uid),
+    }
+}
+
 /// How long `add` waits for the lock before it fails with a clear error
 /// (libxl's hotplug timeout, 40 s, would kill it silently).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -249,7 +266,7 @@ impl HostLock {
     /// Takes the lock, waiting at most `LOCK_WAIT` (30 s).
     pub async fn acquire() -> Result<HostLock, HotplugError> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let dir = env_dir("BLKBACKD_LOCK_DIR", "/run/blkbackd");
+        let (dir, uid) = lock_dir();
         let path = dir.join("hotplug.lock");
         let err = |source| HotplugError::Lock {
             path: path.display().to_string(),
@@ -257,9 +274,21 @@ impl HostLock {
         };
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
+            .mode(if uid == Some(0) { 0o755 } else { 0o700 })
             .create(&dir)
             .map_err(err)?;
+        if let Some(uid) = uid.filter(|&u| u != 0) {
+            // A directory in a shared /tmp: only ours, or someone else
+            // could hold or replace the lock.
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::symlink_metadata(&dir).map_err(err)?;
+            if !m.is_dir() || m.uid() != uid || m.mode() & 0o022 != 0 {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the directory is not this user's alone",
+                )));
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -3,10 +3,13 @@
 //! script (the real binary), the guest in its own process, Closing answered
 //! with Closed within 10 s, then the script's remove.
 
+#[path = "common/tier.rs"]
+mod tier;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tier::Tier;
 
 use blkbackd::disk::loopdev::{self, LoopOptions};
 use blkbackd::vbd::{lifecycle::VbdCtx, Offer};
@@ -55,10 +58,6 @@ async fn world_full(
         .with_env_filter("blkbackd=debug")
         .with_test_writer()
         .try_init();
-    assert!(
-        Path::new("/dev/loop-control").exists(),
-        "needs loop devices and root"
-    );
     let dir = tempfile::tempdir().unwrap();
     let server = Server::default();
     let listening = server
@@ -272,6 +271,9 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vbd_goes_from_creation_to_removal_as_libxl_expects() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let img = w.image("guest.img", 16);
     let p = w.vbd(2, &format!("file:{img}")).await;
@@ -360,6 +362,9 @@ async fn a_vbd_goes_from_creation_to_removal_as_libxl_expects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_diskseq_that_does_not_match_is_refused_with_an_error_node() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let img = w.image("other.img", 1);
     let dev = loopdev::attach(Path::new(&img), &LoopOptions::default()).unwrap();
@@ -388,6 +393,9 @@ async fn a_diskseq_that_does_not_match_is_refused_with_an_error_node() {
 /// when the operator allowed it (`--allow-missing-diskseq`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_without_diskseq_is_refused_unless_the_operator_allowed_it() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     for allow in [false, true] {
         let w = world_with(allow).await;
         let img = w.image("nodiskseq.img", 1);
@@ -473,6 +481,9 @@ async fn a_plain_file_is_served_directly_and_a_replaced_one_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frontend_that_closes_and_comes_back_is_served_again() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let img = w.image("re.img", 16);
     let p = w.vbd(4, &format!("file:{img}")).await;
@@ -501,6 +512,9 @@ async fn a_frontend_that_closes_and_comes_back_is_served_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_domains_vbds_are_closed_and_their_disks_let_go() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let img = w.image("gone.img", 4);
     let p = w.vbd(5, &format!("file:{img}")).await;
@@ -556,6 +570,9 @@ async fn a_released_domains_vbds_are_closed_and_their_disks_let_go() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grown_disk_is_announced_to_the_connected_guest() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let img = w.image("grow.img", 16);
     let p = w.vbd(6, &format!("file:{img}")).await;
@@ -626,6 +643,9 @@ async fn a_grown_disk_is_announced_to_the_connected_guest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_and_detach_commands_do_what_libxl_does() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let img = w.image("cli.img", 16);
     w.server.introduce(DomId(7));
@@ -693,6 +713,9 @@ fn writes_answered(w: &World, be: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_toolstack_removes_a_vbd_within_its_timeout_even_when_the_disk_hangs() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     // The guest's image on a small ext4 file system of its own; freezing that
     // file system makes every write to the image hang in the kernel, as dead
@@ -830,6 +853,9 @@ fn sysfs_u64(path: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discard_is_published_with_the_devices_own_geometry_and_honours_no_discard() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     // A file on a loop device: the loop device's own discard limits (a loop
     // device over a file system frees whole blocks of it, never 512 bytes),
@@ -971,6 +997,14 @@ fn sample(text: &str, name: &str, has: &[&str]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_serves_what_the_rings_counted_and_promtool_accepts_it() {
+    if !tier::need(Tier::Loop)
+        || !tier::need(Tier::Tool(&[
+            "promtool",
+            "/var/tmp/blkbackd-tools/x/usr/bin/promtool",
+        ]))
+    {
+        return;
+    }
     let w = world().await;
     let p = w.file_vbd(31, "metrics.img", 16).await;
     let be = &p.backend;
@@ -1116,6 +1150,9 @@ async fn the_metrics_endpoint_serves_what_the_rings_counted_and_promtool_accepts
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_set_at_run_time_holds_the_guest_to_its_rate_and_its_requests_wait_not_fail() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let w = world().await;
     let p = w.file_vbd(41, "limit.img", 64).await;
     let be = &p.backend;
@@ -1216,6 +1253,9 @@ async fn a_limit_set_at_run_time_holds_the_guest_to_its_rate_and_its_requests_wa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_limit_finds_its_guest_by_name_or_uuid_and_a_guest_cannot_rename_itself_out() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     use blkbackd::config::LimitRule;
     use blkbackd::vbd::limit::IoLimit;
     use xenstore::wire::{Access, Perm};

@@ -2,8 +2,11 @@
 //! variants (loop devices by diskseq; plain files by identity, as without
 //! root).
 
+#[path = "common/tier.rs"]
+mod tier;
 use std::path::PathBuf;
 use std::time::Duration;
+use tier::Tier;
 
 fn exe() -> Option<PathBuf> {
     Some(PathBuf::from(env!("CARGO_BIN_EXE_blkbackd")))
@@ -11,6 +14,9 @@ fn exe() -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loop_device_demo_serves_one_guest_and_halts_only_the_hostile_one() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     tokio::time::timeout(
         Duration::from_secs(120),
@@ -36,6 +42,9 @@ async fn the_plain_file_demo_runs_without_loop_devices() {
 
 #[test]
 fn the_demo_command_prints_the_whole_story() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_blkbackd"))
         .arg("demo")
         .env("RUST_LOG", "warn")

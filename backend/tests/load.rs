@@ -27,6 +27,7 @@ const OVERHEAD_KIB: u64 = 96 * 1024;
 const CHURN: [u16; 4] = [201, 202, 203, 204];
 
 mod common;
+use common::tier::{self, Tier};
 use common::{blkbackd, exits_cleanly, signal, wait_socket};
 
 fn open_fds(pid: u32) -> usize {
@@ -114,6 +115,9 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_vbds_do_verified_io_while_others_come_and_go() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("sim");
     // 1 MiB of bounce buffers per ring (the default is 4): io_uring pins a

@@ -3,10 +3,13 @@
 //! of the same minor, stale identities refused; and a guest served from a
 //! file through a loop device opened by diskseq.
 
+#[path = "common/tier.rs"]
+mod tier;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tier::Tier;
 
 use blkbackd::disk::loopdev::{self, LoopOptions};
 use blkbackd::disk::{open_by_diskseq, DiskError, DiskId};
@@ -21,16 +24,11 @@ fn backing(dir: &Path, name: &str, mib: u64, fill: u8) -> std::path::PathBuf {
     p
 }
 
-fn need_loop() {
-    assert!(
-        Path::new("/dev/loop-control").exists(),
-        "these tests need loop devices (/dev/loop-control) and root"
-    );
-}
-
 #[test]
 fn a_released_and_reused_loop_minor_is_refused_under_its_old_diskseq() {
-    need_loop();
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let a = backing(dir.path(), "a.img", 4, 0xAA);
     let b = backing(dir.path(), "b.img", 4, 0xBB);
@@ -82,7 +80,9 @@ fn a_released_and_reused_loop_minor_is_refused_under_its_old_diskseq() {
 
 #[test]
 fn block_size_and_read_only_are_what_we_asked_for() {
-    need_loop();
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let f = backing(dir.path(), "c.img", 4, 0);
     let opts = LoopOptions {
@@ -100,7 +100,9 @@ fn block_size_and_read_only_are_what_we_asked_for() {
 
 #[test]
 fn a_node_that_is_not_the_device_asked_for_is_refused() {
-    need_loop();
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let f = backing(dir.path(), "d.img", 1, 0);
     let dev = loopdev::attach(&f, &LoopOptions::default()).unwrap();
@@ -116,7 +118,9 @@ fn a_node_that_is_not_the_device_asked_for_is_refused() {
 
 #[test]
 fn concurrent_attaches_each_get_their_own_device() {
-    need_loop();
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let paths: Vec<_> = (0..6)
         .map(|i| backing(dir.path(), &format!("p{i}.img"), 1, i as u8))
@@ -145,7 +149,9 @@ fn concurrent_attaches_each_get_their_own_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_is_served_from_a_file_through_a_loop_device_opened_by_diskseq() {
-    need_loop();
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let img = backing(dir.path(), "guest.img", 16, 0);
     let dev = loopdev::attach(&img, &LoopOptions::default()).unwrap();
@@ -180,7 +186,9 @@ async fn a_guest_is_served_from_a_file_through_a_loop_device_opened_by_diskseq()
 
 #[test]
 fn start_up_reconciliation_releases_only_our_unclaimed_loop_devices() {
-    need_loop();
+    if !tier::need(Tier::Loop) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (
         backing(dir.path(), "claimed.img", 1, 1),

@@ -2,6 +2,8 @@
 //! reaching its Xenstore, signalling it and checking that it stops cleanly.
 #![allow(dead_code)] // each test binary uses its own part
 
+pub mod tier;
+
 use std::path::Path;
 use std::time::Duration;
 
