@@ -6,11 +6,14 @@
 //! hypervisor seam: guest memory, grants, event channels; real and
 //! simulated), `io` (the `Disk` trait, bounce pools, the io_uring and
 //! blocking engines), `disk` (disks named by dev_t and diskseq, loop and
-//! device-mapper devices), `vbd` (one device: its xenbus lifecycle, its
-//! queues' serving loop, I/O limits and fair share), `daemon` (every vbd of
-//! `backend/vbd`, handover on stop), `hotplug` (the libxl block script),
-//! `status` and `metrics` (what an operator reads), `config`, `bench`, and
-//! `sim` with `demo` (the embedded default).
+//! device-mapper devices), `xenbus` (the Xenstore contract of a vbd: paths,
+//! keys, the published disk, the toolstack's steps), `vbd` (one device: the
+//! xenbus state machine and the lifecycle carrying it out, its queues'
+//! serving loop, I/O limits and fair share), `daemon` (every vbd of
+//! `backend/vbd`, handover on stop), `hotplug` (the libxl block script and
+//! reconciliation of what it made), `status` and `metrics` (what an operator
+//! reads), `config`, `bench`, and `sim` with `demo` (the embedded default).
+//! Imports run one way, from the wire inwards; none go back.
 #![deny(unsafe_code)]
 
 /// The git commit this binary was built from (see `build.rs`).

@@ -1,11 +1,14 @@
 //! One virtual block device: publishing what the backend offers, reading
 //! what the frontend wrote, mapping its rings, binding its event channels and
 //! serving every queue on a thread of its own until told to stop or until the
-//! frontend breaks the protocol ([`serve_frontend`]). The xenbus lifecycle
-//! around it (the hotplug handshake, Connected, Closing, reconnect, resize,
-//! adoption after a restart) is [`lifecycle`]; the per-queue serving loop is
+//! frontend breaks the protocol ([`serve_frontend`], given one
+//! [`Connection`]). The xenbus state machine is [`transition`] (a pure
+//! function, tested by a table of blkback's transitions); [`lifecycle`]
+//! carries it out (the hotplug handshake, Connected, Closing, reconnect,
+//! resize, adoption after a restart); the per-queue serving loop is
 //! [`queue`]; a vbd's I/O limits are [`limit`] and its fair share of the
-//! host's requests in flight is [`share`].
+//! host's requests in flight is [`share`]. Paths and keys are
+//! [`crate::xenbus`]'s.
 #![forbid(unsafe_code)]
 
 pub mod frontend;
