@@ -78,33 +78,14 @@ pub struct Config {
     pub limit: Vec<LimitRule>,
 }
 
-/// One `[[limit]]`: I/O limits for a guest's vbds, the guest named by its
-/// domain name or UUID (domids change at every boot; these do not).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct LimitRule {
-    /// The domain's name (`/local/domain/D/name`).
-    pub domain: Option<String>,
-    /// The domain's UUID (`/local/domain/D/vm` is `/vm/UUID`).
-    pub uuid: Option<String>,
-    /// Only this vbd of it (default: every one).
-    pub devid: Option<u32>,
-    /// The limits.
-    #[serde(flatten)]
-    pub limit: crate::vbd::limit::IoLimit,
+pub use crate::vbd::limit::LimitRule;
+
+/// A rule's check, where the configuration is read.
+trait LimitRuleCheck {
+    fn check(&self, i: usize) -> Result<(), String>;
 }
 
-impl LimitRule {
-    /// Whether it names this guest's vbd.
-    pub fn matches(&self, name: Option<&str>, uuid: Option<&str>, devid: u32) -> bool {
-        let who = match (&self.domain, &self.uuid) {
-            (Some(d), _) => name == Some(d.as_str()),
-            (None, Some(u)) => uuid.is_some_and(|v| v.eq_ignore_ascii_case(u)),
-            (None, None) => false,
-        };
-        who && self.devid.is_none_or(|d| d == devid)
-    }
-
+impl LimitRuleCheck for LimitRule {
     fn check(&self, i: usize) -> Result<(), String> {
         let at = format!("limit[{i}]");
         match (&self.domain, &self.uuid) {
@@ -213,10 +194,10 @@ pub enum OnStop {
 
 impl OnStop {
     /// The stop this asks the daemon for.
-    pub fn stop(self) -> crate::daemon::Stop {
+    pub fn stop(self) -> crate::vbd::lifecycle::Stop {
         match self {
-            OnStop::Handover => crate::daemon::Stop::Handover,
-            OnStop::Close => crate::daemon::Stop::Close,
+            OnStop::Handover => crate::vbd::lifecycle::Stop::Handover,
+            OnStop::Close => crate::vbd::lifecycle::Stop::Close,
         }
     }
 }

@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xenstore::{Client, Xs};
 
@@ -20,124 +19,9 @@ pub const SOCKET: &str = "/run/blkbackd/status.sock";
 /// Its name inside an embedded default's directory.
 pub const SIM_SOCKET: &str = "blkbackd-status.sock";
 
-/// One vbd's rings as the daemon reports them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RingCounters {
-    /// The I/O engine.
-    pub engine: String,
-    /// Each ring's counters.
-    pub rings: Vec<QueueStats>,
-    /// When this daemon connected the rings (seconds since the epoch).
-    #[serde(default)]
-    pub connected_at: u64,
-    /// Whether they were adopted from a previous daemon (left Connected by
-    /// it) rather than negotiated by this one.
-    #[serde(default)]
-    pub adopted: bool,
-    /// The I/O limits in force.
-    #[serde(default)]
-    pub limit: crate::vbd::limit::IoLimit,
-}
-
-#[derive(Debug, Default)]
-struct LiveVbd {
-    engine: String,
-    rings: Vec<Arc<Mutex<QueueStats>>>,
-    connected_at: u64,
-    adopted: bool,
-}
-
-#[derive(Debug, Default)]
-struct LiveInner {
-    vbds: BTreeMap<String, LiveVbd>,
-    /// Each vbd's I/O limits in force, shared by its queues.
-    limiters: BTreeMap<String, Arc<crate::vbd::limit::Limiter>>,
-    /// Backend paths being adopted: their next registration says so.
-    adopting: std::collections::BTreeSet<String>,
-}
-
-/// The counters of every ring being served, by backend path; shared by the
-/// queues (each updates its own after every pass) and the status socket.
-#[derive(Clone, Debug, Default)]
-pub struct Live(Arc<Mutex<LiveInner>>);
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::vbd::live::{Live, RingCounters};
 
 impl Live {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LiveInner> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The vbd at `be` is being adopted from a previous daemon: its next
-    /// [`Live::register`] is marked so.
-    pub fn note_adopted(&self, be: &str) {
-        self.lock().adopting.insert(be.to_owned());
-    }
-
-    /// Registers `rings` rings of the vbd at `be`; returns their slots.
-    pub fn register(&self, be: &str, engine: &str, rings: usize) -> Vec<Arc<Mutex<QueueStats>>> {
-        let slots: Vec<_> = (0..rings).map(|_| Arc::default()).collect();
-        let mut l = self.lock();
-        let adopted = l.adopting.remove(be);
-        l.vbds.insert(
-            be.to_owned(),
-            LiveVbd {
-                engine: engine.to_owned(),
-                rings: slots.clone(),
-                connected_at: now_secs(),
-                adopted,
-            },
-        );
-        slots
-    }
-
-    /// Forgets the vbd at `be` (its rings stopped).
-    pub fn remove(&self, be: &str) {
-        let mut l = self.lock();
-        l.vbds.remove(be);
-        l.adopting.remove(be);
-        l.limiters.remove(be);
-    }
-
-    /// The I/O limiter of the vbd at `be` (made, with no limit, if it has
-    /// none yet): the lifecycle sets its limits, the queues obey them.
-    pub fn limiter(&self, be: &str) -> Arc<crate::vbd::limit::Limiter> {
-        self.lock()
-            .limiters
-            .entry(be.to_owned())
-            .or_default()
-            .clone()
-    }
-
-    /// Every vbd's counters now.
-    pub fn snapshot(&self) -> BTreeMap<String, RingCounters> {
-        let l = self.lock();
-        l.vbds
-            .iter()
-            .map(|(be, v)| {
-                let rings = v
-                    .rings
-                    .iter()
-                    .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone())
-                    .collect();
-                (
-                    be.clone(),
-                    RingCounters {
-                        engine: v.engine.clone(),
-                        rings,
-                        connected_at: v.connected_at,
-                        adopted: v.adopted,
-                        limit: l.limiters.get(be).map(|x| x.limit()).unwrap_or_default(),
-                    },
-                )
-            })
-            .collect()
-    }
-
     /// Answers every connection to `path` (root only: the socket is made
     /// 0600). The client sends one line: `status` (or nothing) gets the
     /// snapshot as JSON; `stop handover` or `stop close` stops the daemon
@@ -145,7 +29,7 @@ impl Live {
     pub async fn serve(
         self,
         path: PathBuf,
-        control: Option<tokio::sync::watch::Sender<crate::daemon::Stop>>,
+        control: Option<tokio::sync::watch::Sender<crate::vbd::lifecycle::Stop>>,
     ) -> std::io::Result<()> {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;
@@ -164,9 +48,9 @@ impl Live {
                     }
                     Some(r @ ("stop handover" | "stop close")) => {
                         let how = if r == "stop close" {
-                            crate::daemon::Stop::Close
+                            crate::vbd::lifecycle::Stop::Close
                         } else {
-                            crate::daemon::Stop::Handover
+                            crate::vbd::lifecycle::Stop::Handover
                         };
                         tracing::info!("stop requested on the status socket: {how:?}");
                         if let Some(c) = control {
@@ -460,7 +344,7 @@ pub fn table(vbds: &[VbdStatus]) -> String {
             s += &format!("       thin pool {}: {}\n", t.pool, t.status.summary());
         }
         if let Some(t) = v.connected_at {
-            let ago = now_secs().saturating_sub(t);
+            let ago = crate::vbd::live::now_secs().saturating_sub(t);
             s += &format!(
                 "       {} {ago} s ago (at {t}, seconds since the epoch)\n",
                 if v.adopted {

@@ -26,7 +26,7 @@ pub struct SimWorld {
     pub dom0: Client,
     grants: Arc<SimGrants>,
     /// What the vbds served count, and their I/O limiters, as the daemon's.
-    pub live: crate::status::Live,
+    pub live: crate::vbd::live::Live,
 }
 
 /// A vbd being served.

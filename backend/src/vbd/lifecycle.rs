@@ -51,10 +51,10 @@ pub struct VbdCtx<G, EC> {
     /// Serve a `physical-device` without `diskseq` (unsafe; off by default).
     pub allow_missing_diskseq: bool,
     /// Per-ring counters for `blkbackd status`, and each vbd's I/O limiter.
-    pub live: crate::status::Live,
+    pub live: crate::vbd::live::Live,
     /// The configuration's `[[limit]]` rules (a vbd's own `limit-*` nodes
     /// take precedence).
-    pub limits: std::sync::RwLock<Arc<Vec<crate::config::LimitRule>>>,
+    pub limits: std::sync::RwLock<Arc<Vec<crate::vbd::limit::LimitRule>>>,
 }
 
 /// Why a vbd stopped being served.

@@ -15,6 +15,34 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// One vbd's limits (0: no limit of that kind).
+/// One `[[limit]]`: I/O limits for a guest's vbds, the guest named by its
+/// domain name or UUID (domids change at every boot; these do not).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    /// The domain's name (`/local/domain/D/name`).
+    pub domain: Option<String>,
+    /// The domain's UUID (`/local/domain/D/vm` is `/vm/UUID`).
+    pub uuid: Option<String>,
+    /// Only this vbd of it (default: every one).
+    pub devid: Option<u32>,
+    /// The limits.
+    #[serde(flatten)]
+    pub limit: IoLimit,
+}
+
+impl LimitRule {
+    /// Whether it names this guest's vbd.
+    pub fn matches(&self, name: Option<&str>, uuid: Option<&str>, devid: u32) -> bool {
+        let who = match (&self.domain, &self.uuid) {
+            (Some(d), _) => name == Some(d.as_str()),
+            (None, Some(u)) => uuid.is_some_and(|v| v.eq_ignore_ascii_case(u)),
+            (None, None) => false,
+        };
+        who && self.devid.is_none_or(|d| d == devid)
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoLimit {
     /// Requests per second.

@@ -14,6 +14,7 @@
 pub mod frontend;
 pub mod lifecycle;
 pub mod limit;
+pub mod live;
 pub mod queue;
 pub mod share;
 pub mod transition;
@@ -378,7 +379,7 @@ pub struct Connection<'a, G, EC, D> {
     pub offer: &'a Offer,
     /// Where the rings' counters and the vbd's limiter live (`None`: not
     /// shown, not limited).
-    pub live: Option<&'a crate::status::Live>,
+    pub live: Option<&'a live::Live>,
 }
 
 /// Maps the rings of a frontend that is ready (Initialised or Connected)
