@@ -2,44 +2,23 @@
 //! `libxen-dev` headers, compiled with gcc for both the 64-bit and the i386
 //! layout (the two request layouts a frontend may use).
 
+#[path = "common/cprobe.rs"]
+mod cprobe;
 #[path = "common/tier.rs"]
 mod tier;
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
-use std::process::Command;
 use tier::Tier;
 
 use blkbackd::abi::blkif::*;
 use blkbackd::abi::sys::*;
 
 fn c_values(m32: bool) -> BTreeMap<String, i64> {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("abi");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/abi_layout.c");
-    let mut cc = Command::new("gcc");
-    cc.args(["-Wall", "-o"]).arg(&exe).arg(src);
     if m32 {
-        cc.arg("-m32");
+        cprobe::c_values("abi_layout", &["-m32"], "libxen-dev and gcc-multilib")
+    } else {
+        cprobe::c_values("abi_layout", &[], "libxen-dev")
     }
-    let out = cc
-        .output()
-        .expect("gcc is needed (the README test command installs it)");
-    assert!(
-        out.status.success(),
-        "compiling against libxen-dev failed (needs libxen-dev{}):\n{}",
-        if m32 { " and gcc-multilib" } else { "" },
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(&exe).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (k, v) = l.split_once(' ').unwrap();
-            (k.to_owned(), v.parse().unwrap())
-        })
-        .collect()
 }
 
 fn check(c: &BTreeMap<String, i64>, ours: &[(&str, i64)]) {

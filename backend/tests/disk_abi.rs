@@ -2,41 +2,19 @@
 //! against the kernel's UAPI headers (`linux/fs.h`, `linux/loop.h`,
 //! `linux/dm-ioctl.h`, `linux/stat.h`), compiled with gcc.
 
+#[path = "common/cprobe.rs"]
+mod cprobe;
 #[path = "common/tier.rs"]
 mod tier;
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
-use std::process::Command;
 use tier::Tier;
 
 use blkbackd::disk::dm::{NAME_LEN, UUID_LEN};
 use blkbackd::disk::sys::*;
 
 fn c_values() -> BTreeMap<String, i64> {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("disk_abi");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/disk_abi.c");
-    let out = Command::new("gcc")
-        .args(["-Wall", "-o"])
-        .arg(&exe)
-        .arg(src)
-        .output()
-        .expect("gcc is needed (the README test command installs it)");
-    assert!(
-        out.status.success(),
-        "compiling against the kernel headers failed (needs linux-libc-dev):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(&exe).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (k, v) = l.split_once(' ').unwrap();
-            (k.to_owned(), v.parse().unwrap())
-        })
-        .collect()
+    cprobe::c_values("disk_abi", &[], "linux-libc-dev")
 }
 
 #[test]
