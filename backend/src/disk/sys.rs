@@ -485,19 +485,14 @@ pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
     io(fallocate(f, mode, o, l))
 }
 
-/// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(false)` if another open file holds it.
-/// The lock lasts as long as the caller keeps `f` open. Raw libc: nix's
-/// `Flock` owns the file and unlocks when dropped, and its borrowing `flock`
-/// is deprecated.
+/// `flock(fd, LOCK_EX | LOCK_NB)` (std's `File::try_lock`, which is that
+/// on Linux): `Ok(false)` if another open file holds it. The lock lasts as
+/// long as the caller keeps `f` open.
 pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
-    loop {
-        // SAFETY: a plain syscall on an open descriptor; no memory is passed.
-        match check(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
-            Ok(_) => return Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => return Ok(false),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
+    match f.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

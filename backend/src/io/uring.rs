@@ -145,7 +145,7 @@ impl UringEngine {
         })?;
         let aligned = ranges
             .iter()
-            .all(|&(p, n)| (p as u64) % align == 0 && (n as u64) % align == 0);
+            .all(|&(p, n)| (p as u64).is_multiple_of(align) && (n as u64).is_multiple_of(align));
         let iov = ranges
             .into_iter()
             .map(|(p, n)| libc::iovec {

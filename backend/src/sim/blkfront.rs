@@ -516,7 +516,7 @@ impl Blkfront {
     }
 
     async fn rw(&self, op: u8, sector: u64, data: &mut [u8]) -> Result<()> {
-        if data.len() % SECTOR_SIZE as usize != 0 {
+        if !data.len().is_multiple_of(SECTOR_SIZE as usize) {
             return Err(FrontError::Protocol("I/O must be whole sectors".into()));
         }
         let per = self.pages_per_request() * XEN_PAGE_SIZE;

@@ -165,7 +165,7 @@ impl FromStr for BenchSpec {
         let bs: u32 = bs.parse().map_err(|_| bad())?;
         let depth: u32 = depth.parse().map_err(|_| bad())?;
         let seconds: f64 = secs.parse().map_err(|_| bad())?;
-        if bs == 0 || bs % 4096 != 0 || bs > 1 << 20 || !(1..=1024).contains(&depth) {
+        if bs == 0 || !bs.is_multiple_of(4096) || bs > 1 << 20 || !(1..=1024).contains(&depth) {
             return Err(bad());
         }
         if !(seconds > 0.0 && seconds <= 3600.0) {
@@ -597,7 +597,7 @@ async fn xenstore_storm(args: &GuestArgs, front: &Arc<Blkfront>) -> Result<Strin
         writers.spawn(async move {
             let mut n = 0u64;
             while tokio::time::Instant::now() < deadline {
-                let r = if n % 2 == 0 {
+                let r = if n.is_multiple_of(2) {
                     xs.write(&state, "4").await
                 } else {
                     xs.write(&format!("{state}/w{w}-{}", n % 16), n.to_string())

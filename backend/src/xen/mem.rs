@@ -194,7 +194,7 @@ impl SharedMem {
         let mut i = 0;
         while i < dst.len() {
             let at = off + i;
-            if at % 8 == 0 && dst.len() - i >= 8 {
+            if at.is_multiple_of(8) && dst.len() - i >= 8 {
                 // SAFETY: in bounds (checked) and 8-aligned; atomic access only.
                 let v = unsafe { AtomicU64::from_ptr(base.add(at).cast()) }.load(Ordering::Relaxed);
                 dst[i..i + 8].copy_from_slice(&v.to_ne_bytes());
@@ -244,7 +244,7 @@ impl SharedMem {
         let mut i = 0;
         while i < src.len() {
             let at = off + i;
-            if at % 8 == 0 && src.len() - i >= 8 {
+            if at.is_multiple_of(8) && src.len() - i >= 8 {
                 let v = u64::from_ne_bytes(src[i..i + 8].try_into().expect("8 bytes"));
                 // SAFETY: in bounds (checked) and 8-aligned; atomic access only.
                 unsafe { AtomicU64::from_ptr(base.add(at).cast()) }.store(v, Ordering::Relaxed);
