@@ -149,8 +149,6 @@ pub struct Queue<G, E, D> {
     unthrottled: bool,
     /// When the counters were last published.
     published_at: std::time::Instant,
-    /// The counters changed since they were last published.
-    counters_stale: bool,
     /// The vbd's share of the host's requests in flight, and what this
     /// queue counts in it.
     share: Option<(Arc<crate::vbd::share::VbdShare>, u32)>,
@@ -228,7 +226,6 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             throttled_until: None,
             unthrottled: false,
             published_at: std::time::Instant::now(),
-            counters_stale: false,
             share: None,
         }
     }
@@ -274,24 +271,17 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self
     }
 
-    /// Copies the counters where `blkbackd status` reads them, at most
-    /// once a millisecond (the copy carries the histograms, ~3 KiB: at depth
-    /// 1 a copy per request cost more than the request's own bookkeeping),
-    /// or at once when `force` (the queue stops). Returns how long until a
-    /// copy is owed, if one is: a queue going to sleep wakes then to make
-    /// it, so what it counted is there within a millisecond.
-    fn publish_counters(&mut self, force: bool) -> Option<Duration> {
-        const EVERY: Duration = Duration::from_millis(1);
-        let c = self.counters.as_ref()?;
-        let t = std::time::Instant::now();
-        let since = t.duration_since(self.published_at);
-        if force || (self.counters_stale && since >= EVERY) {
-            self.published_at = t;
-            self.counters_stale = false;
-            *c.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
-            return None;
+    /// Copies the counters where `blkbackd status` reads them: at most
+    /// once a millisecond while busy (the copy carries the histograms),
+    /// and always when `now` (before the queue sleeps or stops).
+    fn publish_counters(&mut self, now: bool) {
+        if let Some(c) = &self.counters {
+            let t = std::time::Instant::now();
+            if now || t.duration_since(self.published_at) >= Duration::from_millis(1) {
+                self.published_at = t;
+                *c.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
+            }
         }
-        self.counters_stale.then(|| EVERY - since)
     }
 
     /// The engine, for a caller that drives the queue pass by pass (the
@@ -334,7 +324,6 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         }
         self.advance();
         self.publish();
-        self.counters_stale = true;
         self.publish_counters(false);
     }
 

@@ -197,17 +197,11 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 }
             }
             let listen = self.halt.is_none();
-            // What it counted reaches `blkbackd status` within a
-            // millisecond: a copy owed wakes the queue then (at depth 1 the
-            // guest's next request usually comes first and its pass copies).
-            let owed = self.publish_counters(false);
+            // Idle: what it counted is there for `blkbackd status` now.
+            self.publish_counters(self.engine.in_flight() == 0);
             let asleep = std::time::Instant::now();
             // Requests held by the I/O limits are started when they allow.
             let wake = (self.throttled_until).map(|t| t.saturating_duration_since(asleep));
-            let wake = match (wake, owed) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
             match self.sleep(listen, stop, wake) {
                 Ok(Woke { kick, io }) => {
                     if kick {
