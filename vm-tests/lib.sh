@@ -1,5 +1,13 @@
 # Shared dom0 helpers for the scenarios (copied into dom0 as /vmlib.sh).
-mark() { echo "VMTEST-MARK $*"; }
+# The guest kernel this run boots (dom0-suite.sh sets it; by hand, the first).
+GUEST_KERNEL=${GUEST_KERNEL:-$(head -n 1 /root/guest/kernels)}
+# mark NAME PASS|FAIL ...: the verdict, as NAME$VMTEST_TAG (NAME@LABEL when a
+# guest kernel other than the default runs); other marks as they are.
+mark() {
+  m="$*"; n=${m%% *}; rest=${m#"$n"}
+  case "$rest" in " PASS"*|" FAIL"*) m="$n${VMTEST_TAG:-}$rest" ;; esac
+  echo "VMTEST-MARK $m"
+}
 # fail NAME WHY: report, show the daemon's log, stop the scenario.
 fail() {
   mark "$1 FAIL $2"
@@ -24,8 +32,8 @@ guest_cfg() {
   cat > /root/$1.cfg <<EOC
 name="$1"
 type="pv"
-kernel="/root/vmlinux"
-ramdisk="/root/domu.cpio"
+kernel="/root/guest/$GUEST_KERNEL/vmlinux"
+ramdisk="/root/guest/$GUEST_KERNEL/domu.cpio"
 extra="console=hvc0 rdinit=/init $4"
 memory=${5:-256}
 vcpus=$3
@@ -33,11 +41,15 @@ disk=["$2"]
 EOC
 }
 # wait_guest NAME: until the guest's init reports done (60 s); fails if
-# blkfront reported an operation blkbackd answered with an error.
+# blkfront reported an operation blkbackd answered with an error, or if the
+# guest runs another kernel than GUEST_KERNEL's.
 wait_guest() {
   i=0; until grep -q "DOMU-MARK done" /var/log/xen/console/guest-$1.log 2>/dev/null; do
     i=$((i+1)); [ $i -lt 600 ] || return 1; sleep 0.1; done
   grep DOMU-MARK /var/log/xen/console/guest-$1.log
+  kv=$(cat /root/guest/$GUEST_KERNEL/release)
+  grep -q -F "DOMU-MARK kernel=$kv " /var/log/xen/console/guest-$1.log \
+    || { echo "guest $1 does not run $kv"; return 1; }
   ! grep -E "blkfront: .* op failed" /var/log/xen/console/guest-$1.log
 }
 # guest_md5 NAME: the md5 of what the guest wrote and read back itself.

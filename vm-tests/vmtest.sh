@@ -6,13 +6,21 @@
 # The domU initramfs runs DOMU-INIT as /init (after mounting /proc, /sys, /dev and loading
 # xen-blkfront); dom0 runs DOM0-TEST as /test.sh once xenstored is up. The result is
 # judged by the serial log: TEST-RC=0.
+# dom0 always runs Debian 12's kernel (this host's apt: linux-image-amd64). The domUs'
+# kernels are VMTEST_GUEST_KERNELS, one a line "LABEL SOURCE PACKAGE" (default: dom0's own,
+# as "6.1 host linux-image-amd64"): SOURCE "host" is this host's apt sources, any other a
+# suite of the Debian archive (vm-tests/fetch-deb: its signed index names the file and its
+# SHA256). Each is unpacked into WORKDIR/guest/LABEL (kept: delete it to take a newer one)
+# and gets its own domU initramfs; dom0 has them as /root/guest/LABEL/{vmlinux,domu.cpio,
+# release}, and /root/guest/kernels lists the labels in order.
 set -euo pipefail
 W=${1:?workdir}; TEST=${2:?dom0 test script}; DOMU_INIT=${3:?domU init script}; shift 3
 mkdir -p $W/debs $W/out
 export DEBIAN_FRONTEND=noninteractive
-# 1. host packages (qemu + xen userspace to copy into dom0; kmod for depmod; busybox-static for the rootfs)
+# 1. host packages (qemu + xen userspace to copy into dom0; kmod for depmod; busybox-static for the rootfs;
+# xz-utils and zstd for the guest kernels' modules and images; gpgv and the archive keyring for fetch-deb)
 need=(qemu-system-x86 busybox-static cpio kmod xen-utils-4.17 xenstore-utils dmsetup util-linux e2fsprogs \
-  qemu-system-xen qemu-system-data gcc libc6-dev)
+  qemu-system-xen qemu-system-data gcc libc6-dev xz-utils zstd gpgv debian-archive-keyring)
 missing=$(for p in "${need[@]}"; do dpkg -s $p >/dev/null 2>&1 || echo $p; done)
 # apt_install PKG...: installs them; on failure prints apt's own error, then
 # resolves what it can: a package installed from outside the archive (e.g.
@@ -42,38 +50,120 @@ if [ -n "$missing" ]; then
   apt-get update -qq || echo "vmtest: apt-get update failed (rc $?)"
   apt_install $missing || { echo "VMTEST-HARNESS-FAIL: the host packages could not be installed (above)"; exit 100; }
 fi
-# 2. hypervisor + kernel: download and unpack only (never installed on the host)
+# 2. hypervisor + dom0's kernel: download and unpack only (never installed on the host)
+# unvmlinuz BZIMAGE ELF: the kernel inside a bzImage, uncompressed (an ELF, which Xen boots
+# as a PV kernel directly: saves ~3 s (Xen) + ~4 s (xl) over the compressed one). The
+# payload is found by the boot header (payload_offset/length) and taken apart by its own
+# magic: xz (Debian 12), zstd (Debian 13) or gzip; the size the build appends is checked.
+unvmlinuz() {
+  python3 - "$1" "$2" <<'PY'
+import lzma, struct, subprocess, sys, zlib
+d = open(sys.argv[1], 'rb').read()
+if d[0x202:0x206] != b'HdrS':
+    sys.exit('%s: not a bzImage' % sys.argv[1])
+off, size = struct.unpack_from('<II', d, 0x248)
+p = d[((d[0x1f1] or 4) + 1) * 512 + off:][:size]
+want = struct.unpack_from('<I', p, len(p) - 4)[0]
+if p[:6] == b'\xfd7zXZ\x00':
+    k = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(p)
+elif p[:4] == b'\x28\xb5\x2f\xfd':
+    k = subprocess.run(['zstd', '-dcq', '--memory=2048MB'], input=p[:-4], stdout=subprocess.PIPE, check=True).stdout
+elif p[:2] == b'\x1f\x8b':
+    k = zlib.decompressobj(31).decompress(p)
+else:
+    sys.exit('%s: payload compressed with an unknown method (%s)' % (sys.argv[1], p[:6].hex()))
+if k[:4] != b'\x7fELF' or len(k) != want:
+    sys.exit('%s: the payload is not an ELF of %d bytes' % (sys.argv[1], want))
+open(sys.argv[2], 'wb').write(k)
+PY
+}
+# unpack_kernel DEB DIR: DIR/kroot with modules.dep, DIR/vmlinux, DIR/release (the kernel version)
+unpack_kernel() {
+  local kv
+  rm -rf $2/kroot $2/vmlinux $2/release; mkdir -p $2/kroot
+  dpkg-deb -x $1 $2/kroot
+  # Debian 13 ships the modules under /usr/lib (merged /usr): depmod reads /lib.
+  [ -e $2/kroot/lib ] || ln -s usr/lib $2/kroot/lib
+  kv=$(ls $2/kroot/lib/modules)
+  depmod -b $2/kroot $kv
+  unvmlinuz $2/kroot/boot/vmlinuz-$kv $2/vmlinux
+  echo $kv > $2/release
+}
 KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 KV=${KPKG#linux-image-}
-if [ ! -f $W/xen ] || [ ! -f $W/vmlinux ]; then
+if [ ! -f $W/xen ] || [ ! -f $W/vmlinux ] || [ "$(cat $W/release 2>/dev/null)" != $KV ]; then
   (cd $W/debs && apt-get download -qq xen-hypervisor-4.17-amd64 $KPKG 2>/dev/null)
-  rm -rf $W/kroot $W/xroot; mkdir -p $W/kroot $W/xroot
+  rm -rf $W/xroot; mkdir -p $W/xroot
   dpkg-deb -x $W/debs/xen-hypervisor-4.17-amd64_*.deb $W/xroot
-  dpkg-deb -x $W/debs/${KPKG}_*.deb $W/kroot
-  depmod -b $W/kroot $KV
   zcat $W/xroot/boot/xen-4.17-amd64.gz > $W/xen             # ELF32 multiboot image, QEMU -kernel loads it
-  python3 - $W/kroot/boot/vmlinuz-$KV $W/vmlinux <<'PY'     # uncompressed ELF: saves ~3 s (Xen) + ~4 s (xl)
-import lzma, sys
-d = open(sys.argv[1], 'rb').read(); i = d.find(b'\xfd7zXZ\x00')
-open(sys.argv[2], 'wb').write(lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(d[i:]))
-PY
+  unpack_kernel $W/debs/${KPKG}_*.deb $W
 fi
-M=$W/kroot/lib/modules/$KV
 copy_bin() { local r=$1; shift; for b in "$@"; do for f in $b $(ldd $b | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do [ -e $r$f ] || { mkdir -p $r$(dirname $f); cp -L $f $r$f; }; done; done; }
-copy_mods() { local r=$1; shift; for m in "$@"; do for f in $(grep -E "/$m.ko:" $M/modules.dep | tr -d :); do mkdir -p $r/lib/modules/$KV/$(dirname $f); cp $M/$f $r/lib/modules/$KV/$f; done; done; cp $M/modules.order $M/modules.builtin* $r/lib/modules/$KV/; depmod -b $r $KV; }
+# copy_mods ROOT KROOT KV MODULE...: the modules and what they depend on, uncompressed
+# (busybox's modprobe reads plain .ko files only; Debian 13's are .ko.xz), and modules.dep.
+copy_mods() {
+  local r=$1 kr=$2/lib/modules/$3 kv=$3 m f d; shift 3
+  for m in "$@"; do
+    d=$(grep -E "/$m\.ko(\.xz|\.zst|\.gz)?:" $kr/modules.dep | tr -d :)
+    [ -n "$d" ] || grep -q -E "/$m\.ko$" $kr/modules.builtin \
+      || { echo "VMTEST-HARNESS-FAIL: kernel $kv has no module $m"; exit 100; }
+    for f in $d; do
+      mkdir -p $r/lib/modules/$kv/$(dirname $f)
+      case $f in
+        *.xz) xz -dc $kr/$f > $r/lib/modules/$kv/${f%.xz} ;;
+        *.zst) zstd -dcq $kr/$f > $r/lib/modules/$kv/${f%.zst} ;;
+        *.gz) zcat $kr/$f > $r/lib/modules/$kv/${f%.gz} ;;
+        *) cp $kr/$f $r/lib/modules/$kv/$f ;;
+      esac
+    done
+  done
+  cp $kr/modules.order $kr/modules.builtin* $r/lib/modules/$kv/; depmod -b $r $kv
+}
 base_root() { rm -rf $1; mkdir -p $1/{bin,sbin,etc,dev,proc,sys,tmp,run,var,root,usr/bin}; cp /bin/busybox $1/bin/; for a in $(busybox --list); do [ -e $1/bin/$a ] || ln -s busybox $1/bin/$a; done; }
-# 3. domU initramfs (busybox + xen-blkfront, ext4 and mke2fs); its /init is the guest side of the test
-DU=$W/rootfs-domu; base_root $DU; copy_mods $DU xen-blkfront ext4 crc32c_generic
+# 3. the guest kernels and one domU initramfs each (busybox + xen-blkfront, ext4 and mke2fs);
+# its /init is the guest side of the test
+GUESTS=${VMTEST_GUEST_KERNELS:-"6.1 host linux-image-amd64"}
+DU=$W/rootfs-domu; base_root $DU
 copy_bin $DU /sbin/mke2fs; mkdir -p $DU/etc; cp /etc/mke2fs.conf $DU/etc/
 # the side-by-side scenario's load generator (static: the domU has no libc)
 gcc -static -O2 -o $DU/bin/iobench "$(dirname "$DOMU_INIT")/iobench.c"
 # the restart and save/restore scenarios' verifying guest
 gcc -static -O2 -o $DU/bin/verifyloop "$(dirname "$DOMU_INIT")/verifyloop.c"
-cp "$DOMU_INIT" $DU/init
-chmod +x $DU/init; (cd $DU && find . | cpio -R 0:0 -H newc -o --quiet) > $W/out/domu.cpio
+cp "$DOMU_INIT" $DU/init; chmod +x $DU/init
+labels=()
+while read -r label source pkg; do
+  [ -n "$label" ] || continue
+  G=$W/guest/$label; labels+=("$label"); want=""
+  if [ "$source" = host ]; then   # what the host's apt has now (an archive suite's is kept once fetched)
+    gpkg=$pkg; dep=$(apt-cache depends $pkg | awk '/Depends: linux-image-/ {print $2; exit}'); [ -z "$dep" ] || gpkg=$dep
+    want=${gpkg#linux-image-}
+  fi
+  if [ ! -f $G/vmlinux ] || [ "$(cat $G/source 2>/dev/null)" != "$source $pkg" ] \
+     || { [ -n "$want" ] && [ "$(cat $G/release 2>/dev/null)" != "$want" ]; }; then
+    rm -rf $G; mkdir -p $G
+    if [ "$source" = host ]; then
+      if [ "$gpkg" = "$KPKG" ]; then   # dom0's own kernel
+        ln -s ../../kroot $G/kroot; cp $W/vmlinux $W/release $G/
+      else
+        (cd $W/debs && apt-get download -qq $gpkg) || { echo "VMTEST-HARNESS-FAIL: apt-get download $gpkg"; exit 100; }
+        unpack_kernel $W/debs/${gpkg}_*.deb $G
+      fi
+    else
+      deb=$(bash "$(dirname "$0")/fetch-deb" $source $pkg $G/deb) \
+        || { echo "VMTEST-HARNESS-FAIL: guest kernel $label: $pkg of $source could not be fetched (above)"; exit 100; }
+      unpack_kernel $deb $G; rm -rf $G/deb
+    fi
+    echo "$source $pkg" > $G/source
+  fi
+  echo "vmtest: guest kernel $label: $(cat $G/release) ($source $pkg)"
+  rm -rf $G/rootfs; cp -a $DU $G/rootfs
+  copy_mods $G/rootfs $G/kroot $(cat $G/release) xen-blkfront ext4 crc32c_generic
+  (cd $G/rootfs && find . | cpio -R 0:0 -H newc -o --quiet) > $G/domu.cpio
+done <<< "$GUESTS"
+[ ${#labels[@]} -gt 0 ] || { echo "VMTEST-HARNESS-FAIL: no guest kernel"; exit 100; }
 # 4. dom0 initramfs
 D0=$W/rootfs-dom0; base_root $D0
-copy_mods $D0 xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb
+copy_mods $D0 $W/kroot $KV xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb
 XB=/usr/lib/xen-4.17/bin
 copy_bin $D0 $XB/xl $XB/libxl-save-helper $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 /usr/bin/xenstore /sbin/dmsetup \
   /sbin/losetup /sbin/blockdev /usr/bin/flock /bin/bash /lib/x86_64-linux-gnu/libgcc_s.so.1 \
@@ -82,7 +172,10 @@ for t in read write ls list rm exists watch chmod; do ln -sf xenstore $D0/usr/bi
 mkdir -p $D0/etc/xen $D0/var/lib/xen $D0/var/log/xen; cp -a /etc/xen/xl.conf /etc/xen/scripts $D0/etc/xen/
 mkdir -p $D0/usr/share/qemu; cp -a /usr/share/qemu/keymaps $D0/usr/share/qemu/   # QEMU's qdisk backend reads one
 rmdir $D0/var/run 2>/dev/null || true; ln -s /run $D0/var/run
-cp $W/vmlinux $D0/root/vmlinux; cp $W/out/domu.cpio $D0/root/domu.cpio
+for label in "${labels[@]}"; do
+  mkdir -p $D0/root/guest/$label; cp $W/guest/$label/{vmlinux,domu.cpio,release} $D0/root/guest/$label/
+done
+printf '%s\n' "${labels[@]}" > $D0/root/guest/kernels
 printf '#!/bin/sh\nexit 0\n' > $D0/etc/xen/noop-hotplug; chmod +x $D0/etc/xen/noop-hotplug
 cat > $D0/init <<'EOI'
 #!/bin/sh

@@ -3,6 +3,7 @@
 # runs; reads the marker dom0 put on the disk, writes and re-reads 4 MiB of
 # random data with O_DIRECT, and reports everything as DOMU-MARK lines.
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+echo "DOMU-MARK kernel=$(uname -r) (the guest kernel)"
 # xen_blkfront.* options on the kernel command line become module options.
 OPTS=""; for t in $(cat /proc/cmdline); do case $t in xen_blkfront.*) OPTS="$OPTS ${t#xen_blkfront.}";; esac; done
 modprobe xen-blkfront $OPTS

@@ -82,8 +82,10 @@ med() { sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; 
 # ratios A B: A/B round by round (the backends of a round ran minutes apart,
 # the rounds further apart: the host's noise moves whole rounds).
 ratios() { paste -d' ' "$1" "$2" | awk '{ print ($2 > 0 ? $1 / $2 : 0) }'; }
-echo "SIDE-BY-SIDE $ROUNDS rounds: figures are medians, ratios the median of each round's ratio"
-echo "SIDE-BY-SIDE job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback | zero copy vs blkback | polling vs blkback"
+# Each line names the guest kernel (the scenario runs once per kernel).
+G=$(printf '%-11s' "guest $GUEST_KERNEL")
+echo "SIDE-BY-SIDE $G| $ROUNDS rounds ($(cat /root/guest/$GUEST_KERNEL/release)): figures are medians, ratios the median of each round's ratio"
+echo "SIDE-BY-SIDE $G| job                | blkback   | qdisk     | blkbackd  | vs blkback | vs qdisk | per round vs blkback | zero copy vs blkback | polling vs blkback"
 for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072 8" "write 131072 8"; do
   set -- $job
   for b in blkback qdisk blkbackd bbzc bbpoll; do figs $b $1 $2 $3 > /tmp/sbs-$b.col; done
@@ -94,8 +96,8 @@ for job in "randread 4096 1" "randread 4096 32" "randwrite 4096 32" "read 131072
   rc=$(ratios /tmp/sbs-bbzc.col /tmp/sbs-blkback.col | med)
   rp=$(ratios /tmp/sbs-bbpoll.col /tmp/sbs-blkback.col | med)
   unit=IOPS; [ $2 -eq 4096 ] || unit=MB/s
-  awk -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" -v rc=$rc -v rp=$rp 'BEGIN {
-    printf "SIDE-BY-SIDE %-20s| %9s | %9s | %9s | %10.2f | %8.2f | %-20s | %20.2f | %18.2f  (%s)\n", j, k, q, m, rk, rq, e, rc, rp, u }'
+  awk -v g="$G" -v j="$1 $(($2 / 1024))k qd$3" -v u=$unit -v k=$k -v q=$q -v m=$m -v rk=$rk -v rq=$rq -v e="$each" -v rc=$rc -v rp=$rp 'BEGIN {
+    printf "SIDE-BY-SIDE %s| %-19s| %9s | %9s | %9s | %10.2f | %8.2f | %-20s | %20.2f | %18.2f  (%s)\n", g, j, k, q, m, rk, rq, e, rc, rp, u }'
 done
 rm -f /tmp/sbs-*.bench /tmp/sbs-*.col /tmp/sbs-*.status
 mark "$N PASS"

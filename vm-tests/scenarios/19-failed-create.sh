@@ -6,6 +6,7 @@
 # same guest created paused without a disk and destroyed: the domain's build
 # and teardown under software emulation, which every backend pays. Nothing
 # may be left.
+# vmtest: once (no guest kernel runs: the domains are built paused or fail)
 . /vmlib.sh
 N=failed-create
 start_blkbackd || fail $N "cannot start blkbackd"
