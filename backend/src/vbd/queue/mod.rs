@@ -188,27 +188,17 @@ impl<G, E, D> std::fmt::Debug for Queue<G, E, D> {
 impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// A queue over a mapped ring, doing its I/O with `engine` in buffers of
     /// `pool`.
-    pub fn new(parts: QueueParts<G, E, D>) -> Self {
-        let QueueParts {
-            ring,
-            ev,
-            grants,
-            disk,
-            engine,
-            pool,
-            domid,
-            limits,
-        } = parts;
+    pub fn new(p: QueueParts<G, E, D>) -> Self {
         Queue {
-            ring,
-            ev,
+            ring: p.ring,
+            ev: p.ev,
             masked: true,
-            grants,
-            disk,
-            engine,
-            pool,
-            domid,
-            limits,
+            grants: p.grants,
+            disk: p.disk,
+            engine: p.engine,
+            pool: p.pool,
+            domid: p.domid,
+            limits: p.limits,
             stats: QueueStats::default(),
             persistent: Persistent::default(),
             slots: VecDeque::new(),
