@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blkbackd::abi::blkif::{
-    Abi, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+    Abi, GrantRef, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
     XEN_PAGE_SIZE,
 };
 use blkbackd::abi::sys::{GNTST_GENERAL_ERROR, GNTST_OKAY};
@@ -25,7 +25,7 @@ use blkbackd::io::pool::BouncePool;
 use blkbackd::io::MemDisk;
 use blkbackd::ring::request::{encode, Limits, Segment};
 use blkbackd::ring::{BackRing, FrontRing};
-use blkbackd::vbd::queue::Queue;
+use blkbackd::vbd::queue::{Queue, QueueParts};
 use blkbackd::xen::mem::SharedMem;
 use blkbackd::xen::{CopyDir, CopySeg, DomId, EventChannel, Grants, Port};
 use blkbackd_fuzz::Input;
@@ -37,8 +37,8 @@ struct FakeGrants {
 }
 
 impl FakeGrants {
-    fn is_bad(&self, gref: u32) -> bool {
-        self.bad != 0 && gref % self.bad == 0
+    fn is_bad(&self, gref: GrantRef) -> bool {
+        self.bad != 0 && gref.0 % self.bad == 0
     }
 }
 
@@ -50,14 +50,14 @@ impl Grants for FakeGrants {
                 continue;
             }
             if let CopyDir::FromGuest(buf) = &mut s.dir {
-                buf.fill(s.gref as u8);
+                buf.fill(s.gref.0 as u8);
             }
             s.status = GNTST_OKAY;
         }
         Ok(())
     }
 
-    fn map(&self, _domid: DomId, refs: &[u32], _writable: bool) -> std::io::Result<SharedMem> {
+    fn map(&self, _domid: DomId, refs: &[GrantRef], _writable: bool) -> std::io::Result<SharedMem> {
         if refs.is_empty() || refs.iter().any(|&g| self.is_bad(g)) {
             return Err(std::io::Error::from_raw_os_error(libc_einval()));
         }
@@ -74,7 +74,7 @@ struct FakeEv(AtomicU64);
 
 impl EventChannel for FakeEv {
     fn local_port(&self) -> Port {
-        1
+        Port(1)
     }
     fn notify(&self) -> std::io::Result<()> {
         self.0.fetch_add(1, Ordering::Relaxed);
@@ -145,7 +145,7 @@ fn request(inp: &mut Input<'_>, abi: Abi, id: u64) -> Vec<u8> {
                 (a, a + inp.byte() % (8 - a))
             };
             Segment {
-                gref: u32::from(inp.byte()) + 8,
+                gref: GrantRef(u32::from(inp.byte()) + 8),
                 first_sect: first,
                 last_sect: last,
             }
@@ -188,16 +188,16 @@ fuzz_target!(|data: &[u8]| {
             0
         },
     });
-    let mut q = Queue::new(
-        back,
-        FakeEv(AtomicU64::new(0)),
+    let mut q = Queue::new(QueueParts {
+        ring: back,
+        ev: FakeEv(AtomicU64::new(0)),
         grants,
         disk,
-        Engine::Scripted(ScriptedEngine::default()),
-        pool.clone(),
-        DomId(1),
+        engine: Engine::Scripted(ScriptedEngine::default()),
+        pool: pool.clone(),
+        domid: DomId(1),
         limits,
-    )
+    })
     .with_persistent_grants(inp.byte() & 1 == 1)
     .with_map_mode(inp.rarely());
 
