@@ -5,6 +5,7 @@
 # (guest_cfg boots /root/guest/LABEL/) and VMTEST_TAG=TAG ("@LABEL", so that
 # mark reports NAME@LABEL; "-" for the default kernel, which reports NAME).
 # Each reports "VMTEST-MARK <name> PASS|FAIL"; the suite fails if any failed.
+[ -f /scenarios/plan ] || { echo "no /scenarios/plan: nothing to run"; exit 1; }
 rc=0
 # blkbackd arrives as its Debian package (scenario 00 checks what it put where).
 mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates
