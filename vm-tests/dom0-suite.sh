@@ -13,6 +13,7 @@ touch /var/lib/dpkg/status
 dpkg -i --force-depends /root/blkbackd.deb > /tmp/dpkg-install.log 2>&1 \
   || { echo "dpkg -i /root/blkbackd.deb failed:"; cat /tmp/dpkg-install.log; }
 for l in $(cat /root/guest/kernels); do echo "guest kernel $l: $(cat /root/guest/$l/release)"; done
+df -m / /tmp /var/tmp | sed 's/^/dom0 df: /'
 mkdir -p /var/log/xen/console/earlier
 while read -r script label tag; do
   [ "$label" = - ] && label=""

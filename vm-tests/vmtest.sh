@@ -185,6 +185,9 @@ cat > $D0/init <<'EOI'
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin:/usr/lib/xen-4.17/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp
+# The rootfs (tmpfs, half of dom0's memory) holds every guest kernel and initramfs: scratch
+# space (blkbackd dm-check's /var/tmp) gets its own, as /tmp has.
+mkdir -p /var/tmp; mount -t tmpfs tmp /var/tmp
 ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin; ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /run/xen /run/xenstored /var/log/xen/console
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb; do modprobe $m; done
