@@ -5,6 +5,7 @@
 # (guest_cfg boots /root/guest/LABEL/) and VMTEST_TAG=TAG ("@LABEL", so that
 # mark reports NAME@LABEL; "-" for the default kernel, which reports NAME).
 # Each reports "VMTEST-MARK <name> PASS|FAIL"; the suite fails if any failed.
+[ -f /scenarios/plan ] || { echo "no /scenarios/plan: nothing to run"; exit 1; }
 rc=0
 # blkbackd arrives as its Debian package (scenario 00 checks what it put where).
 mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates
@@ -12,6 +13,7 @@ touch /var/lib/dpkg/status
 dpkg -i --force-depends /root/blkbackd.deb > /tmp/dpkg-install.log 2>&1 \
   || { echo "dpkg -i /root/blkbackd.deb failed:"; cat /tmp/dpkg-install.log; }
 for l in $(cat /root/guest/kernels); do echo "guest kernel $l: $(cat /root/guest/$l/release)"; done
+df -m / /tmp /var/tmp | sed 's/^/dom0 df: /'
 mkdir -p /var/log/xen/console/earlier
 while read -r script label tag; do
   [ "$label" = - ] && label=""

@@ -77,17 +77,19 @@ if k[:4] != b'\x7fELF' or len(k) != want:
 open(sys.argv[2], 'wb').write(k)
 PY
 }
-# unpack_kernel DEB DIR: DIR/kroot with modules.dep, DIR/vmlinux, DIR/release (the kernel version)
+# unpack_kernel DIR DEB...: DIR/kroot with modules.dep, DIR/vmlinux, DIR/release (the kernel
+# version), from the kernel's package (or its parts, as fetch-deb gives them)
 unpack_kernel() {
-  local kv
-  rm -rf $2/kroot $2/vmlinux $2/release; mkdir -p $2/kroot
-  dpkg-deb -x $1 $2/kroot
+  local d=$1 kv deb; shift
+  rm -rf $d/kroot $d/vmlinux $d/release; mkdir -p $d/kroot
+  for deb in "$@"; do dpkg-deb -x $deb $d/kroot; done
   # Debian 13 ships the modules under /usr/lib (merged /usr): depmod reads /lib.
-  [ -e $2/kroot/lib ] || ln -s usr/lib $2/kroot/lib
-  kv=$(ls $2/kroot/lib/modules)
-  depmod -b $2/kroot $kv
-  unvmlinuz $2/kroot/boot/vmlinuz-$kv $2/vmlinux
-  echo $kv > $2/release
+  [ -e $d/kroot/lib ] || ln -s usr/lib $d/kroot/lib
+  kv=$(ls $d/kroot/lib/modules)
+  depmod -b $d/kroot $kv
+  # /boot/vmlinuz-KV, or beside the modules (Debian 14)
+  unvmlinuz $(ls $d/kroot/boot/vmlinuz-$kv $d/kroot/lib/modules/$kv/vmlinuz 2>/dev/null | head -1) $d/vmlinux
+  echo $kv > $d/release
 }
 KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 KV=${KPKG#linux-image-}
@@ -96,16 +98,17 @@ if [ ! -f $W/xen ] || [ ! -f $W/vmlinux ] || [ "$(cat $W/release 2>/dev/null)" !
   rm -rf $W/xroot; mkdir -p $W/xroot
   dpkg-deb -x $W/debs/xen-hypervisor-4.17-amd64_*.deb $W/xroot
   zcat $W/xroot/boot/xen-4.17-amd64.gz > $W/xen             # ELF32 multiboot image, QEMU -kernel loads it
-  unpack_kernel $W/debs/${KPKG}_*.deb $W
+  unpack_kernel $W $W/debs/${KPKG}_*.deb
 fi
 copy_bin() { local r=$1; shift; for b in "$@"; do for f in $b $(ldd $b | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do [ -e $r$f ] || { mkdir -p $r$(dirname $f); cp -L $f $r$f; }; done; done; }
 # copy_mods ROOT KROOT KV MODULE...: the modules and what they depend on, uncompressed
-# (busybox's modprobe reads plain .ko files only; Debian 13's are .ko.xz), and modules.dep.
+# (Debian 13's are .ko.xz: carried plain, busybox's modprobe needs no decompressor), and
+# modules.dep. ?MODULE: only if the kernel has it (crc32c_generic is gone after 6.12).
 copy_mods() {
   local r=$1 kr=$2/lib/modules/$3 kv=$3 m f d; shift 3
   for m in "$@"; do
-    d=$(grep -E "/$m\.ko(\.xz|\.zst|\.gz)?:" $kr/modules.dep | tr -d :)
-    [ -n "$d" ] || grep -q -E "/$m\.ko$" $kr/modules.builtin \
+    d=$(grep -E "/${m#\?}\.ko(\.xz|\.zst|\.gz)?:" $kr/modules.dep | tr -d : || true)
+    [ -n "$d" ] || grep -q -E "/${m#\?}\.ko$" $kr/modules.builtin || [ "${m#\?}" != "$m" ] \
       || { echo "VMTEST-HARNESS-FAIL: kernel $kv has no module $m"; exit 100; }
     for f in $d; do
       mkdir -p $r/lib/modules/$kv/$(dirname $f)
@@ -146,18 +149,18 @@ while read -r label source pkg; do
         ln -s ../../kroot $G/kroot; cp $W/vmlinux $W/release $G/
       else
         (cd $W/debs && apt-get download -qq $gpkg) || { echo "VMTEST-HARNESS-FAIL: apt-get download $gpkg"; exit 100; }
-        unpack_kernel $W/debs/${gpkg}_*.deb $G
+        unpack_kernel $G $W/debs/${gpkg}_*.deb
       fi
     else
-      deb=$(bash "$(dirname "$0")/fetch-deb" $source $pkg $G/deb) \
+      debs=$(bash "$(dirname "$0")/fetch-deb" $source $pkg $G/deb) \
         || { echo "VMTEST-HARNESS-FAIL: guest kernel $label: $pkg of $source could not be fetched (above)"; exit 100; }
-      unpack_kernel $deb $G; rm -rf $G/deb
+      unpack_kernel $G $debs; rm -rf $G/deb
     fi
     echo "$source $pkg" > $G/source
   fi
   echo "vmtest: guest kernel $label: $(cat $G/release) ($source $pkg)"
   rm -rf $G/rootfs; cp -a $DU $G/rootfs
-  copy_mods $G/rootfs $G/kroot $(cat $G/release) xen-blkfront ext4 crc32c_generic
+  copy_mods $G/rootfs $G/kroot $(cat $G/release) xen-blkfront ext4 '?crc32c_generic'
   (cd $G/rootfs && find . | cpio -R 0:0 -H newc -o --quiet) > $G/domu.cpio
 done <<< "$GUESTS"
 [ ${#labels[@]} -gt 0 ] || { echo "VMTEST-HARNESS-FAIL: no guest kernel"; exit 100; }
@@ -182,6 +185,9 @@ cat > $D0/init <<'EOI'
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin:/usr/lib/xen-4.17/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp
+# The rootfs (tmpfs, half of dom0's memory) holds every guest kernel and initramfs: scratch
+# space (blkbackd dm-check's /var/tmp) gets its own, as /tmp has.
+mkdir -p /var/tmp; mount -t tmpfs tmp /var/tmp
 ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin; ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /run/xen /run/xenstored /var/log/xen/console
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs loop crc32c_generic dm-mod dm-zero dm-snapshot dm-thin-pool dm-crypt dm-flakey xts ecb; do modprobe $m; done
