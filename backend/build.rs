@@ -7,9 +7,18 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-env-changed=BLKBACKD_COMMIT");
     let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for f in [".git/HEAD", ".git/index"] {
-        let p = top.join(f);
-        if p.exists() {
+    // Where git keeps them: `.git/` in a clone, elsewhere in a worktree
+    // (whose `.git` is a file), so a new commit re-runs this script in both.
+    for f in ["HEAD", "index"] {
+        let p = Command::new("git")
+            .args(["rev-parse", "--path-format=absolute", "--git-path", f])
+            .current_dir(&top)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| std::path::PathBuf::from(s.trim()));
+        if let Some(p) = p.filter(|p| p.exists()) {
             println!("cargo:rerun-if-changed={}", p.display());
         }
     }
