@@ -39,6 +39,14 @@
 //!                               # (default: a quarter of vm.max_map_count);
 //!                               # past it, grants are copied
 //!
+//! [rbd]                         # rbd:POOL/IMAGE disks (librbd); the block
+//!                               # script reads this file too: $BLKBACKD_CONFIG,
+//!                               # else /etc/blkbackd/blkbackd.toml
+//! conf = "/etc/ceph/ceph.conf"  # default: $CEPH_CONF, then Ceph's search
+//! client = "admin"              # client.NAME, its key found by ceph.conf
+//! keyring = "/etc/ceph/ceph.client.admin.keyring"   # optional
+//! connect_timeout_s = 10        # 1..=300: the monitors' answer
+//!
 //! [metrics]                     # Prometheus text endpoint (off by default)
 //! listen = "127.0.0.1:9587"     # ADDRESS:PORT (GET /metrics), or
 //!                               # "unix:/run/blkbackd/metrics.sock"
@@ -76,6 +84,31 @@ pub struct Config {
     /// Per-guest I/O limits.
     #[serde(default)]
     pub limit: Vec<LimitRule>,
+    /// How `rbd:` disks reach their Ceph cluster.
+    #[serde(default)]
+    pub rbd: crate::rbd::ClientConfig,
+}
+
+/// The configuration file when none is named on the command line (the
+/// block script, run by libxl, never has one): `$BLKBACKD_CONFIG`, else this
+/// file if it exists, else none (every default).
+pub const DEFAULT_PATH: &str = "/etc/blkbackd/blkbackd.toml";
+
+/// See [`DEFAULT_PATH`].
+pub fn default_path() -> Option<PathBuf> {
+    match std::env::var_os("BLKBACKD_CONFIG") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()),
+    }
+}
+
+/// The `[rbd]` settings the block script uses (see [`DEFAULT_PATH`]); Ceph's
+/// defaults when there is no file.
+pub fn rbd_settings() -> Result<crate::rbd::ClientConfig, ConfigError> {
+    match default_path() {
+        Some(path) => Ok(Config::load(&path)?.rbd),
+        None => Ok(Default::default()),
+    }
 }
 
 pub use crate::vbd::limit::LimitRule;
@@ -332,6 +365,10 @@ impl Config {
                 value,
                 range,
             })?;
+        c.rbd.check().map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
         for (i, r) in c.limit.iter().enumerate() {
             r.check(i).map_err(|message| ConfigError::Parse {
                 path: path.to_owned(),

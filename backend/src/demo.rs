@@ -152,7 +152,9 @@ pub async fn run_with(
         );
         let what = match &published {
             Published::Block(id) => format!("/dev/loop{} published as {published}", id.minor),
-            Published::File(..) => format!("{} published as {published}", img.display()),
+            Published::File(..) | Published::Rbd(..) => {
+                format!("{} published as {published}", img.display())
+            }
         };
         say("hotplug", format!("block-blkbackd add: {what}"));
         crate::attach::wait_value(&xs, &format!("{}/opened", p.backend), "1").await?;
@@ -160,6 +162,7 @@ pub async fn run_with(
         let how = match &published {
             Published::Block(_) => "disk opened by diskseq",
             Published::File(..) => "file opened and checked by identity",
+            Published::Rbd(..) => "image opened and checked by id",
         };
         say(
             "daemon",

@@ -27,7 +27,16 @@
 //!   (`create_thin`), activated as the dm `thin` device
 //!   `blkbackd-<domid>-<devid>` of `SIZE` bytes (a multiple of 512, with an
 //!   optional K, M, G or T suffix: a thin volume has no size of its own);
-//!   `remove` deactivates it and keeps the volume's data.
+//!   `remove` deactivates it and keeps the volume's data;
+//! - `rbd:POOL/IMAGE[@SNAP]`: a Ceph RBD image, served by the daemon through
+//!   librbd (`rbd/`). `add` opens it (the cluster reached with the `[rbd]`
+//!   settings of the configuration file named by `$BLKBACKD_CONFIG`, default
+//!   `/etc/blkbackd/blkbackd.toml` if it exists) to check that it is there,
+//!   that nobody else holds its lock if it is to be written, and to read its
+//!   id, then publishes `rbd-image` and `rbd-image-id`; the daemon serves only
+//!   an image with that id. A snapshot is served read-only (mode `r`; `w` is
+//!   refused). `remove` has nothing to undo: the daemon's close releases the
+//!   lock.
 //!
 //! Every path is typed before it is opened (a FIFO or a character device is
 //! refused without being opened). `add` refuses storage another VM's vbd
@@ -56,6 +65,8 @@ pub enum Params {
     Direct(PathBuf),
     /// A copy-on-write snapshot of a template (device-mapper).
     Snapshot(String),
+    /// A Ceph RBD image.
+    Rbd(crate::rbd::Spec),
     /// A thin volume (device-mapper).
     Thin {
         /// The pool's dm name.
@@ -133,6 +144,12 @@ pub enum HotplugError {
         /// Its status, summed up.
         status: String,
     },
+    /// The configuration file could not be used.
+    #[error("{0}")]
+    Config(String),
+    /// The RBD image could not be used.
+    #[error(transparent)]
+    Rbd(#[from] crate::rbd::RbdError),
     /// Not available yet.
     #[error("{0} disks are not supported yet")]
     Unsupported(&'static str),
@@ -215,11 +232,14 @@ impl Params {
                 sectors,
             });
         }
+        if let Some(t) = raw.strip_prefix("rbd:") {
+            return crate::rbd::Spec::parse(t).map(Params::Rbd).map_err(bad);
+        }
         if raw.starts_with('/') {
             return Ok(Params::Block(absolute(raw, raw)?));
         }
         Err(bad(
-            "expected /dev/..., phy:..., file:..., direct:..., snapshot:... or thin:...",
+            "expected /dev/..., phy:..., file:..., direct:..., snapshot:..., thin:... or rbd:...",
         ))
     }
 }
@@ -344,6 +364,7 @@ enum Prepared<'a> {
     File(&'a Path, std::fs::File, LoopOptions),
     Direct(&'a Path, FileId),
     Snapshot(&'a str),
+    Rbd(&'a crate::rbd::Spec),
     Thin {
         pool: &'a str,
         id: u32,
@@ -390,6 +411,16 @@ fn prepare(params: &Params, writable: bool) -> Result<(Prepared<'_>, sharing::Us
             uses = sharing::declared(params, writable).unwrap_or_default();
             Prepared::Snapshot(t)
         }
+        Params::Rbd(spec) => {
+            if spec.snap.is_some() && writable {
+                return Err(HotplugError::Params(
+                    format!("rbd:{spec}"),
+                    "a snapshot is read-only: attach it with mode r",
+                ));
+            }
+            uses.add(sharing::rbd(spec), writable);
+            Prepared::Rbd(spec)
+        }
         Params::Thin { pool, id, sectors } => {
             for s in sharing::thin(pool, *id) {
                 uses.add(s, writable);
@@ -421,6 +452,11 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     let (id, path, made_loop) = match prepared {
         Prepared::Direct(p, id) => {
             let published = Published::File(p.to_owned(), id);
+            published.write(xs, be, None).await?;
+            return Ok(published);
+        }
+        Prepared::Rbd(spec) => {
+            let published = check_rbd(spec.clone(), writable).await?;
             published.write(xs, be, None).await?;
             return Ok(published);
         }
@@ -456,6 +492,22 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
         return Err(e.into());
     }
     Ok(published)
+}
+
+/// Opens the image once, as the daemon will (its lock taken and let go if
+/// it is to be written), so that a missing image, an unreachable cluster or
+/// a lock held elsewhere fails `add`, where libxl reports it; returns what
+/// names it.
+async fn check_rbd(spec: crate::rbd::Spec, writable: bool) -> Result<Published, HotplugError> {
+    let settings =
+        crate::config::rbd_settings().map_err(|e| HotplugError::Config(e.to_string()))?;
+    crate::rbd::configure(settings);
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::rbd::Image::open(&spec, writable, None).map(|i| Published::Rbd(spec, i.id.clone()))
+    })
+    .await
+    .map_err(|e| HotplugError::Config(format!("opening the image: {e}")))?;
+    Ok(opened?)
 }
 
 /// The disk the vbd at `be` published (`physical-device` and `diskseq`),

@@ -30,6 +30,7 @@ pub mod dmcheck;
 pub mod hotplug;
 pub mod io;
 pub mod metrics;
+pub mod rbd;
 pub mod ring;
 pub mod signals;
 pub mod sim;

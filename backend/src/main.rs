@@ -128,7 +128,9 @@ enum Cmd {
         #[arg(long)]
         allow_missing_diskseq: bool,
         /// Configuration file (TOML; see the README). SIGHUP re-reads it for
-        /// devices created afterwards.
+        /// devices created afterwards. Default: $BLKBACKD_CONFIG, else
+        /// /etc/blkbackd/blkbackd.toml if it exists (the block script reads
+        /// the same file for its [rbd] settings).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -597,6 +599,7 @@ async fn serve(
     use blkbackd::config::Config;
     use blkbackd::vbd::lifecycle::VbdCtx;
     use std::sync::{Arc, RwLock};
+    let config = config.or_else(blkbackd::config::default_path);
     let cfg = match &config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -606,6 +609,7 @@ async fn serve(
             .map_err(|(k, v, r)| anyhow::anyhow!("offer.{k} = {v} is outside {r}"))?,
     );
     let allow_missing_diskseq = allow_missing_diskseq || cfg.allow_missing_diskseq;
+    blkbackd::rbd::configure(cfg.rbd.clone());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         commit = blkbackd::BUILD_COMMIT,

@@ -77,6 +77,13 @@ pub(super) enum Storage {
         /// The thin id.
         id: u32,
     },
+    /// A Ceph RBD image (its snapshots are read-only).
+    Rbd {
+        /// Its pool.
+        pool: String,
+        /// Its name.
+        image: String,
+    },
     /// A thin volume, its pool by dev_t.
     ThinByDev {
         /// The pool's dev_t.
@@ -94,6 +101,7 @@ impl fmt::Display for Storage {
                 write!(f, "the file with inode {ino} on device {}:{}", dev.0, dev.1)
             }
             Storage::ThinByName { pool, id } => write!(f, "thin volume {id} of pool {pool}"),
+            Storage::Rbd { pool, image } => write!(f, "RBD image {pool}/{image}"),
             Storage::ThinByDev { pool, id } => {
                 write!(f, "thin volume {id} of pool {}:{}", pool.0, pool.1)
             }
@@ -152,6 +160,15 @@ pub(super) fn first_conflict<'a>(me: &Vbd, others: &'a [Vbd]) -> Option<(&'a Vbd
         .iter()
         .filter(|o| !same_vm(me, o))
         .find_map(|o| me.uses.conflict(&o.uses).map(|s| (o, s.clone())))
+}
+
+/// An RBD image, by pool and name (a snapshot shares its image's: read-only,
+/// it conflicts with nothing).
+pub(super) fn rbd(spec: &crate::rbd::Spec) -> Storage {
+    Storage::Rbd {
+        pool: spec.pool.clone(),
+        image: spec.image.clone(),
+    }
 }
 
 /// A file, by the metadata of an open fd or of a `stat`.
@@ -250,6 +267,7 @@ pub(super) fn declared(params: &Params, writes: bool) -> Result<Uses, String> {
                 uses.add(file(&m), false);
             }
         }
+        Params::Rbd(spec) => uses.add(rbd(spec), writes && spec.snap.is_none()),
         Params::Thin { .. } => {}
     }
     Ok(uses)

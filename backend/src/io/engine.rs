@@ -1,13 +1,15 @@
 //! The I/O engines a ring's worker submits to.
 //!
 //! What an engine is asked and answers is [`super::op`]. Completions come
-//! back in any order. Two engines:
+//! back in any order. Three engines:
 //! - [`UringEngine`](super::uring::UringEngine): io_uring, batched
 //!   submissions, `O_DIRECT` for aligned requests, the bounce pool registered
 //!   as a fixed buffer where the kernel lets us;
 //! - [`ThreadEngine`](super::thread::ThreadEngine): a worker thread doing blocking positioned I/O through
 //!   the [`Disk`] trait, for dom0s that disable io_uring and for disks that
-//!   have no file descriptor (the in-memory disk of the tests and the demo).
+//!   have no file descriptor (the in-memory disk of the tests and the demo);
+//! - [`RbdEngine`](super::rbd::RbdEngine): librbd's asynchronous requests,
+//!   for Ceph RBD images.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use super::op::{IoDone, IoOp};
 use super::pool::BouncePool;
+use super::rbd::RbdEngine;
 use super::thread::ThreadEngine;
 use super::uring::UringEngine;
 use super::Disk;
@@ -59,6 +62,8 @@ pub enum Engine {
     Uring(Box<UringEngine>),
     /// Blocking worker thread.
     Threads(ThreadEngine),
+    /// librbd's asynchronous requests (an `rbd:` disk).
+    Rbd(RbdEngine),
     /// Completions decided by the owner (the serving loop's fuzz target and
     /// tests): their order, errors and short transfers.
     Scripted(ScriptedEngine),
@@ -99,6 +104,12 @@ impl Engine {
         pool: Arc<BouncePool>,
         direct: bool,
     ) -> io::Result<Engine> {
+        if let Some(image) = disk
+            .rbd_image()
+            .filter(|_| choice != EngineChoice::Blocking)
+        {
+            return RbdEngine::new(image, pool).map(Engine::Rbd);
+        }
         let want_uring = match choice {
             EngineChoice::Blocking => false,
             EngineChoice::IoUring => true,
@@ -116,6 +127,7 @@ impl Engine {
             Engine::Uring(u) if u.direct() => "io_uring+O_DIRECT",
             Engine::Uring(_) => "io_uring",
             Engine::Threads(_) => "blocking",
+            Engine::Rbd(_) => "librbd",
             Engine::Scripted(_) => "scripted",
         }
     }
@@ -133,6 +145,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.push(op),
             Engine::Threads(t) => t.push(op),
+            Engine::Rbd(r) => r.push(op),
             Engine::Scripted(s) => s.pending.push(op),
         }
     }
@@ -141,7 +154,7 @@ impl Engine {
     pub fn submit(&mut self) {
         match self {
             Engine::Uring(u) => u.submit(),
-            Engine::Threads(_) | Engine::Scripted(_) => {}
+            Engine::Threads(_) | Engine::Rbd(_) | Engine::Scripted(_) => {}
         }
     }
 
@@ -150,6 +163,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.reap(out),
             Engine::Threads(t) => t.reap(out),
+            Engine::Rbd(r) => r.reap(out),
             Engine::Scripted(s) => out.extend(s.done.drain(..)),
         }
     }
@@ -160,6 +174,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.has_completions(),
             Engine::Threads(t) => t.has_completions(),
+            Engine::Rbd(r) => r.has_completions(),
             Engine::Scripted(s) => !s.done.is_empty(),
         }
     }
@@ -178,6 +193,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.in_flight(),
             Engine::Threads(t) => t.in_flight,
+            Engine::Rbd(r) => r.in_flight(),
             Engine::Scripted(s) => s.pending.len() + s.done.len(),
         }
     }
@@ -190,6 +206,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.fds(),
             Engine::Threads(t) => [Some(t.bell.fd()), None],
+            Engine::Rbd(r) => [Some(r.fd()), None],
             Engine::Scripted(_) => [None, None],
         }
     }

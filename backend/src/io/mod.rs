@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod op;
 pub mod pool;
+pub mod rbd;
 pub mod thread;
 pub mod uring;
 pub mod wait;
@@ -20,7 +21,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::disk::{sys, OpenedDisk};
 
@@ -67,6 +68,11 @@ pub trait Disk: Send + Sync + 'static {
     /// The descriptors io_uring can use, valid while the disk lives; `None`
     /// for a disk that is not a file.
     fn uring_target(&self) -> Option<UringTarget> {
+        None
+    }
+    /// The Ceph RBD image, for a disk that is one (served by librbd's own
+    /// asynchronous requests).
+    fn rbd_image(&self) -> Option<Arc<crate::rbd::Image>> {
         None
     }
 }
@@ -385,5 +391,69 @@ impl Disk for FileDisk {
                 self.discard
             },
         })
+    }
+}
+
+/// The disk a vbd serves in the daemon: a file or block device, or an RBD
+/// image (one type, so that the serving loop is not generic over both).
+#[derive(Debug)]
+pub enum ServedDisk {
+    /// A file or a block device.
+    File(FileDisk),
+    /// A Ceph RBD image.
+    Rbd(rbd::RbdDisk),
+}
+
+macro_rules! each {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            ServedDisk::File($d) => $e,
+            ServedDisk::Rbd($d) => $e,
+        }
+    };
+}
+
+impl Disk for ServedDisk {
+    fn sectors(&self) -> u64 {
+        each!(self, d => d.sectors())
+    }
+    fn logical_block_size(&self) -> u32 {
+        each!(self, d => d.logical_block_size())
+    }
+    fn physical_block_size(&self) -> u32 {
+        each!(self, d => d.physical_block_size())
+    }
+    fn read_only(&self) -> bool {
+        each!(self, d => d.read_only())
+    }
+    fn refresh_sectors(&self) -> io::Result<u64> {
+        each!(self, d => d.refresh_sectors())
+    }
+    fn can_discard(&self) -> bool {
+        each!(self, d => d.can_discard())
+    }
+    fn discard_granularity(&self) -> u32 {
+        each!(self, d => d.discard_granularity())
+    }
+    fn discard_alignment(&self) -> u32 {
+        each!(self, d => d.discard_alignment())
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        each!(self, d => d.read_at(off, buf))
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        each!(self, d => d.write_at(off, buf))
+    }
+    fn flush(&self) -> io::Result<()> {
+        each!(self, d => d.flush())
+    }
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        each!(self, d => d.discard(off, len))
+    }
+    fn uring_target(&self) -> Option<UringTarget> {
+        each!(self, d => d.uring_target())
+    }
+    fn rbd_image(&self) -> Option<Arc<crate::rbd::Image>> {
+        each!(self, d => d.rbd_image())
     }
 }

@@ -32,7 +32,8 @@ use super::transition::{step, Observed, Phase, Step};
 use super::{publish_geometry, serve_frontend, Connection, Offer};
 use crate::abi::sys::XenbusState;
 use crate::disk::{self, DiskId};
-use crate::io::{Disk, FileDisk};
+use crate::io::rbd::RbdDisk;
+use crate::io::{Disk, FileDisk, ServedDisk};
 use crate::xen::{DomId, EventChannels, Grants};
 use crate::xenbus::{self, key, published::Nodes, Published};
 
@@ -72,6 +73,9 @@ pub enum Fatal {
     /// Publishing or connecting failed.
     #[error(transparent)]
     Vbd(#[from] super::VbdError),
+    /// The RBD image could not be opened (or locked, or was replaced).
+    #[error(transparent)]
+    Rbd(#[from] crate::rbd::RbdError),
 }
 
 async fn read(xs: &Client, path: &str) -> Result<Option<String>, Fatal> {
@@ -433,7 +437,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
             Some(Published::Block(id)) => {
                 let opened = disk::open_by_diskseq(id, ts.writable)?;
                 tracing::info!(%domid, disk = %id, "disk opened by diskseq");
-                break Arc::new(FileDisk::from_opened(opened));
+                break Arc::new(ServedDisk::File(FileDisk::from_opened(opened)));
             }
             Some(Published::File(path, id)) => {
                 let file = disk::open_file_by_id(&path, id, ts.writable)?;
@@ -441,7 +445,12 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                     Fatal::Config(format!("reading the size of {}: {e}", path.display()))
                 })?;
                 tracing::info!(%domid, path = %path.display(), file = %id, "file opened by identity");
-                break Arc::new(d);
+                break Arc::new(ServedDisk::File(d));
+            }
+            Some(Published::Rbd(spec, id)) => {
+                let d = open_rbd(spec, id, ts.writable).await?;
+                tracing::info!(%domid, image = %d.image().spec, id = %d.image().id, "RBD image opened");
+                break Arc::new(ServedDisk::Rbd(d));
             }
             None => {}
         }
@@ -653,6 +662,10 @@ async fn wait_removed(
 async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<Published>, Fatal> {
     let xs = &ctx.xs;
     let n = Nodes::read(xs, be).await?;
+    if let Some(published) = n.rbd().map_err(Fatal::Config)? {
+        trusted(xs, be, &published).await?;
+        return Ok(Some(published));
+    }
     let Some(phys) = n.physical_device.as_deref() else {
         // A file to serve directly is published in one transaction.
         if n.physical_file.is_none() {
@@ -691,6 +704,18 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
     });
     trusted(xs, be, &published).await?;
     Ok(Some(published))
+}
+
+/// Opens the RBD image the block script checked: the same id (not another
+/// image since created under its name), its lock taken if it is written.
+/// librbd blocks while it talks to the cluster: on a blocking thread.
+async fn open_rbd(spec: crate::rbd::Spec, id: String, writable: bool) -> Result<RbdDisk, Fatal> {
+    let opened = tokio::task::spawn_blocking(move || {
+        let image = crate::rbd::Image::open(&spec, writable, Some(&id))?;
+        RbdDisk::new(image).map_err(|e| Fatal::Config(format!("reading the image's size: {e}")))
+    })
+    .await;
+    opened.map_err(|e| Fatal::Config(format!("opening the image: {e}")))?
 }
 
 /// Refuses a published disk whose nodes anyone but dom0 could have written.

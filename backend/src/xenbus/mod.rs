@@ -53,6 +53,10 @@ pub mod key {
     pub const PHYSICAL_FILE: &str = "physical-file";
     /// Its identity, `%x:%x[:%x]`.
     pub const FILE_ID: &str = "file-id";
+    /// A Ceph RBD image served through librbd, `POOL/IMAGE[@SNAP]`.
+    pub const RBD_IMAGE: &str = "rbd-image";
+    /// Its id (what a deleted and recreated image does not keep).
+    pub const RBD_IMAGE_ID: &str = "rbd-image-id";
     /// `connected` or `error`.
     pub const HOTPLUG_STATUS: &str = "hotplug-status";
     /// Why the block script failed.

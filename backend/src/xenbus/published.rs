@@ -13,6 +13,7 @@ use xenstore::{Client, Xs};
 
 use super::{key, node};
 use crate::disk::{self, DiskError, DiskId, FileId};
+use crate::rbd::Spec;
 
 /// What the block script published.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub enum Published {
     Block(DiskId),
     /// A regular file served directly, by its identity.
     File(PathBuf, FileId),
+    /// A Ceph RBD image, by name and id.
+    Rbd(Spec, String),
 }
 
 impl fmt::Display for Published {
@@ -43,6 +46,9 @@ impl fmt::Display for Published {
                     key::FILE_ID
                 )
             }
+            Published::Rbd(spec, id) => {
+                write!(f, "{} {spec} {} {id}", key::RBD_IMAGE, key::RBD_IMAGE_ID)
+            }
         }
     }
 }
@@ -53,6 +59,7 @@ impl Published {
         match self {
             Published::Block(_) => [key::PHYSICAL_DEVICE, key::DISKSEQ],
             Published::File(..) => [key::PHYSICAL_FILE, key::FILE_ID],
+            Published::Rbd(..) => [key::RBD_IMAGE, key::RBD_IMAGE_ID],
         }
     }
 
@@ -73,6 +80,10 @@ impl Published {
             Published::File(p, id) => vec![
                 (node(be, key::PHYSICAL_FILE), p.display().to_string()),
                 (node(be, key::FILE_ID), id.to_string()),
+            ],
+            Published::Rbd(spec, id) => vec![
+                (node(be, key::RBD_IMAGE), spec.to_string()),
+                (node(be, key::RBD_IMAGE_ID), id.clone()),
             ],
         };
         if let Some(p) = found_at {
@@ -104,6 +115,10 @@ pub struct Nodes {
     pub file_id: Option<String>,
     /// `hotplug-status`.
     pub hotplug_status: Option<String>,
+    /// `rbd-image`.
+    pub rbd_image: Option<String>,
+    /// `rbd-image-id`.
+    pub rbd_image_id: Option<String>,
 }
 
 impl Nodes {
@@ -118,6 +133,8 @@ impl Nodes {
                 key::PHYSICAL_FILE,
                 key::FILE_ID,
                 key::HOTPLUG_STATUS,
+                key::RBD_IMAGE,
+                key::RBD_IMAGE_ID,
             ]
             .map(|k| node(be, k));
             let reads = keys.iter().map(|k| tx.try_read_text(k));
@@ -129,6 +146,8 @@ impl Nodes {
                 physical_file: next()?,
                 file_id: next()?,
                 hotplug_status: next()?,
+                rbd_image: next()?,
+                rbd_image_id: next()?,
             })
         })
         .await
@@ -157,5 +176,18 @@ impl Nodes {
             path.into(),
             FileId::parse(id.as_bytes())?,
         )))
+    }
+
+    /// The published RBD image, when both of its nodes are there (an
+    /// unreadable one is an error: it names nothing to serve).
+    pub fn rbd(&self) -> Result<Option<Published>, String> {
+        let (Some(image), Some(id)) = (&self.rbd_image, &self.rbd_image_id) else {
+            return Ok(None);
+        };
+        let spec = Spec::parse(image).map_err(|e| format!("rbd-image {image:?}: {e}"))?;
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!("rbd-image-id {id:?} is not an RBD image id"));
+        }
+        Ok(Some(Published::Rbd(spec, id.clone())))
     }
 }

@@ -27,6 +27,8 @@ pub enum Tier {
     Tool(&'static [&'static str]),
     /// gcc and this header (under /usr/include).
     Headers(&'static str),
+    /// A Ceph cluster: `CEPH_CONF` names its ceph.conf, and `rbd` is here.
+    Ceph,
 }
 
 impl Tier {
@@ -41,6 +43,17 @@ impl Tier {
                 .map(|e| format!("needs root and loop devices (/dev/loop-control: {e})")),
             Tier::Tool(names) => (!names.iter().any(|n| found(n)))
                 .then(|| format!("needs {} (the README's test command installs it)", names[0])),
+            Tier::Ceph => match std::env::var_os("CEPH_CONF") {
+                _ if !found("rbd") => {
+                    Some("needs Ceph's rbd (the README's test command installs it)".into())
+                }
+                Some(c) if Path::new(&c).exists() => None,
+                _ => Some(
+                    "needs a Ceph cluster: scripts/ceph-cluster start DIR, then \
+                     CEPH_CONF=DIR/ceph.conf (scripts/test-all does both)"
+                        .into(),
+                ),
+            },
             Tier::Headers(h) => {
                 if !found("gcc") {
                     Some("needs gcc (the README's test command installs it)".into())

@@ -1,0 +1,253 @@
+//! Ceph RBD images as disks ([`RbdDisk`]) and their engine ([`RbdEngine`]):
+//! each operation is one librbd asynchronous request on the ring's bounce
+//! buffer; librbd's completion callback queues the answer and rings a
+//! doorbell the serving thread sleeps on with its event channel, as the
+//! blocking engine's worker does.
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::op::{IoDone, IoKind, IoOp};
+use super::pool::BouncePool;
+use super::wait::Doorbell;
+use super::Disk;
+use crate::rbd::{Aio, Image};
+
+/// An RBD image served as a disk.
+#[derive(Debug)]
+pub struct RbdDisk {
+    image: Arc<Image>,
+    sectors: AtomicU64,
+}
+
+impl RbdDisk {
+    /// Serves `image`.
+    pub fn new(image: Image) -> io::Result<RbdDisk> {
+        let size = image.size()?;
+        Ok(RbdDisk {
+            image: Arc::new(image),
+            sectors: AtomicU64::new(size / 512),
+        })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+}
+
+impl Disk for RbdDisk {
+    fn sectors(&self) -> u64 {
+        self.sectors.load(Ordering::Relaxed)
+    }
+
+    fn read_only(&self) -> bool {
+        self.image.read_only
+    }
+
+    /// librbd keeps the size current (it watches the image's header), so a
+    /// `rbd resize` elsewhere is seen here.
+    fn refresh_sectors(&self) -> io::Result<u64> {
+        let s = self.image.size()? / 512;
+        self.sectors.store(s, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// RBD frees whole objects and zeroes the rest: any 512-byte-aligned
+    /// range may be discarded, and reads of it return zeroes.
+    fn discard_granularity(&self) -> u32 {
+        512
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.image.read(off, buf)
+    }
+
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        if self.image.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        self.image.write(off, buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.image.flush()
+    }
+
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.image.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        self.image.discard(off, len)
+    }
+
+    fn rbd_image(&self) -> Option<Arc<Image>> {
+        Some(self.image.clone())
+    }
+}
+
+/// What librbd's callbacks hand back.
+#[derive(Debug)]
+struct Shared {
+    done: Mutex<Vec<IoDone>>,
+    bell: Doorbell,
+}
+
+/// librbd asynchronous requests for one ring.
+#[derive(Debug)]
+pub struct RbdEngine {
+    image: Arc<Image>,
+    pool: Arc<BouncePool>,
+    shared: Arc<Shared>,
+    /// Pushed, not started: behind a drain (flush) that waits for what was
+    /// started before it.
+    held: VecDeque<IoOp>,
+    /// Started and not reaped.
+    started: usize,
+    /// The tag of a started drain operation: nothing starts until it is done.
+    barrier: Option<u64>,
+    ready: Vec<IoDone>,
+}
+
+impl RbdEngine {
+    /// An engine over `image`, with its buffers in `pool`.
+    pub fn new(image: Arc<Image>, pool: Arc<BouncePool>) -> io::Result<RbdEngine> {
+        Ok(RbdEngine {
+            image,
+            pool,
+            shared: Arc::new(Shared {
+                done: Mutex::new(Vec::new()),
+                bell: Doorbell::new()?,
+            }),
+            held: VecDeque::new(),
+            started: 0,
+            barrier: None,
+            ready: Vec::new(),
+        })
+    }
+
+    pub(super) fn push(&mut self, op: IoOp) {
+        self.held.push_back(op);
+        self.start_ready();
+    }
+
+    /// Starts held operations in order, as far as drains allow: a drain
+    /// starts when nothing else is in flight, and nothing starts while it is.
+    fn start_ready(&mut self) {
+        while self.barrier.is_none() {
+            let Some(front) = self.held.front() else {
+                break;
+            };
+            if front.drain && self.started > 0 {
+                break;
+            }
+            let Some(op) = self.held.pop_front() else {
+                break;
+            };
+            if op.drain {
+                self.barrier = Some(op.tag);
+            }
+            self.start(op);
+        }
+    }
+
+    fn start(&mut self, mut op: IoOp) {
+        let (what, ptr) = match op.kind {
+            IoKind::Flush => (Aio::Flush, std::ptr::null_mut()),
+            IoKind::Discard => (Aio::Discard, std::ptr::null_mut()),
+            IoKind::Read | IoKind::Write if op.guest.is_some() => {
+                let e = io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the RBD engine does no I/O on guest pages",
+                );
+                return self.fail(op, e);
+            }
+            IoKind::Read | IoKind::Write => {
+                let fits = op.buf.as_ref().is_some_and(|b| {
+                    op.buf_off
+                        .checked_add(op.len as usize)
+                        .is_some_and(|end| end <= b.len())
+                });
+                let Some(buf) = op.buf.as_mut().filter(|_| fits) else {
+                    let e = io::Error::new(io::ErrorKind::InvalidInput, "I/O outside its buffer");
+                    return self.fail(op, e);
+                };
+                let what = if op.kind == IoKind::Read {
+                    Aio::Read
+                } else {
+                    Aio::Write
+                };
+                (what, self.pool.ptr(buf).wrapping_add(op.buf_off))
+            }
+        };
+        let (off, len) = (op.off, op.len as usize);
+        self.started += 1;
+        let shared = self.shared.clone();
+        // The pool stays mapped while librbd may touch the buffer.
+        let pool = self.pool.clone();
+        let on_done = Box::new(move |result: io::Result<usize>| {
+            // librbd answers a write with 0, not the bytes written: a write
+            // either happened whole or failed.
+            let result = match (what, result) {
+                (Aio::Write, Ok(_)) => Ok(len),
+                (_, r) => r,
+            };
+            let d = IoDone {
+                tag: op.tag,
+                result,
+                buf: op.buf,
+                guest: op.guest,
+            };
+            drop(pool);
+            shared
+                .done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(d);
+            shared.bell.ring();
+        });
+        // SAFETY: `ptr..ptr + len` lies in the bounce buffer `op.buf` (checked
+        // above), which moves into `on_done` with a clone of its pool: no one
+        // else uses the run, and it stays mapped, until librbd calls back.
+        unsafe { self.image.aio(what, off, ptr, len, on_done) };
+    }
+
+    fn fail(&mut self, op: IoOp, e: io::Error) {
+        self.ready.push(IoDone::failed(op, e));
+    }
+
+    fn gather(&mut self) {
+        self.shared.bell.clear();
+        let mut done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner());
+        for d in done.drain(..) {
+            self.started -= 1;
+            if self.barrier == Some(d.tag) {
+                self.barrier = None;
+            }
+            self.ready.push(d);
+        }
+        drop(done);
+        self.start_ready();
+    }
+
+    pub(super) fn has_completions(&mut self) -> bool {
+        self.gather();
+        !self.ready.is_empty()
+    }
+
+    pub(super) fn reap(&mut self, out: &mut Vec<IoDone>) {
+        self.gather();
+        out.append(&mut self.ready);
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.started + self.held.len() + self.ready.len()
+    }
+
+    pub(super) fn fd(&self) -> std::os::fd::RawFd {
+        self.shared.bell.fd()
+    }
+}

@@ -1,0 +1,473 @@
+//! `rbd:POOL/IMAGE[@SNAP]` disks against a real single-node Ceph cluster
+//! (`scripts/ceph-cluster`, started by `scripts/test-all`; `CEPH_CONF`
+//! names it): byte-exact service through librbd, one writer across two
+//! "hosts" (two daemons, each with its own Xenstore), identity by image id,
+//! resize, snapshots read-only, and the clear failures.
+mod common;
+#[path = "common/cprobe.rs"]
+mod cprobe;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::tier::{self, Tier};
+use common::{blkbackd, exits_cleanly, signal, wait_socket};
+use xenstore::{Client, Xs};
+
+const DEVID: u32 = 51712;
+
+/// `rbd ARGS` against the test cluster; its stdout.
+fn rbd(args: &[&str]) -> String {
+    let out = std::process::Command::new("rbd")
+        .args(args)
+        .output()
+        .expect("running rbd");
+    assert!(
+        out.status.success(),
+        "rbd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh image of `mib` MiB, removed (with its snapshots) when dropped.
+struct TestImage(String);
+
+impl TestImage {
+    fn new(tag: &str, mib: u32) -> TestImage {
+        let name = format!("rbd/t{}-{tag}", std::process::id());
+        let _ = std::process::Command::new("rbd")
+            .args(["rm", "--no-progress", &name])
+            .output();
+        rbd(&["create", "--size", &format!("{mib}M"), &name]);
+        TestImage(name)
+    }
+
+    /// The image's id, as `rbd info` reports it.
+    fn id(&self) -> String {
+        let info = rbd(&["info", "--format", "json", &self.0]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rbd")
+            .args(["snap", "purge", "--no-progress", &self.0])
+            .output();
+        let _ = std::process::Command::new("rbd")
+            .args(["rm", "--no-progress", &self.0])
+            .output();
+    }
+}
+
+/// One "host": its own Xenstore and daemon (a dom0 of its own).
+struct Host {
+    dir: tempfile::TempDir,
+    _xenstored: tokio::process::Child,
+    daemon: Option<tokio::process::Child>,
+    xs: Client,
+}
+
+impl Host {
+    async fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("xenstored.sock");
+        let xenstored = blkbackd()
+            .arg("xenstored")
+            .arg("--socket")
+            .arg(&socket)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let xs = wait_socket(&socket).await;
+        let daemon = blkbackd()
+            .args(["serve", "--sim"])
+            .arg(dir.path().join("sim"))
+            .arg("--xenstore")
+            .arg(&socket)
+            .env(
+                "RUST_LOG",
+                std::env::var("RBD_TEST_LOG").unwrap_or("info".into()),
+            )
+            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Host {
+            dir,
+            _xenstored: xenstored,
+            daemon: Some(daemon),
+            xs,
+        }
+    }
+
+    async fn home(&self, domid: u16) -> xenstore::DomId {
+        let d = xenstore::DomId(domid);
+        self.xs.introduce(d, 0, 0).await.unwrap();
+        blkbackd::xenbus::toolstack::create_domain_home(&self.xs, d)
+            .await
+            .unwrap();
+        d
+    }
+
+    async fn attach(&self, domid: u16, params: &str, writable: bool) -> Result<(), String> {
+        let d = self.home(domid).await;
+        blkbackd::attach::attach(&self.xs, d, DEVID, params, writable)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn detach(&self, domid: u16) {
+        blkbackd::attach::detach(&self.xs, xenstore::DomId(domid), DEVID)
+            .await
+            .unwrap();
+    }
+
+    fn guest(&self, domid: u16, mode: &str, ios: u32) -> tokio::process::Child {
+        blkbackd()
+            .args(["sim-guest", "--mode", mode, "--ios", &ios.to_string()])
+            .args(["--domid", &domid.to_string(), "--dir"])
+            .arg(self.dir.path().join("sim"))
+            .arg("--xenstore")
+            .arg(self.dir.path().join("xenstored.sock"))
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn guest_report(&self, domid: u16, mode: &str, ios: u32) -> String {
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            self.guest(domid, mode, ios).wait_with_output(),
+        )
+        .await
+        .expect("the guest did not finish in 120 s")
+        .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "guest: {report} {}", self.log());
+        report
+    }
+
+    fn be(&self, domid: u16) -> String {
+        blkbackd::xenbus::backend_path(xenstore::DomId(domid), DEVID)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            signal(&d, "TERM");
+            exits_cleanly(&mut d).await;
+        }
+    }
+}
+
+/// The embedded default serves a simulated guest from an RBD image: every
+/// size of read and write verified byte for byte, flushes and discards
+/// through librbd; the data is in the image afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rbd_image_is_served_byte_exact_with_flush_and_discard() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let img = TestImage::new("exact", 64);
+    let mut host = Host::new().await;
+    host.attach(6, &format!("rbd:{}", img.0), true)
+        .await
+        .unwrap();
+    let be = host.be(6);
+    assert_eq!(
+        host.xs
+            .read_string(&format!("{be}/rbd-image"))
+            .await
+            .unwrap(),
+        img.0
+    );
+    assert_eq!(
+        host.xs
+            .read_string(&format!("{be}/rbd-image-id"))
+            .await
+            .unwrap(),
+        img.id()
+    );
+    let report = host.guest_report(6, "verify", 300).await;
+    assert!(
+        report.contains("SIM-GUEST PASS") && report.contains("verified ios="),
+        "{report}"
+    );
+    assert!(host.log().contains("RBD image opened"), "{}", host.log());
+    host.detach(6).await;
+    host.stop().await;
+    // What the guest wrote is in the image (read by another client).
+    let export = tempfile::NamedTempFile::new().unwrap();
+    let path = export.path().to_str().unwrap().to_owned();
+    std::fs::remove_file(&path).unwrap();
+    rbd(&["export", "--no-progress", &img.0, &path]);
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(data.len(), 64 << 20);
+    assert!(
+        data.iter().any(|&b| b != 0),
+        "nothing the guest wrote reached the image"
+    );
+}
+
+/// One writer across hosts: while host A serves an image, host B's block
+/// script is refused (the lock is held) and so is host B's daemon if its
+/// block script ran before A took the lock; once A lets go, B serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_is_refused_while_the_first_serves_and_served_after() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let img = TestImage::new("twohosts", 64);
+    let params = format!("rbd:{}", img.0);
+    let mut a = Host::new().await;
+    let mut b = Host::new().await;
+
+    // Host B's toolstack and block script get as far as publishing the image
+    // (nobody holds it yet), but its guest is not started.
+    let d = b.home(7).await;
+    let paths = blkbackd::xenbus::toolstack::create_vbd(&b.xs, d, DEVID, &params, "w")
+        .await
+        .unwrap();
+    blkbackd::attach::wait_value(&b.xs, &format!("{}/state", paths.backend), "2")
+        .await
+        .unwrap();
+    // Host B's daemon is stopped first, so that it opens the image only later.
+    b.stop().await;
+    let published =
+        blkbackd::xenbus::Published::Rbd(blkbackd::rbd::Spec::parse(&img.0).unwrap(), img.id());
+    published.write(&b.xs, &paths.backend, None).await.unwrap();
+    b.xs.write(&format!("{}/hotplug-status", paths.backend), "connected")
+        .await
+        .unwrap();
+
+    // Host A serves it.
+    a.attach(6, &params, true).await.unwrap();
+    let mut guest_a = a.guest(6, "verify", 1_000_000);
+    blkbackd::attach::wait_value(&a.xs, &format!("{}/state", a.be(6)), "4")
+        .await
+        .unwrap();
+
+    // Host B's daemon, restarted: it finds the vbd published before A took
+    // the lock, and refuses it with a clear error node.
+    let sock = b.dir.path().join("xenstored.sock");
+    b.daemon = Some(
+        blkbackd()
+            .args(["serve", "--sim"])
+            .arg(b.dir.path().join("sim"))
+            .arg("--xenstore")
+            .arg(&sock)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(b.dir.path().join("daemon.log")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap(),
+    );
+    let mut b_guest = b.guest(7, "verify", 200);
+    blkbackd::attach::wait_value(&b.xs, &format!("{}/state", paths.backend), "5")
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", b.log()));
+    let err =
+        b.xs.read_string(&format!("{}/error", paths.backend))
+            .await
+            .unwrap();
+    assert!(
+        err.contains("locked for writing by another client"),
+        "{err}"
+    );
+
+    b_guest.kill().await.unwrap();
+    // A failed vbd stays Closing; libxl removes it after its timeout.
+    b.xs.rm(&paths.backend).await.unwrap();
+    b.xs.rm(&paths.frontend).await.unwrap();
+
+    // Host B's block script, now: refused, and the failed vbd removed.
+    let e = b.attach(8, &params, true).await.unwrap_err();
+    assert!(e.contains("locked for writing by another client"), "{e}");
+    assert_eq!(b.xs.try_read(&b.be(8)).await.unwrap(), None);
+
+    // A's guest is still served, and lets go.
+    guest_a.kill().await.unwrap();
+    a.detach(6).await;
+
+    // Now B is served.
+    b.attach(7, &params, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", b.log()));
+    let report = b.guest_report(7, "verify", 200).await;
+    assert!(
+        report.contains("SIM-GUEST PASS") && report.contains("verified ios="),
+        "{report}"
+    );
+    b.detach(7).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An image grown with `rbd resize` while connected reaches the guest as
+/// `sectors`, and its new end is read and written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_image_reaches_the_connected_guest() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let img = TestImage::new("grow", 32);
+    let mut host = Host::new().await;
+    host.attach(6, &format!("rbd:{}", img.0), true)
+        .await
+        .unwrap();
+    let guest = host.guest(6, "resize", 1);
+    blkbackd::attach::wait_value(&host.xs, &format!("{}/state", host.be(6)), "4")
+        .await
+        .unwrap();
+    rbd(&["resize", "--no-progress", "--size", "48M", &img.0]);
+    let out = tokio::time::timeout(Duration::from_secs(60), guest.wait_with_output())
+        .await
+        .expect("the guest never saw the new size")
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("resized from 65536 to 98304 sectors; the new end reads back"),
+        "{report} {}",
+        host.log()
+    );
+    host.detach(6).await;
+    host.stop().await;
+}
+
+/// A snapshot is served read-only (a write is refused to the guest, and
+/// `mode=w` is refused at attach); the image it was taken of is checked by
+/// id: one deleted and recreated under the same name is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_read_only_and_a_recreated_image_is_refused() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let img = TestImage::new("snap", 16);
+    rbd(&["snap", "create", &format!("{}@s1", img.0)]);
+    let mut host = Host::new().await;
+    let snap = format!("rbd:{}@s1", img.0);
+    let e = host.attach(6, &snap, true).await.unwrap_err();
+    assert!(e.contains("a snapshot is read-only"), "{e}");
+    host.attach(6, &snap, false).await.unwrap();
+    let report = host.guest_report(6, "write-read-only", 1).await;
+    assert!(
+        report.contains("write refused, reads still served"),
+        "{report}"
+    );
+    host.detach(6).await;
+
+    // Published, then the image is replaced under its name before the
+    // daemon opens it.
+    let d = host.home(9).await;
+    let params = format!("rbd:{}", img.0);
+    let paths = blkbackd::xenbus::toolstack::create_vbd(&host.xs, d, DEVID, &params, "w")
+        .await
+        .unwrap();
+    let old_id = img.id();
+    rbd(&["snap", "purge", "--no-progress", &img.0]);
+    rbd(&["rm", "--no-progress", &img.0]);
+    rbd(&["create", "--size", "16M", &img.0]);
+    let published =
+        blkbackd::xenbus::Published::Rbd(blkbackd::rbd::Spec::parse(&img.0).unwrap(), old_id);
+    published
+        .write(&host.xs, &paths.backend, None)
+        .await
+        .unwrap();
+    host.xs
+        .write(&format!("{}/hotplug-status", paths.backend), "connected")
+        .await
+        .unwrap();
+    blkbackd::attach::wait_value(&host.xs, &format!("{}/state", paths.backend), "5")
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", host.log()));
+    let err = host
+        .xs
+        .read_string(&format!("{}/error", paths.backend))
+        .await
+        .unwrap();
+    assert!(err.contains("deleted and recreated"), "{err}");
+    host.stop().await;
+}
+
+/// Clear failures at attach, each leaving no vbd behind: a missing image,
+/// a missing pool, an image without exclusive-lock written, bad names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rbd_disks_fail_attach_clearly() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let nolock = format!("rbd/t{}-nolock", std::process::id());
+    let _ = std::process::Command::new("rbd")
+        .args(["rm", &nolock])
+        .output();
+    rbd(&[
+        "create",
+        "--size",
+        "8M",
+        "--image-feature",
+        "layering",
+        &nolock,
+    ]);
+    let _cleanup = TestImage(nolock.clone());
+    let mut host = Host::new().await;
+    let cases = [
+        (
+            "rbd:rbd/no-such-image",
+            true,
+            "image rbd/no-such-image: No such file",
+        ),
+        ("rbd:nopool/img", true, "pool nopool"),
+        (
+            &*format!("rbd:{nolock}"),
+            true,
+            "has no exclusive-lock feature",
+        ),
+        ("rbd:rbd", true, "an RBD image is POOL/IMAGE"),
+        ("rbd:rbd/a b", true, "without spaces"),
+    ];
+    for (i, (params, w, want)) in cases.iter().enumerate() {
+        let domid = 10 + i as u16;
+        let e = host.attach(domid, params, *w).await.unwrap_err();
+        assert!(e.contains(want), "{params}: {e}");
+        assert_eq!(host.xs.try_read(&host.be(domid)).await.unwrap(), None);
+    }
+    // Without the lock feature it is still served read-only.
+    host.attach(20, &format!("rbd:{nolock}"), false)
+        .await
+        .unwrap();
+    host.detach(20).await;
+    host.stop().await;
+}
+
+/// The declarations `src/rbd/ffi.rs` loads by name match librbd's and
+/// librados's headers (a C program assigns each function to a pointer of
+/// ffi.rs's type, under -Werror), and so do the constants it uses.
+#[test]
+fn ffi_declarations_match_the_headers() {
+    if !tier::need(Tier::Headers("rbd/librbd.h")) {
+        return;
+    }
+    let v = cprobe::c_values("rbd_abi", &["-Werror", "-lrbd", "-lrados"], "librbd-dev");
+    assert_eq!(v["functions"], 29);
+    assert_eq!(
+        v["RBD_LOCK_MODE_EXCLUSIVE"],
+        i64::from(blkbackd::rbd::ffi::LOCK_MODE_EXCLUSIVE)
+    );
+    assert_eq!(
+        v["RBD_FEATURE_EXCLUSIVE_LOCK"] as u64,
+        blkbackd::rbd::ffi::FEATURE_EXCLUSIVE_LOCK
+    );
+    // ffi.rs passes the mode as a C int.
+    assert_eq!(v["rbd_lock_mode_t"], 4);
+    // ... and loads the very functions the C program linked.
+    assert!(blkbackd::rbd::ffi::lib().is_ok());
+}
