@@ -133,6 +133,7 @@ pub fn merge(vbds: &mut [VbdStatus], live: &BTreeMap<String, RingCounters>) {
             v.connected_at = Some(c.connected_at);
             v.adopted = c.adopted;
             v.limit = Some(c.limit);
+            v.rbd = c.rbd.clone();
         }
     }
 }
@@ -187,6 +188,12 @@ pub struct VbdStatus {
     pub thin_pool: Option<ThinPool>,
     /// The I/O limits in force (from the daemon, while connected).
     pub limit: Option<crate::vbd::limit::IoLimit>,
+    /// The RBD image the block script published (`POOL/IMAGE[@SNAP]`).
+    pub rbd_image: Option<String>,
+    /// Its id.
+    pub rbd_image_id: Option<String>,
+    /// The image, its client and its lock (from the daemon, while connected).
+    pub rbd: Option<crate::vbd::live::RbdState>,
 }
 
 impl VbdStatus {
@@ -255,6 +262,9 @@ pub async fn collect(xs: &Client) -> Result<Vec<VbdStatus>, xenstore::Error> {
             mode: get(xs, &format!("{be}/mode")).await?,
             physical_device: get(xs, &format!("{be}/physical-device")).await?,
             diskseq: get(xs, &format!("{be}/diskseq")).await?,
+            rbd_image: get(xs, &format!("{be}/rbd-image")).await?,
+            rbd_image_id: get(xs, &format!("{be}/rbd-image-id")).await?,
+            rbd: None,
             opened: get(xs, &format!("{be}/opened")).await?.as_deref() == Some("1"),
             sectors: get(xs, &format!("{be}/sectors"))
                 .await?
@@ -340,6 +350,27 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                 .as_ref()
                 .map_or_else(String::new, |e| format!("  [error: {e}]")),
         );
+        if let Some(r) = &v.rbd {
+            s += &format!(
+                "       RBD image {} (id {}), {} instance {}, {}\n",
+                r.image,
+                r.id,
+                r.client,
+                r.instance,
+                if r.read_only {
+                    "read-only (no lock)"
+                } else if r.lock_held {
+                    "exclusive lock held"
+                } else {
+                    "exclusive lock not held"
+                }
+            );
+        } else if let Some(i) = &v.rbd_image {
+            s += &format!(
+                "       RBD image {i} (id {}), not open in the daemon\n",
+                v.rbd_image_id.as_deref().unwrap_or("-")
+            );
+        }
         if let Some(t) = &v.thin_pool {
             s += &format!("       thin pool {}: {}\n", t.pool, t.status.summary());
         }

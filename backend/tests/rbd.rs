@@ -197,7 +197,40 @@ async fn an_rbd_image_is_served_byte_exact_with_flush_and_discard() {
             .unwrap(),
         img.id()
     );
-    let report = host.guest_report(6, "verify", 300).await;
+    // While a guest is connected, `status` names the image, its id, the
+    // client and its lock.
+    // (1000 I/Os per lane: the guest is still at it when status looks.)
+    let guest = host.guest(6, "verify", 1000);
+    blkbackd::attach::wait_value(&host.xs, &format!("{be}/state"), "4")
+        .await
+        .unwrap();
+    let out = blkbackd()
+        .args(["status", "--json", "--socket"])
+        .arg(
+            host.dir
+                .path()
+                .join("sim")
+                .join(blkbackd::status::SIM_SOCKET),
+        )
+        .env("XENSTORED_PATH", host.dir.path().join("xenstored.sock"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let vbd = &v[0];
+    assert_eq!(vbd["rbd_image"], img.0.as_str(), "{text}");
+    assert_eq!(vbd["rbd"]["id"], img.id().as_str(), "{text}");
+    assert_eq!(vbd["rbd"]["client"], "client.admin", "{text}");
+    assert_eq!(vbd["rbd"]["lock_held"], true, "{text}");
+    assert_eq!(vbd["engine"], "librbd", "{text}");
+    // The guest verifies every size, flushes and discards.
+    let out = tokio::time::timeout(Duration::from_secs(300), guest.wait_with_output())
+        .await
+        .expect("the guest did not finish in 300 s")
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         report.contains("SIM-GUEST PASS") && report.contains("verified ios="),
         "{report}"

@@ -29,10 +29,46 @@ pub struct RingCounters {
     /// The I/O limits in force.
     #[serde(default)]
     pub limit: crate::vbd::limit::IoLimit,
+    /// An `rbd:` disk's image and client, as librbd sees them now.
+    #[serde(default)]
+    pub rbd: Option<RbdState>,
+}
+
+/// A served RBD image, as the daemon's librbd client sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdState {
+    /// `POOL/IMAGE[@SNAP]`.
+    pub image: String,
+    /// Its id.
+    pub id: String,
+    /// The client serving it: `client.NAME`.
+    pub client: String,
+    /// The client's instance id (librbd names a lock owner by both).
+    pub instance: u64,
+    /// Whether this client holds the image's exclusive lock (a writable
+    /// image is served only while it does).
+    pub lock_held: bool,
+    /// Opened read-only (a snapshot, or mode `r`): no lock is taken.
+    pub read_only: bool,
+}
+
+impl RbdState {
+    fn of(image: &crate::rbd::Image) -> RbdState {
+        let (client, instance) = image.client();
+        RbdState {
+            image: image.spec.to_string(),
+            id: image.id.clone(),
+            client,
+            instance,
+            lock_held: !image.read_only && image.holds_lock(),
+            read_only: image.read_only,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct LiveVbd {
+    rbd: Option<Arc<crate::rbd::Image>>,
     engine: String,
     rings: Vec<Arc<Mutex<QueueStats>>>,
     connected_at: u64,
@@ -71,14 +107,22 @@ impl Live {
         self.lock().adopting.insert(be.to_owned());
     }
 
-    /// Registers `rings` rings of the vbd at `be`; returns their slots.
-    pub fn register(&self, be: &str, engine: &str, rings: usize) -> Vec<Arc<Mutex<QueueStats>>> {
+    /// Registers `rings` rings of the vbd at `be` (serving `rbd`, if its
+    /// disk is an RBD image); returns their slots.
+    pub fn register(
+        &self,
+        be: &str,
+        engine: &str,
+        rings: usize,
+        rbd: Option<Arc<crate::rbd::Image>>,
+    ) -> Vec<Arc<Mutex<QueueStats>>> {
         let slots: Vec<_> = (0..rings).map(|_| Arc::default()).collect();
         let mut l = self.lock();
         let adopted = l.adopting.remove(be);
         l.vbds.insert(
             be.to_owned(),
             LiveVbd {
+                rbd,
                 engine: engine.to_owned(),
                 rings: slots.clone(),
                 connected_at: now_secs(),
@@ -125,6 +169,7 @@ impl Live {
                         connected_at: v.connected_at,
                         adopted: v.adopted,
                         limit: l.limiters.get(be).map(|x| x.limit()).unwrap_or_default(),
+                        rbd: v.rbd.as_deref().map(RbdState::of),
                     },
                 )
             })

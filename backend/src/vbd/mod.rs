@@ -452,7 +452,7 @@ pub async fn serve_frontend<G: Grants, EC: EventChannels, D: Disk>(
         %domid, queues = queues.len(), order = cfg.order, abi = cfg.abi.protocol(),
         engine = engine_name, "rings connected"
     );
-    let slots = live.map(|l| l.register(be, engine_name, queues.len()));
+    let slots = live.map(|l| l.register(be, engine_name, queues.len(), disk.rbd_image()));
     let limiter = live.map(|l| l.limiter(be));
     let share = Arc::new(share::VbdShare::default());
     // Each queue is served by a thread of its own; the stop reaches them
