@@ -19,8 +19,9 @@ use anyhow::Context;
 use xenstore::DomId;
 
 use crate::io::engine::EngineChoice;
+use crate::io::rbd::RbdDisk;
 use crate::io::uring::{raw_run, RawJob, RawRun};
-use crate::io::FileDisk;
+use crate::io::{FileDisk, ServedDisk};
 use crate::sim::guest::BenchSpec;
 use crate::sim::world::SimWorld;
 use crate::vbd::queue::{pool_pages, DEFAULT_POOL_BYTES};
@@ -48,6 +49,9 @@ pub struct BenchOptions {
     pub zero_copy: bool,
     /// Run only the workloads whose name contains this (e.g. "128k write").
     pub only: Option<String>,
+    /// Instead of a file: this RBD image (`POOL/IMAGE`), against fio's rbd
+    /// engine ([`rbd`]).
+    pub rbd: Option<String>,
 }
 
 const WORKLOADS: [(&str, &str); 5] = [
@@ -80,18 +84,34 @@ struct FioRun {
 
 /// fio with its io_uring engine on the same file and the same job, as a
 /// second raw baseline (`None` where fio is not installed or fails).
-fn fio_baseline(img: &Path, direct: bool, spec: &BenchSpec) -> Option<FioRun> {
+/// What fio runs on: a file (with io_uring, `O_DIRECT` or not), or an RBD
+/// image through its rbd engine (librbd, as blkbackd) as client `NAME`.
+enum FioTarget<'a> {
+    File(&'a Path, bool),
+    Rbd(&'a crate::rbd::Spec, &'a str),
+}
+
+fn fio_baseline(target: FioTarget<'_>, spec: &BenchSpec) -> Option<FioRun> {
     let rw = match (spec.write, spec.random) {
         (false, true) => "randread",
         (true, true) => "randwrite",
         (false, false) => "read",
         (true, false) => "write",
     };
-    let out = std::process::Command::new("fio")
-        .arg("--name=blkbackd-bench")
-        .arg(format!("--filename={}", img.display()))
-        .arg("--ioengine=io_uring")
-        .arg(format!("--direct={}", u8::from(direct)))
+    let mut fio = std::process::Command::new("fio");
+    fio.arg("--name=blkbackd-bench");
+    match target {
+        FioTarget::File(img, direct) => fio
+            .arg(format!("--filename={}", img.display()))
+            .arg("--ioengine=io_uring")
+            .arg(format!("--direct={}", u8::from(direct))),
+        FioTarget::Rbd(image, client) => fio
+            .arg("--ioengine=rbd")
+            .arg(format!("--clientname={client}"))
+            .arg(format!("--pool={}", image.pool))
+            .arg(format!("--rbdname={}", image.image)),
+    };
+    let out = fio
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", spec.bs))
         .arg(format!("--iodepth={}", spec.depth))
@@ -177,6 +197,8 @@ fn rate(spec: &BenchSpec, ops: u64, secs: f64) -> f64 {
 struct Bench {
     world: SimWorld,
     img: PathBuf,
+    /// Serve this RBD image instead of `img`.
+    rbd: Option<crate::rbd::Spec>,
     exe: PathBuf,
     engine: EngineChoice,
     poll_us: u32,
@@ -193,7 +215,14 @@ impl Bench {
     ) -> anyhow::Result<Served> {
         self.next_domid += 1;
         let domid = DomId(self.next_domid);
-        let disk = Arc::new(FileDisk::open_file(&self.img, false)?);
+        // An image is opened (and locked) for the run only, so that fio's
+        // client can take its lock in between.
+        let disk = Arc::new(match &self.rbd {
+            Some(spec) => {
+                ServedDisk::Rbd(RbdDisk::new(crate::rbd::Image::open(spec, true, None)?)?)
+            }
+            None => ServedDisk::File(FileDisk::open_file(&self.img, false)?),
+        });
         let offer = Offer {
             engine: self.engine,
             direct_io: direct,
@@ -335,6 +364,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let mut bench = Bench {
         world: SimWorld::start(&dir.join("xen")).await?,
         img: img.clone(),
+        rbd: None,
         exe: opts.exe.clone(),
         engine: opts.engine,
         poll_us: opts.poll_us,
@@ -381,7 +411,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                     lat_raw.push((p50, crate::sim::guest::quantile_us(&mut r.latency_ns, 0.99)));
                 }
                 if have_fio {
-                    if let Some(f) = fio_baseline(&img, direct, &spec) {
+                    if let Some(f) = fio_baseline(FioTarget::File(&img, direct), &spec) {
                         fio.push(f.rate);
                         lat_fio.extend(f.latency);
                     }
@@ -623,6 +653,7 @@ pub async fn fairness(opts: BenchOptions) -> anyhow::Result<()> {
     let mut bench = Bench {
         world: SimWorld::start(&dir.join("xen")).await?,
         img: dir.join("fair-0.img"),
+        rbd: None,
         exe: opts.exe.clone(),
         engine: opts.engine,
         poll_us: opts.poll_us,
@@ -707,4 +738,121 @@ fn raw_baseline(path: &Path, direct: bool, spec: &BenchSpec) -> std::io::Result<
     raw_run(&file, &job, |lane, n| {
         crate::sim::guest::bench_offset(spec, bytes, lane, n)
     })
+}
+
+/// `blkbackd bench --rbd POOL/IMAGE`: the same workloads served from an RBD
+/// image through blkbackd (librbd), against fio's rbd engine (librbd too) on
+/// the same image, interleaved; the image is filled first, so that reads
+/// reach objects. The image's lock passes between the two clients at each run.
+pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
+    let spec = crate::rbd::Spec::parse(image).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        spec.snap.is_none(),
+        "the bench writes: name an image, not a snapshot"
+    );
+    let settings = crate::config::rbd_settings()?;
+    crate::rbd::configure(settings.clone());
+    let size = {
+        let i = crate::rbd::Image::open(&spec, true, None)
+            .with_context(|| format!("(create it with: rbd create --size 1G {spec})"))?;
+        i.size()?
+    };
+    let (dir, _temp) = work_dir(&opts, "blkbackd-bench-rbd-")?;
+    println!(
+        "blkbackd bench --rbd {spec}: {} MiB image, client.{}, {} s per run, {} repetitions",
+        size >> 20,
+        settings.client,
+        opts.seconds,
+        opts.reps
+    );
+    let have_fio = std::process::Command::new("fio")
+        .args(["--enghelp=rbd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    anyhow::ensure!(
+        have_fio,
+        "fio with its rbd engine is needed (apt install fio)"
+    );
+    // Fill it once, so that reads are of data, not of absent objects.
+    let filled = std::process::Command::new("fio")
+        .args([
+            "--name=fill",
+            "--ioengine=rbd",
+            "--rw=write",
+            "--bs=4M",
+            "--iodepth=4",
+        ])
+        .arg(format!("--clientname={}", settings.client))
+        .arg(format!("--pool={}", spec.pool))
+        .arg(format!("--rbdname={}", spec.image))
+        .arg(format!("--size={size}"))
+        .output()
+        .context("running fio")?;
+    anyhow::ensure!(
+        filled.status.success(),
+        "filling the image with fio failed: {}",
+        String::from_utf8_lossy(&filled.stderr)
+    );
+    let mut bench = Bench {
+        world: SimWorld::start(&dir.join("xen")).await?,
+        img: dir.join("unused"),
+        rbd: Some(spec.clone()),
+        exe: opts.exe.clone(),
+        engine: opts.engine,
+        poll_us: opts.poll_us,
+        zero_copy: false,
+        next_domid: 0,
+    };
+    let mut rows = Vec::new();
+    for (name, w) in WORKLOADS {
+        if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let text = format!("{w}:{}", opts.seconds);
+        let b: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
+        let (mut fio, mut ours, mut cpu, mut notif) = (vec![], vec![], vec![], vec![]);
+        let (mut lat_fio, mut lat_ours) = (vec![], vec![]);
+        for _ in 0..opts.reps {
+            let f = fio_baseline(FioTarget::Rbd(&spec, &settings.client), &b)
+                .with_context(|| format!("fio's rbd engine on {name}"))?;
+            fio.push(f.rate);
+            lat_fio.extend(f.latency.map(|l| l.0));
+            let s = bench.served(&b, &text, true).await?;
+            ours.push(s.rate);
+            cpu.push(s.cpu_us_per_io);
+            notif.push(s.notifications_per_io);
+            lat_ours.extend(s.latency.map(|l| l.0));
+        }
+        let (f, o) = (median(&mut fio), median(&mut ours));
+        let unit = if b.bs >= 65536 { "MB/s" } else { "IOPS" };
+        let lat = if lat_ours.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.0}/{:.0}", median(&mut lat_fio), median(&mut lat_ours))
+        };
+        let row = format!(
+            "{name:<18} {f:>10.0} {o:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3} {lat:>12}",
+            o / f,
+            median(&mut cpu),
+            median(&mut notif),
+        );
+        println!("{row}");
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "{:<18} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8} {:>12}",
+        "workload", "fio rbd", "blkbackd", "unit", "ratio", "cpu-us/io", "notif/io", "p50 fio/ours"
+    );
+    for r in &rows {
+        println!("{r}");
+    }
+    println!();
+    println!(
+        "ratio: blkbackd over fio --ioengine=rbd on the same image (medians of {}; runs \
+         interleaved). cpu-us/io: this process's CPU per guest I/O, librbd's threads \
+         included. p50: depth-1 latency in µs",
+        opts.reps
+    );
+    Ok(())
 }

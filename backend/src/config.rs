@@ -522,6 +522,8 @@ mod tests {
         let mut want = Config::default();
         want.metrics.listen = Some(Listen::Tcp("127.0.0.1:9587".parse().unwrap()));
         want.xenstore = Some("/run/xenstored/socket".into());
+        want.rbd.conf = Some("/etc/ceph/ceph.conf".into());
+        want.rbd.keyring = Some("/etc/ceph/ceph.client.admin.keyring".into());
         want.limit = vec![LimitRule {
             domain: Some("web1".into()),
             limit: crate::vbd::limit::IoLimit {
@@ -540,6 +542,7 @@ mod tests {
             "[offer]",
             "[io]",
             "[metrics]",
+            "[rbd]",
         ] {
             assert!(
                 on.iter().any(|l| l.starts_with(key)),
@@ -552,6 +555,10 @@ mod tests {
     fn bad_files_are_refused_with_what_is_wrong() {
         for (text, wants) in [
             ("max_queues = 4", "unknown field `max_queues`"),
+            ("[rbd]\nclient = \"client.admin\"", "without \"client.\""),
+            ("[rbd]\nconf = \"ceph.conf\"", "not an absolute path"),
+            ("[rbd]\nconnect_timeout_s = 0", "outside 1..=300"),
+            ("[rbd]\nmonitors = \"x\"", "unknown field `monitors`"),
             ("[offer]\nmax_queue = 4", "unknown field `max_queue`"),
             ("[offer]\nmax_queues = \"four\"", "invalid type"),
             (

@@ -108,6 +108,12 @@ enum Cmd {
         /// p99 latency alone, beside it, and beside it held to a limit.
         #[arg(long)]
         fairness: bool,
+        /// Instead: serve this Ceph RBD image (POOL/IMAGE, existing; it is
+        /// overwritten) against fio's rbd engine on it. The cluster is
+        /// reached as the block script does ([rbd] of $BLKBACKD_CONFIG or
+        /// /etc/blkbackd/blkbackd.toml, else Ceph's defaults and $CEPH_CONF).
+        #[arg(long, value_name = "POOL/IMAGE", conflicts_with = "fairness")]
+        rbd: Option<String>,
     },
     /// Serve every vbd in Xenstore's backend/vbd until SIGTERM, which hands
     /// every device over as it stands (answers published, rings left
@@ -380,6 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zero_copy,
                 only,
                 fairness,
+                rbd,
             } => {
                 let opts = blkbackd::bench::BenchOptions {
                     dir,
@@ -390,9 +397,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     poll_us,
                     zero_copy,
                     only,
+                    rbd: rbd.clone(),
                     exe: std::env::current_exe().context("finding the blkbackd binary")?,
                 };
-                if fairness {
+                if let Some(image) = rbd {
+                    blkbackd::bench::rbd(opts, &image).await
+                } else if fairness {
                     blkbackd::bench::fairness(opts).await
                 } else {
                     blkbackd::bench::run(opts).await

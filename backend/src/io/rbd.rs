@@ -202,12 +202,15 @@ impl RbdEngine {
                 guest: op.guest,
             };
             drop(pool);
-            shared
-                .done
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(d);
-            shared.bell.ring();
+            let mut done = shared.done.lock().unwrap_or_else(|e| e.into_inner());
+            done.push(d);
+            // The first answer since the queue last looked wakes it; the
+            // rest wait in the list for that same look.
+            let first = done.len() == 1;
+            drop(done);
+            if first {
+                shared.bell.ring();
+            }
         });
         // SAFETY: `ptr..ptr + len` lies in the bounce buffer `op.buf` (checked
         // above), which moves into `on_done` with a clone of its pool: no one
