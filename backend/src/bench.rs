@@ -753,8 +753,14 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
     let settings = crate::config::rbd_settings()?;
     crate::rbd::configure(settings.clone());
     let size = {
-        let i = crate::rbd::Image::open(&spec, true, None)
-            .with_context(|| format!("(create it with: rbd create --size 1G {spec})"))?;
+        let i = crate::rbd::Image::open(&spec, true, None).map_err(|e| match e {
+            crate::rbd::RbdError::Image { ref err, .. }
+                if err.kind() == std::io::ErrorKind::NotFound =>
+            {
+                anyhow::anyhow!("{e} (create it: rbd create --size 1G {spec})")
+            }
+            e => e.into(),
+        })?;
         i.size()?
     };
     let (dir, _temp) = work_dir(&opts, "blkbackd-bench-rbd-")?;
@@ -812,6 +818,7 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
         let b: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
         let (mut fio, mut ours, mut cpu, mut notif) = (vec![], vec![], vec![], vec![]);
         let (mut lat_fio, mut lat_ours) = (vec![], vec![]);
+        let mut inside = None;
         for _ in 0..opts.reps {
             let f = fio_baseline(FioTarget::Rbd(&spec, &settings.client), &b)
                 .with_context(|| format!("fio's rbd engine on {name}"))?;
@@ -822,7 +829,9 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
             cpu.push(s.cpu_us_per_io);
             notif.push(s.notifications_per_io);
             lat_ours.extend(s.latency.map(|l| l.0));
+            inside = s.in_backend.or(inside);
         }
+        let inside = inside.map_or_else(|| "-".to_owned(), |(a, b)| format!("<{a}/<{b}"));
         let (f, o) = (median(&mut fio), median(&mut ours));
         let unit = if b.bs >= 65536 { "MB/s" } else { "IOPS" };
         let lat = if lat_ours.is_empty() {
@@ -831,7 +840,7 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
             format!("{:.0}/{:.0}", median(&mut lat_fio), median(&mut lat_ours))
         };
         let row = format!(
-            "{name:<18} {f:>10.0} {o:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3} {lat:>12}",
+            "{name:<18} {f:>10.0} {o:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3} {lat:>12} {inside:>12}",
             o / f,
             median(&mut cpu),
             median(&mut notif),
@@ -841,8 +850,16 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<18} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8} {:>12}",
-        "workload", "fio rbd", "blkbackd", "unit", "ratio", "cpu-us/io", "notif/io", "p50 fio/ours"
+        "{:<18} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8} {:>12} {:>12}",
+        "workload",
+        "fio rbd",
+        "blkbackd",
+        "unit",
+        "ratio",
+        "cpu-us/io",
+        "notif/io",
+        "p50 fio/ours",
+        "in-be p50/99"
     );
     for r in &rows {
         println!("{r}");
@@ -851,7 +868,10 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
     println!(
         "ratio: blkbackd over fio --ioengine=rbd on the same image (medians of {}; runs \
          interleaved). cpu-us/io: this process's CPU per guest I/O, librbd's threads \
-         included. p50: depth-1 latency in µs",
+         included. p50: depth-1 latency in µs. in-be: µs a request spent in the backend \
+         (the last repetition; bucket bounds), librbd's time included. The cluster's daemons \
+         share this machine's CPUs with blkbackd and its guest process (and fio): pin them \
+         apart (taskset) to see the client side's own cost",
         opts.reps
     );
     Ok(())

@@ -358,11 +358,14 @@ pub fn table(vbds: &[VbdStatus]) -> String {
                 r.client,
                 r.instance,
                 if r.read_only {
-                    "read-only (no lock)"
+                    "read-only (no lock)".to_owned()
                 } else if r.lock_held {
-                    "exclusive lock held"
+                    format!(
+                        "exclusive lock held (owner {})",
+                        r.lock_owner.as_deref().unwrap_or("-")
+                    )
                 } else {
-                    "exclusive lock not held"
+                    "exclusive lock not held".to_owned()
                 }
             );
         } else if let Some(i) = &v.rbd_image {

@@ -51,6 +51,7 @@ pub struct Lib {
     pub rbd_lock_get_owners:
         unsafe extern "C" fn(Image, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
     pub rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
+    pub rbd_lock_break: unsafe extern "C" fn(Image, c_int, *const c_char) -> c_int,
     pub rbd_read: unsafe extern "C" fn(Image, u64, usize, *mut c_char) -> isize,
     pub rbd_write: unsafe extern "C" fn(Image, u64, usize, *const c_char) -> isize,
     pub rbd_flush: unsafe extern "C" fn(Image) -> c_int,
@@ -139,6 +140,7 @@ impl Lib {
                 rbd_is_exclusive_lock_owner: sym(rbd, c"rbd_is_exclusive_lock_owner")?,
                 rbd_lock_get_owners: sym(rbd, c"rbd_lock_get_owners")?,
                 rbd_lock_get_owners_cleanup: sym(rbd, c"rbd_lock_get_owners_cleanup")?,
+                rbd_lock_break: sym(rbd, c"rbd_lock_break")?,
                 rbd_read: sym(rbd, c"rbd_read")?,
                 rbd_write: sym(rbd, c"rbd_write")?,
                 rbd_flush: sym(rbd, c"rbd_flush")?,

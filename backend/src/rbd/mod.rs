@@ -353,6 +353,9 @@ pub struct Image {
     pub id: String,
     /// Opened read-only (a snapshot always is).
     pub read_only: bool,
+    /// This client as librbd names the lock's owner (its messenger address),
+    /// read once the lock is taken.
+    owner: Option<String>,
 }
 
 // SAFETY: librbd documents an image handle as usable from several threads
@@ -422,6 +425,20 @@ impl Image {
     /// as long as the image is open; `want_id`, when given, must be the
     /// image's id.
     pub fn open(spec: &Spec, writable: bool, want_id: Option<&str>) -> Result<Image, RbdError> {
+        Image::open_fencing(spec, writable, want_id, None)
+    }
+
+    /// [`Image::open`], and if the lock is held by `predecessor` (an owner
+    /// as [`Image::owner`] gives it: this vbd's previous daemon, gone), its
+    /// lock is broken first: librbd blocklists that
+    /// client, so it can never write again even if it were still alive,
+    /// and the guest does not wait out the dead client's watch (30 s).
+    pub fn open_fencing(
+        spec: &Spec,
+        writable: bool,
+        want_id: Option<&str>,
+        predecessor: Option<&str>,
+    ) -> Result<Image, RbdError> {
         let cluster = cluster()?;
         let lib = cluster.lib;
         let read_only = !writable || spec.snap.is_some();
@@ -461,6 +478,7 @@ impl Image {
             spec: spec.clone(),
             id: String::new(),
             read_only,
+            owner: None,
         };
         img.id = img.read_id()?;
         if let Some(want) = want_id.filter(|w| *w != img.id) {
@@ -471,9 +489,16 @@ impl Image {
             });
         }
         if !read_only {
-            img.lock()?;
+            img.lock(predecessor)?;
+            img.owner = img.lock_owners()?.into_iter().next();
         }
         Ok(img)
+    }
+
+    /// How librbd names this client as the owner of the lock it holds (its
+    /// messenger address); `None` for an image opened read-only.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     fn io_err(&self, rc: impl Into<i64>) -> RbdError {
@@ -497,8 +522,9 @@ impl Image {
     }
 
     /// Takes the exclusive lock, refusing an image without the feature or
-    /// whose lock another client holds.
-    fn lock(&self) -> Result<(), RbdError> {
+    /// whose lock another client holds (but `predecessor`, whose lock is
+    /// broken).
+    fn lock(&self, predecessor: Option<&str>) -> Result<(), RbdError> {
         let lib = self.cluster.lib;
         let mut features = 0u64;
         // SAFETY: an open image; out-pointer.
@@ -508,6 +534,17 @@ impl Image {
         }
         if features & ffi::FEATURE_EXCLUSIVE_LOCK == 0 {
             return Err(RbdError::NoExclusiveLock(self.spec.clone()));
+        }
+        if let Some(dead) = predecessor {
+            let owners = self.lock_owners();
+            if owners.unwrap_or_default().iter().any(|o| o == dead) {
+                let name = cstring(dead);
+                // SAFETY: an open image; a NUL-terminated owner name.
+                let rc = unsafe {
+                    (lib.rbd_lock_break)(self.handle, ffi::LOCK_MODE_EXCLUSIVE, name.as_ptr())
+                };
+                tracing::info!(image = %self.spec, owner = dead, rc, "broke the previous daemon's lock");
+            }
         }
         // SAFETY: an open image.
         let rc = unsafe { (lib.rbd_lock_acquire)(self.handle, ffi::LOCK_MODE_EXCLUSIVE) };

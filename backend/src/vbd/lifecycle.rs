@@ -448,7 +448,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 break Arc::new(ServedDisk::File(d));
             }
             Some(Published::Rbd(spec, id)) => {
-                let d = open_rbd(spec, id, ts.writable).await?;
+                let d = open_rbd(xs, be, spec, id, ts.writable).await?;
                 tracing::info!(%domid, image = %d.image().spec, id = %d.image().id, "RBD image opened");
                 break Arc::new(ServedDisk::Rbd(d));
             }
@@ -707,15 +707,33 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
 }
 
 /// Opens the RBD image the block script checked: the same id (not another
-/// image since created under its name), its lock taken if it is written.
-/// librbd blocks while it talks to the cluster: on a blocking thread.
-async fn open_rbd(spec: crate::rbd::Spec, id: String, writable: bool) -> Result<RbdDisk, Fatal> {
+/// image since created under its name), its lock taken if it is written,
+/// and recorded (`rbd-lock-owner`) so that the next daemon, after a crash of
+/// this one, breaks exactly this lock and no other. librbd blocks while it
+/// talks to the cluster: on a blocking thread.
+async fn open_rbd(
+    xs: &Client,
+    be: &str,
+    spec: crate::rbd::Spec,
+    id: String,
+    writable: bool,
+) -> Result<RbdDisk, Fatal> {
+    let owner_node = xenbus::node(be, key::RBD_LOCK_OWNER);
+    // Only dom0 may name a lock to break: a guest that could would take
+    // another host's image from under it.
+    all_dom0_only(xs, std::slice::from_ref(&owner_node)).await?;
+    let predecessor = xs.try_read_text(&owner_node).await?;
     let opened = tokio::task::spawn_blocking(move || {
-        let image = crate::rbd::Image::open(&spec, writable, Some(&id))?;
+        let image =
+            crate::rbd::Image::open_fencing(&spec, writable, Some(&id), predecessor.as_deref())?;
         RbdDisk::new(image).map_err(|e| Fatal::Config(format!("reading the image's size: {e}")))
     })
     .await;
-    opened.map_err(|e| Fatal::Config(format!("opening the image: {e}")))?
+    let disk = opened.map_err(|e| Fatal::Config(format!("opening the image: {e}")))??;
+    if let Some(owner) = disk.image().owner() {
+        xs.write(&owner_node, owner).await?;
+    }
+    Ok(disk)
 }
 
 /// Refuses a published disk whose nodes anyone but dom0 could have written.

@@ -48,6 +48,9 @@ pub struct RbdState {
     /// Whether this client holds the image's exclusive lock (a writable
     /// image is served only while it does).
     pub lock_held: bool,
+    /// The lock's owner as librbd names it (this client's address), as
+    /// recorded in `rbd-lock-owner`.
+    pub lock_owner: Option<String>,
     /// Opened read-only (a snapshot, or mode `r`): no lock is taken.
     pub read_only: bool,
 }
@@ -61,6 +64,7 @@ impl RbdState {
             client,
             instance,
             lock_held: !image.read_only && image.holds_lock(),
+            lock_owner: image.owner().map(str::to_owned),
             read_only: image.read_only,
         }
     }

@@ -57,6 +57,10 @@ pub mod key {
     pub const RBD_IMAGE: &str = "rbd-image";
     /// Its id (what a deleted and recreated image does not keep).
     pub const RBD_IMAGE_ID: &str = "rbd-image-id";
+    /// The librbd client (`client.INSTANCE`) of the daemon holding the
+    /// image's lock for this vbd: the next daemon breaks that lock, and no
+    /// other, if its holder died without letting go.
+    pub const RBD_LOCK_OWNER: &str = "rbd-lock-owner";
     /// `connected` or `error`.
     pub const HOTPLUG_STATUS: &str = "hotplug-status";
     /// Why the block script failed.

@@ -29,6 +29,7 @@ int main(void) {
     int (*rbd_lock_get_owners_)(rbd_image_t, rbd_lock_mode_t *, char **, size_t *) =
         rbd_lock_get_owners;
     void (*rbd_lock_get_owners_cleanup_)(char **, size_t) = rbd_lock_get_owners_cleanup;
+    int (*rbd_lock_break_)(rbd_image_t, rbd_lock_mode_t, const char *) = rbd_lock_break;
     ssize_t (*rbd_read_)(rbd_image_t, uint64_t, size_t, char *) = rbd_read;
     ssize_t (*rbd_write_)(rbd_image_t, uint64_t, size_t, const char *) = rbd_write;
     int (*rbd_flush_)(rbd_image_t) = rbd_flush;
@@ -48,7 +49,7 @@ int main(void) {
         (P)rados_ioctx_destroy_, (P)rbd_open_, (P)rbd_open_read_only_, (P)rbd_close_,
         (P)rbd_get_size_, (P)rbd_get_id_, (P)rbd_get_features_, (P)rbd_lock_acquire_,
         (P)rbd_is_exclusive_lock_owner_, (P)rbd_lock_get_owners_,
-        (P)rbd_lock_get_owners_cleanup_, (P)rbd_read_, (P)rbd_write_, (P)rbd_flush_,
+        (P)rbd_lock_get_owners_cleanup_, (P)rbd_lock_break_, (P)rbd_read_, (P)rbd_write_, (P)rbd_flush_,
         (P)rbd_discard_, (P)rbd_aio_create_completion_, (P)rbd_aio_get_return_value_,
         (P)rbd_aio_release_, (P)rbd_aio_read_, (P)rbd_aio_write_, (P)rbd_aio_flush_,
         (P)rbd_aio_discard_,
