@@ -45,7 +45,9 @@
 //! conf = "/etc/ceph/ceph.conf"  # default: $CEPH_CONF, then Ceph's search
 //! client = "admin"              # client.NAME, its key found by ceph.conf
 //! keyring = "/etc/ceph/ceph.client.admin.keyring"   # optional
-//! connect_timeout_s = 10        # 1..=300: the monitors' answer
+//! connect_timeout_s = 10        # 1..=25: the monitors' answer
+//! lock_wait_s = 45              # 0..=600: a connecting guest waits this long
+//!                               # for another client to let go of the lock
 //!
 //! [metrics]                     # Prometheus text endpoint (off by default)
 //! listen = "127.0.0.1:9587"     # ADDRESS:PORT (GET /metrics), or
@@ -557,7 +559,9 @@ mod tests {
             ("max_queues = 4", "unknown field `max_queues`"),
             ("[rbd]\nclient = \"client.admin\"", "without \"client.\""),
             ("[rbd]\nconf = \"ceph.conf\"", "not an absolute path"),
-            ("[rbd]\nconnect_timeout_s = 0", "outside 1..=300"),
+            ("[rbd]\nconnect_timeout_s = 0", "outside 1..=25"),
+            ("[rbd]\nconnect_timeout_s = 40", "outside 1..=25"),
+            ("[rbd]\nlock_wait_s = 601", "outside 0..=600"),
             ("[rbd]\nmonitors = \"x\"", "unknown field `monitors`"),
             ("[offer]\nmax_queue = 4", "unknown field `max_queue`"),
             ("[offer]\nmax_queues = \"four\"", "invalid type"),

@@ -338,9 +338,14 @@ impl HostLock {
 /// the host's [`HostLock`] until its result is written, so that a second
 /// `add` sees this one's disk, or its failure, in its sharing check.
 pub async fn add(xs: &Client, be: &str) -> Result<Published, HotplugError> {
-    let (made, _lock) = match HostLock::acquire().await {
-        Ok(lock) => (add_inner(xs, be).await, Some(lock)),
+    // What talks to a network cluster is done before the host's lock is
+    // taken, so that a slow cluster holds up no other disk's `add`.
+    let (made, _lock) = match remote_check(xs, be).await {
         Err(e) => (Err(e), None),
+        Ok(checked) => match HostLock::acquire().await {
+            Ok(lock) => (add_inner(xs, be, checked).await, Some(lock)),
+            Err(e) => (Err(e), None),
+        },
     };
     match &made {
         Ok(id) => {
@@ -364,7 +369,8 @@ enum Prepared<'a> {
     File(&'a Path, std::fs::File, LoopOptions),
     Direct(&'a Path, FileId),
     Snapshot(&'a str),
-    Rbd(&'a crate::rbd::Spec),
+    /// Checked before the host's lock (`remote_check`).
+    Rbd,
     Thin {
         pool: &'a str,
         id: u32,
@@ -412,14 +418,8 @@ fn prepare(params: &Params, writable: bool) -> Result<(Prepared<'_>, sharing::Us
             Prepared::Snapshot(t)
         }
         Params::Rbd(spec) => {
-            if spec.snap.is_some() && writable {
-                return Err(HotplugError::Params(
-                    format!("rbd:{spec}"),
-                    "a snapshot is read-only: attach it with mode r",
-                ));
-            }
-            uses.add(sharing::rbd(spec), writable);
-            Prepared::Rbd(spec)
+            uses.add(sharing::rbd(spec), writable && spec.snap.is_none());
+            Prepared::Rbd
         }
         Params::Thin { pool, id, sectors } => {
             for s in sharing::thin(pool, *id) {
@@ -435,17 +435,51 @@ fn prepare(params: &Params, writable: bool) -> Result<(Prepared<'_>, sharing::Us
     Ok((prepared, uses))
 }
 
-async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
+/// `params` and whether the vbd is written, as `add` reads them.
+async fn params_and_mode(xs: &Client, be: &str) -> Result<(String, bool), HotplugError> {
     let raw = xs.read_string(&node(be, key::PARAMS)).await?;
     let mode = xs
         .try_read_text(&node(be, key::MODE))
         .await?
         .unwrap_or_else(|| "w".into());
-    let writable = match mode.as_str() {
-        "w" => true,
-        "r" => false,
-        _ => return Err(HotplugError::Mode(mode)),
+    match mode.as_str() {
+        "w" => Ok((raw, true)),
+        "r" => Ok((raw, false)),
+        _ => Err(HotplugError::Mode(mode)),
+    }
+}
+
+/// How long `add` gives a cluster to answer (libxl kills the script at 40 s,
+/// leaving no reason behind).
+const REMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// For an `rbd:` disk, the image checked (see [`check_rbd`]), within
+/// [`REMOTE_WAIT`]; nothing for any other disk.
+async fn remote_check(xs: &Client, be: &str) -> Result<Option<Published>, HotplugError> {
+    let (raw, writable) = params_and_mode(xs, be).await?;
+    let Ok(Params::Rbd(spec)) = Params::parse(&raw) else {
+        return Ok(None); // add_inner reports a bad params
     };
+    if spec.snap.is_some() && writable {
+        return Err(HotplugError::Params(
+            raw,
+            "a snapshot is read-only: attach it with mode r",
+        ));
+    }
+    match tokio::time::timeout(REMOTE_WAIT, check_rbd(spec.clone(), writable)).await {
+        Ok(r) => r.map(Some),
+        Err(_) => Err(HotplugError::Config(format!(
+            "the Ceph cluster did not answer within {REMOTE_WAIT:?} about image {spec}"
+        ))),
+    }
+}
+
+async fn add_inner(
+    xs: &Client,
+    be: &str,
+    checked: Option<Published>,
+) -> Result<Published, HotplugError> {
+    let (raw, writable) = params_and_mode(xs, be).await?;
     let params = Params::parse(&raw)?;
     let (prepared, uses) = prepare(&params, writable)?;
     sharing::check(xs, be, &raw, uses, writable).await?;
@@ -455,8 +489,10 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
             published.write(xs, be, None).await?;
             return Ok(published);
         }
-        Prepared::Rbd(spec) => {
-            let published = check_rbd(spec.clone(), writable).await?;
+        Prepared::Rbd => {
+            let published = checked.ok_or(HotplugError::Config(
+                "internal: the image was not checked".into(),
+            ))?;
             published.write(xs, be, None).await?;
             return Ok(published);
         }
@@ -494,16 +530,25 @@ async fn add_inner(xs: &Client, be: &str) -> Result<Published, HotplugError> {
     Ok(published)
 }
 
-/// Opens the image once, as the daemon will (its lock taken and let go if
-/// it is to be written), so that a missing image, an unreachable cluster or
-/// a lock held elsewhere fails `add`, where libxl reports it; returns what
-/// names it.
+/// Opens the image once, as the daemon will, so that a missing pool or
+/// image, an unreachable cluster or (to be written) an image without the
+/// exclusive-lock feature fails `add`, where libxl reports it; returns what
+/// names it. The lock is not taken: a migrating guest's destination is
+/// attached while its source still holds it, and the daemon waits for it
+/// when the guest connects. Who holds it now is logged.
 async fn check_rbd(spec: crate::rbd::Spec, writable: bool) -> Result<Published, HotplugError> {
     let settings =
         crate::config::rbd_settings().map_err(|e| HotplugError::Config(e.to_string()))?;
     crate::rbd::configure(settings);
     let opened = tokio::task::spawn_blocking(move || {
-        crate::rbd::Image::open(&spec, writable, None).map(|i| Published::Rbd(spec, i.id.clone()))
+        let image = crate::rbd::Image::open(&spec, writable, None)?;
+        if writable {
+            let owners = image.lock_owners().unwrap_or_default();
+            if !owners.is_empty() {
+                tracing::info!(image = %spec, ?owners, "the image's lock is held now; the daemon will wait for it when the guest connects");
+            }
+        }
+        Ok::<_, crate::rbd::RbdError>(Published::Rbd(spec, image.id.clone()))
     })
     .await
     .map_err(|e| HotplugError::Config(format!("opening the image: {e}")))?;

@@ -7,11 +7,10 @@ mod common;
 #[path = "common/cprobe.rs"]
 mod cprobe;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::tier::{self, Tier};
-use common::{blkbackd, exits_cleanly, signal, wait_socket};
+use common::{blkbackd, exits_cleanly, signal, sim_daemon_command, sim_guest, wait_socket};
 use xenstore::{Client, Xs};
 
 const DEVID: u32 = 51712;
@@ -72,6 +71,11 @@ struct Host {
 
 impl Host {
     async fn new() -> Host {
+        Host::with_config("").await
+    }
+
+    /// A host whose daemon reads `config` (its configuration file's text).
+    async fn with_config(config: &str) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("xenstored.sock");
         let xenstored = blkbackd()
@@ -82,19 +86,8 @@ impl Host {
             .spawn()
             .unwrap();
         let xs = wait_socket(&socket).await;
-        let daemon = blkbackd()
-            .args(["serve", "--sim"])
-            .arg(dir.path().join("sim"))
-            .arg("--xenstore")
-            .arg(&socket)
-            .env(
-                "RUST_LOG",
-                std::env::var("RBD_TEST_LOG").unwrap_or("info".into()),
-            )
-            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        std::fs::write(dir.path().join("blkbackd.toml"), config).unwrap();
+        let daemon = Host::daemon_in(dir.path());
         Host {
             dir,
             _xenstored: xenstored,
@@ -127,17 +120,19 @@ impl Host {
     }
 
     fn guest(&self, domid: u16, mode: &str, ios: u32) -> tokio::process::Child {
-        blkbackd()
-            .args(["sim-guest", "--mode", mode, "--ios", &ios.to_string()])
-            .args(["--domid", &domid.to_string(), "--dir"])
-            .arg(self.dir.path().join("sim"))
-            .arg("--xenstore")
-            .arg(self.dir.path().join("xenstored.sock"))
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
+        sim_guest(self.dir.path(), domid, mode, ios)
+    }
+
+    fn daemon_in(dir: &std::path::Path) -> tokio::process::Child {
+        sim_daemon_command(dir, "daemon.log")
+            .env("BLKBACKD_CONFIG", dir.join("blkbackd.toml"))
             .spawn()
             .unwrap()
+    }
+
+    /// Starts its daemon again (after a stop or a crash), logging anew.
+    fn restart(&mut self) {
+        self.daemon = Some(Host::daemon_in(self.dir.path()));
     }
 
     async fn guest_report(&self, domid: u16, mode: &str, ios: u32) -> String {
@@ -257,9 +252,12 @@ async fn an_rbd_image_is_served_byte_exact_with_flush_and_discard() {
     );
 }
 
-/// One writer across hosts: while host A serves an image, host B's block
-/// script is refused (the lock is held) and so is host B's daemon if its
-/// block script ran before A took the lock; once A lets go, B serves it.
+/// One writer across hosts. Host A serves an image. Host C, attaching it
+/// too, is refused when its guest connects: its daemon waits for the lock
+/// (`lock_wait_s`, 1 s here) and then fails the vbd with the reason. Host B
+/// attaches it as a migration's destination does, while A still serves it:
+/// its block script passes, its guest waits, unserved, and is served as soon
+/// as A lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_host_is_refused_while_the_first_serves_and_served_after() {
     if !tier::need(Tier::Ceph) {
@@ -268,87 +266,62 @@ async fn a_second_host_is_refused_while_the_first_serves_and_served_after() {
     let img = TestImage::new("twohosts", 64);
     let params = format!("rbd:{}", img.0);
     let mut a = Host::new().await;
-    let mut b = Host::new().await;
+    let mut b = Host::with_config("[rbd]\nlock_wait_s = 60\n").await;
+    let mut c = Host::with_config("[rbd]\nlock_wait_s = 1\n").await;
 
-    // Host B's toolstack and block script get as far as publishing the image
-    // (nobody holds it yet), but its guest is not started.
-    let d = b.home(7).await;
-    let paths = blkbackd::xenbus::toolstack::create_vbd(&b.xs, d, DEVID, &params, "w")
-        .await
-        .unwrap();
-    blkbackd::attach::wait_value(&b.xs, &format!("{}/state", paths.backend), "2")
-        .await
-        .unwrap();
-    // Host B's daemon is stopped first, so that it opens the image only later.
-    b.stop().await;
-    let published =
-        blkbackd::xenbus::Published::Rbd(blkbackd::rbd::Spec::parse(&img.0).unwrap(), img.id());
-    published.write(&b.xs, &paths.backend, None).await.unwrap();
-    b.xs.write(&format!("{}/hotplug-status", paths.backend), "connected")
-        .await
-        .unwrap();
-
-    // Host A serves it.
     a.attach(6, &params, true).await.unwrap();
     let mut guest_a = a.guest(6, "verify", 1_000_000);
     blkbackd::attach::wait_value(&a.xs, &format!("{}/state", a.be(6)), "4")
         .await
         .unwrap();
 
-    // Host B's daemon, restarted: it finds the vbd published before A took
-    // the lock, and refuses it with a clear error node.
-    let sock = b.dir.path().join("xenstored.sock");
-    b.daemon = Some(
-        blkbackd()
-            .args(["serve", "--sim"])
-            .arg(b.dir.path().join("sim"))
-            .arg("--xenstore")
-            .arg(&sock)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(b.dir.path().join("daemon.log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap(),
-    );
-    let mut b_guest = b.guest(7, "verify", 200);
-    blkbackd::attach::wait_value(&b.xs, &format!("{}/state", paths.backend), "5")
+    // C: refused with a clear error once its wait is over.
+    c.attach(9, &params, true).await.unwrap();
+    let mut c_guest = c.guest(9, "verify", 200);
+    blkbackd::attach::wait_value(&c.xs, &format!("{}/state", c.be(9)), "5")
         .await
-        .unwrap_or_else(|e| panic!("{e}: {}", b.log()));
+        .unwrap_or_else(|e| panic!("{e}: {}", c.log()));
     let err =
-        b.xs.read_string(&format!("{}/error", paths.backend))
+        c.xs.read_string(&format!("{}/error", c.be(9)))
             .await
             .unwrap();
     assert!(
         err.contains("locked for writing by another client"),
         "{err}"
     );
+    c_guest.kill().await.unwrap();
 
-    b_guest.kill().await.unwrap();
-    // A failed vbd stays Closing; libxl removes it after its timeout.
-    b.xs.rm(&paths.backend).await.unwrap();
-    b.xs.rm(&paths.frontend).await.unwrap();
-
-    // Host B's block script, now: refused, and the failed vbd removed.
-    let e = b.attach(8, &params, true).await.unwrap_err();
-    assert!(e.contains("locked for writing by another client"), "{e}");
-    assert_eq!(b.xs.try_read(&b.be(8)).await.unwrap(), None);
-
-    // A's guest is still served, and lets go.
-    guest_a.kill().await.unwrap();
-    a.detach(6).await;
-
-    // Now B is served.
+    // B: attached while A serves; its guest is not served...
     b.attach(7, &params, true)
         .await
         .unwrap_or_else(|e| panic!("{e}: {}", b.log()));
-    let report = b.guest_report(7, "verify", 200).await;
+    let b_guest = b.guest(7, "verify", 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        b.xs.read_string(&format!("{}/state", b.be(7)))
+            .await
+            .unwrap(),
+        "2",
+        "host B connected a guest while host A holds the lock: {}",
+        b.log()
+    );
+    // ... until A lets go.
+    guest_a.kill().await.unwrap();
+    a.detach(6).await;
+    let out = tokio::time::timeout(Duration::from_secs(120), b_guest.wait_with_output())
+        .await
+        .expect("B's guest did not finish")
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         report.contains("SIM-GUEST PASS") && report.contains("verified ios="),
-        "{report}"
+        "{report} {}",
+        b.log()
     );
     b.detach(7).await;
     a.stop().await;
     b.stop().await;
+    c.stop().await;
 }
 
 /// An image grown with `rbd resize` while connected reaches the guest as
@@ -539,18 +512,7 @@ async fn restart_under_io(kill: bool) {
         host.dir.path().join("first.log"),
     )
     .unwrap();
-    host.daemon = Some(
-        blkbackd()
-            .args(["serve", "--sim"])
-            .arg(host.dir.path().join("sim"))
-            .arg("--xenstore")
-            .arg(host.dir.path().join("xenstored.sock"))
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(host.dir.path().join("daemon.log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap(),
-    );
+    host.restart();
     let out = tokio::time::timeout(Duration::from_secs(120), guest.wait_with_output())
         .await
         .expect("the guest did not finish in 120 s")

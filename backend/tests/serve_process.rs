@@ -359,16 +359,7 @@ impl OneVbd {
     }
 
     fn daemon(&self, log: &str) -> tokio::process::Child {
-        blkbackd()
-            .args(["serve", "--sim"])
-            .arg(self.dir.path().join("sim"))
-            .arg("--xenstore")
-            .arg(self.dir.path().join("xenstored.sock"))
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(self.dir.path().join(log)).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
+        common::sim_daemon(self.dir.path(), log)
     }
 
     async fn attach(&self) {
@@ -400,17 +391,7 @@ impl OneVbd {
 
     /// A guest of domain `domid` in `mode` (`ios` as that mode reads it).
     fn guest_doing(&self, domid: u16, mode: &str, ios: u32) -> tokio::process::Child {
-        blkbackd()
-            .args(["sim-guest", "--mode", mode, "--ios", &ios.to_string()])
-            .args(["--domid", &domid.to_string(), "--dir"])
-            .arg(self.dir.path().join("sim"))
-            .arg("--xenstore")
-            .arg(self.dir.path().join("xenstored.sock"))
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
+        common::sim_guest(self.dir.path(), domid, mode, ios)
     }
 
     /// Detaches domain `domid`'s xvda as libxl does (Closed, remove, nodes gone).

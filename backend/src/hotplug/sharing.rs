@@ -77,12 +77,15 @@ pub(super) enum Storage {
         /// The thin id.
         id: u32,
     },
-    /// A Ceph RBD image (its snapshots are read-only).
+    /// A Ceph RBD image or one of its snapshots (read-only: a snapshot
+    /// conflicts with nothing).
     Rbd {
         /// Its pool.
         pool: String,
         /// Its name.
         image: String,
+        /// The snapshot, if it is one.
+        snap: Option<String>,
     },
     /// A thin volume, its pool by dev_t.
     ThinByDev {
@@ -101,7 +104,10 @@ impl fmt::Display for Storage {
                 write!(f, "the file with inode {ino} on device {}:{}", dev.0, dev.1)
             }
             Storage::ThinByName { pool, id } => write!(f, "thin volume {id} of pool {pool}"),
-            Storage::Rbd { pool, image } => write!(f, "RBD image {pool}/{image}"),
+            Storage::Rbd { pool, image, snap } => match snap {
+                Some(s) => write!(f, "RBD snapshot {pool}/{image}@{s}"),
+                None => write!(f, "RBD image {pool}/{image}"),
+            },
             Storage::ThinByDev { pool, id } => {
                 write!(f, "thin volume {id} of pool {}:{}", pool.0, pool.1)
             }
@@ -162,12 +168,12 @@ pub(super) fn first_conflict<'a>(me: &Vbd, others: &'a [Vbd]) -> Option<(&'a Vbd
         .find_map(|o| me.uses.conflict(&o.uses).map(|s| (o, s.clone())))
 }
 
-/// An RBD image, by pool and name (a snapshot shares its image's: read-only,
-/// it conflicts with nothing).
+/// An RBD image or snapshot, by pool and names.
 pub(super) fn rbd(spec: &crate::rbd::Spec) -> Storage {
     Storage::Rbd {
         pool: spec.pool.clone(),
         image: spec.image.clone(),
+        snap: spec.snap.clone(),
     }
 }
 
@@ -453,6 +459,34 @@ mod tests {
 
     fn file(ino: u64) -> Storage {
         Storage::File { dev: (254, 0), ino }
+    }
+
+    #[test]
+    fn an_rbd_image_has_one_writer_and_its_snapshots_share_with_anyone() {
+        let spec = |s: &str| crate::rbd::Spec::parse(s).unwrap();
+        let uses = |p: &str, w: bool| {
+            let params = Params::parse(&format!("rbd:{p}")).unwrap();
+            declared(&params, w).unwrap().0
+        };
+        let writer = vbd("2", None, &uses("vms/db", true));
+        // The same image written by another VM: refused.
+        let other = vbd("3", None, &uses("vms/db", true));
+        assert_eq!(
+            first_conflict(&other, std::slice::from_ref(&writer)).map(|f| f.1),
+            Some(rbd(&spec("vms/db")))
+        );
+        // Read by another: refused too (it would read under a writer).
+        let reader = vbd("3", None, &uses("vms/db", false));
+        assert!(first_conflict(&reader, std::slice::from_ref(&writer)).is_some());
+        // A snapshot of it (read-only whatever the mode), another image, the
+        // same name in another pool: no conflict.
+        for p in ["vms/db@nightly", "vms/web", "other/db"] {
+            let o = vbd("3", None, &uses(p, true));
+            assert!(
+                first_conflict(&o, std::slice::from_ref(&writer)).is_none(),
+                "{p}"
+            );
+        }
     }
 
     #[test]

@@ -96,10 +96,27 @@ struct Shared {
     bell: Doorbell,
 }
 
+impl Shared {
+    fn answer(&self, d: IoDone) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.push(d);
+        // The first answer since the queue last looked wakes it; the rest
+        // wait in the list for that same look.
+        let first = done.len() == 1;
+        drop(done);
+        if first {
+            self.bell.ring();
+        }
+    }
+}
+
 /// librbd asynchronous requests for one ring.
 #[derive(Debug)]
 pub struct RbdEngine {
     image: Arc<Image>,
+    /// Discards larger than [`crate::rbd::DISCARD_CHUNK`] go to this
+    /// thread, which does them piece by piece (made on first use).
+    side: Option<std::sync::mpsc::Sender<IoOp>>,
     pool: Arc<BouncePool>,
     shared: Arc<Shared>,
     /// Pushed, not started: behind a drain (flush) that waits for what was
@@ -117,6 +134,7 @@ impl RbdEngine {
     pub fn new(image: Arc<Image>, pool: Arc<BouncePool>) -> io::Result<RbdEngine> {
         Ok(RbdEngine {
             image,
+            side: None,
             pool,
             shared: Arc::new(Shared {
                 done: Mutex::new(Vec::new()),
@@ -155,6 +173,9 @@ impl RbdEngine {
     }
 
     fn start(&mut self, mut op: IoOp) {
+        if op.kind == IoKind::Discard && op.len > crate::rbd::DISCARD_CHUNK {
+            return self.discard_aside(op);
+        }
         let (what, ptr) = match op.kind {
             IoKind::Flush => (Aio::Flush, std::ptr::null_mut()),
             IoKind::Discard => (Aio::Discard, std::ptr::null_mut()),
@@ -186,9 +207,13 @@ impl RbdEngine {
         let (off, len) = (op.off, op.len as usize);
         self.started += 1;
         let shared = self.shared.clone();
+        let lost = self.image.lock_lost_flag();
         // The pool stays mapped while librbd may touch the buffer.
         let pool = self.pool.clone();
         let on_done = Box::new(move |result: io::Result<usize>| {
+            if result.as_ref().is_err_and(crate::rbd::lost_lock) {
+                lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             // librbd answers a write with 0, not the bytes written: a write
             // either happened whole or failed.
             let result = match (what, result) {
@@ -202,20 +227,43 @@ impl RbdEngine {
                 guest: op.guest,
             };
             drop(pool);
-            let mut done = shared.done.lock().unwrap_or_else(|e| e.into_inner());
-            done.push(d);
-            // The first answer since the queue last looked wakes it; the
-            // rest wait in the list for that same look.
-            let first = done.len() == 1;
-            drop(done);
-            if first {
-                shared.bell.ring();
-            }
+            shared.answer(d);
         });
         // SAFETY: `ptr..ptr + len` lies in the bounce buffer `op.buf` (checked
         // above), which moves into `on_done` with a clone of its pool: no one
         // else uses the run, and it stays mapped, until librbd calls back.
         unsafe { self.image.aio(what, off, ptr, len, on_done) };
+    }
+
+    /// A discard too large for one librbd request, done piece by piece on
+    /// the side thread (in order: the ring bounds how many wait).
+    fn discard_aside(&mut self, op: IoOp) {
+        if self.side.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<IoOp>();
+            let (image, shared) = (self.image.clone(), self.shared.clone());
+            let spawned = std::thread::Builder::new()
+                .name("blkbackd-rbd-discard".into())
+                .spawn(move || {
+                    while let Ok(op) = rx.recv() {
+                        let result = image.discard(op.off, op.len).map(|()| 0);
+                        shared.answer(IoDone {
+                            tag: op.tag,
+                            result,
+                            buf: op.buf,
+                            guest: op.guest,
+                        });
+                    }
+                });
+            match spawned {
+                Ok(_) => self.side = Some(tx),
+                Err(e) => return self.fail(op, e),
+            }
+        }
+        self.started += 1;
+        if let Some(Err(std::sync::mpsc::SendError(op))) = self.side.as_ref().map(|s| s.send(op)) {
+            self.started -= 1;
+            self.fail(op, io::Error::other("the RBD discard thread is gone"));
+        }
     }
 
     fn fail(&mut self, op: IoOp, e: io::Error) {

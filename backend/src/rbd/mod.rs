@@ -95,6 +95,22 @@ pub struct ClientConfig {
     /// libxl gives a block script 40 s).
     #[serde(default = "default_timeout")]
     pub connect_timeout_s: u32,
+    /// Seconds a guest's connection waits for another client to let go of
+    /// the image's lock (default 45: a migrating guest's source letting go,
+    /// or a crashed client's watch expiring after 30 s).
+    #[serde(default = "default_lock_wait")]
+    pub lock_wait_s: u32,
+}
+
+fn default_lock_wait() -> u32 {
+    45
+}
+
+/// How long a connection waits for the image's lock (`[rbd] lock_wait_s`).
+pub fn lock_wait() -> std::time::Duration {
+    let s = SETTINGS.read().unwrap_or_else(|e| e.into_inner());
+    let secs = s.as_ref().map_or_else(default_lock_wait, |c| c.lock_wait_s);
+    std::time::Duration::from_secs(u64::from(secs))
 }
 
 fn default_client() -> String {
@@ -112,6 +128,7 @@ impl Default for ClientConfig {
             client: default_client(),
             keyring: None,
             connect_timeout_s: default_timeout(),
+            lock_wait_s: default_lock_wait(),
         }
     }
 }
@@ -125,10 +142,16 @@ impl ClientConfig {
                 self.client
             ));
         }
-        if !(1..=300).contains(&self.connect_timeout_s) {
+        if !(1..=25).contains(&self.connect_timeout_s) {
             return Err(format!(
-                "rbd.connect_timeout_s = {} is outside 1..=300",
+                "rbd.connect_timeout_s = {} is outside 1..=25 (libxl gives the block script 40 s)",
                 self.connect_timeout_s
+            ));
+        }
+        if self.lock_wait_s > 600 {
+            return Err(format!(
+                "rbd.lock_wait_s = {} is outside 0..=600",
+                self.lock_wait_s
             ));
         }
         for p in [&self.conf, &self.keyring].into_iter().flatten() {
@@ -355,7 +378,9 @@ pub struct Image {
     pub read_only: bool,
     /// This client as librbd names the lock's owner (its messenger address),
     /// read once the lock is taken.
-    owner: Option<String>,
+    owner: Mutex<Option<String>>,
+    /// An I/O failed as it does once the lock is lost (set by the engine).
+    lock_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // SAFETY: librbd documents an image handle as usable from several threads
@@ -371,14 +396,52 @@ impl fmt::Debug for Image {
     }
 }
 
+/// How long dropping an image waits for librbd to close it (flush, wait
+/// for its requests, release the lock) before it lets the close finish on
+/// its own: a cluster that does not answer must not hold the caller (often
+/// an async worker) for ever.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The handles of an image being closed, sent to the closing thread.
+struct Closing(&'static ffi::Lib, ffi::Image, ffi::IoCtx, Arc<Cluster>);
+
+// SAFETY: librbd's handles may be closed from any thread; only the closing
+// thread uses them from here on.
+unsafe impl Send for Closing {}
+
 impl Drop for Image {
     fn drop(&mut self) {
-        let lib = self.cluster.lib;
-        // SAFETY: handles opened by Image::open, closed once here; rbd_close
-        // waits for the image's in-flight requests and releases its lock.
-        unsafe {
-            (lib.rbd_close)(self.handle);
-            (lib.rados_ioctx_destroy)(self.ioctx);
+        let closing = Closing(
+            self.cluster.lib,
+            self.handle,
+            self.ioctx,
+            self.cluster.clone(),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("blkbackd-rbd-close".into())
+            .spawn(move || {
+                let c = closing;
+                // SAFETY: handles opened by Image::open, closed once here;
+                // rbd_close waits for the image's in-flight requests and
+                // releases its lock. The Arc keeps the cluster connected
+                // until then.
+                unsafe {
+                    (c.0.rbd_close)(c.1);
+                    (c.0.rados_ioctx_destroy)(c.2);
+                }
+                drop(c.3);
+                let _ = tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                if rx.recv_timeout(CLOSE_WAIT).is_err() {
+                    tracing::warn!(image = %self.spec, "closing the image takes over {CLOSE_WAIT:?}: left to finish in the background");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(image = %self.spec, "no thread to close the image ({e}): left open")
+            }
         }
     }
 }
@@ -398,11 +461,27 @@ pub enum Aio {
 
 type OnDone = Box<dyn FnOnce(std::io::Result<usize>) + Send>;
 
+/// Whether an I/O error says this client lost the image's lock
+/// (blocklisted: ESHUTDOWN or EBLOCKLISTED; the lock taken: EROFS).
+pub fn lost_lock(e: &std::io::Error) -> bool {
+    // EBLOCKLISTED is ESHUTDOWN in Ceph's errno.h; 108 on Linux too.
+    matches!(e.raw_os_error(), Some(libc::ESHUTDOWN | libc::EROFS))
+}
+
+/// The largest discard handed to librbd at once: it expands a discard into
+/// a request per object (4 MiB) up front, so a guest's whole-disk discard is
+/// split (as QEMU caps one at 2 GiB).
+pub const DISCARD_CHUNK: u64 = 1 << 30;
+
 unsafe extern "C" fn aio_done(c: ffi::Completion, arg: *mut c_void) {
     // SAFETY: arg is the Box<OnDone> leaked by Image::aio for this
     // completion, which librbd calls back exactly once.
     let done = unsafe { Box::from_raw(arg.cast::<OnDone>()) };
-    let Ok(lib) = ffi::lib() else { return };
+    let Ok(lib) = ffi::lib() else {
+        // Unreachable (librbd called us), but the request must be answered.
+        done(Err(std::io::Error::from_raw_os_error(libc::EIO)));
+        return;
+    };
     // SAFETY: c is the completion librbd just completed; it is released
     // here, once, after its value is read.
     let rc = unsafe {
@@ -420,25 +499,12 @@ unsafe extern "C" fn aio_done(c: ffi::Completion, arg: *mut c_void) {
 }
 
 impl Image {
-    /// Opens `spec` (blocking: it talks to the cluster). A writable image
-    /// must have the exclusive-lock feature, and its lock is taken here, for
-    /// as long as the image is open; `want_id`, when given, must be the
-    /// image's id.
+    /// Opens `spec` (blocking: it talks to the cluster); `want_id`, when
+    /// given, must be the image's id. A writable image must have the
+    /// exclusive-lock feature; its lock is not taken here but by
+    /// [`Image::take_lock`], when a guest is to write it: a migrating
+    /// guest's destination opens the image while the source still holds it.
     pub fn open(spec: &Spec, writable: bool, want_id: Option<&str>) -> Result<Image, RbdError> {
-        Image::open_fencing(spec, writable, want_id, None)
-    }
-
-    /// [`Image::open`], and if the lock is held by `predecessor` (an owner
-    /// as [`Image::owner`] gives it: this vbd's previous daemon, gone), its
-    /// lock is broken first: librbd blocklists that
-    /// client, so it can never write again even if it were still alive,
-    /// and the guest does not wait out the dead client's watch (30 s).
-    pub fn open_fencing(
-        spec: &Spec,
-        writable: bool,
-        want_id: Option<&str>,
-        predecessor: Option<&str>,
-    ) -> Result<Image, RbdError> {
         let cluster = cluster()?;
         let lib = cluster.lib;
         let read_only = !writable || spec.snap.is_some();
@@ -478,7 +544,8 @@ impl Image {
             spec: spec.clone(),
             id: String::new(),
             read_only,
-            owner: None,
+            owner: Mutex::new(None),
+            lock_lost: Arc::default(),
         };
         img.id = img.read_id()?;
         if let Some(want) = want_id.filter(|w| *w != img.id) {
@@ -489,16 +556,92 @@ impl Image {
             });
         }
         if !read_only {
-            img.lock(predecessor)?;
-            img.owner = img.lock_owners()?.into_iter().next();
+            img.check_lock_feature()?;
         }
         Ok(img)
     }
 
-    /// How librbd names this client as the owner of the lock it holds (its
-    /// messenger address); `None` for an image opened read-only.
-    pub fn owner(&self) -> Option<&str> {
-        self.owner.as_deref()
+    /// Takes the exclusive lock for writing, waiting up to `wait` for
+    /// another client to let go of it (a migrating guest's source, a
+    /// crashed client's watch expiring), and breaking it at once if its
+    /// holder is `predecessor` (an owner as [`Image::owner`] gave it: this
+    /// vbd's previous daemon, gone): librbd blocklists that client, so it can
+    /// never write again even were it still alive. Blocking.
+    pub fn take_lock(
+        &self,
+        predecessor: Option<&str>,
+        wait: std::time::Duration,
+    ) -> Result<(), RbdError> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut broke = false;
+        loop {
+            if let (Some(dead), false) = (predecessor, broke) {
+                broke = true;
+                self.break_lock_of(dead);
+            }
+            match self.try_lock() {
+                Ok(()) => break,
+                Err(e @ RbdError::Locked { .. }) if std::time::Instant::now() >= deadline => {
+                    return Err(e)
+                }
+                Err(RbdError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(500))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.lock_owners()?.into_iter().next();
+        self.lock_lost
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Breaks the lock if `dead` holds it (librbd refuses unless it does).
+    fn break_lock_of(&self, dead: &str) {
+        match self.lock_owners() {
+            Ok(owners) if owners.iter().any(|o| o == dead) => {
+                let name = cstring(dead);
+                // SAFETY: an open image; a NUL-terminated owner name.
+                let rc = unsafe {
+                    (self.cluster.lib.rbd_lock_break)(
+                        self.handle,
+                        ffi::LOCK_MODE_EXCLUSIVE,
+                        name.as_ptr(),
+                    )
+                };
+                if rc < 0 {
+                    tracing::warn!(image = %self.spec, owner = dead, "breaking the previous daemon's lock failed: {}", errno(rc));
+                } else {
+                    tracing::info!(image = %self.spec, owner = dead, "broke the previous daemon's lock");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(image = %self.spec, "reading the lock's owner: {e}"),
+        }
+    }
+
+    /// This client as librbd names the owner of the lock it took (its
+    /// messenger address); `None` before [`Image::take_lock`].
+    pub fn owner(&self) -> Option<String> {
+        self.owner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The flag the engine sets when an I/O fails as it does once this
+    /// client has lost the lock ([`lost_lock`]).
+    pub fn lock_lost_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.lock_lost.clone()
+    }
+
+    /// Whether this client holds the lock, as far as it knows without
+    /// asking the cluster: taken, and no I/O failed since as it does once
+    /// the lock is lost. (librbd's own check pings an OSD.)
+    pub fn holds_lock(&self) -> bool {
+        self.owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && !self.lock_lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn io_err(&self, rc: impl Into<i64>) -> RbdError {
@@ -521,33 +664,24 @@ impl Image {
         Ok(id.to_string_lossy().into_owned())
     }
 
-    /// Takes the exclusive lock, refusing an image without the feature or
-    /// whose lock another client holds (but `predecessor`, whose lock is
-    /// broken).
-    fn lock(&self, predecessor: Option<&str>) -> Result<(), RbdError> {
-        let lib = self.cluster.lib;
+    fn check_lock_feature(&self) -> Result<(), RbdError> {
         let mut features = 0u64;
         // SAFETY: an open image; out-pointer.
-        let rc = unsafe { (lib.rbd_get_features)(self.handle, &mut features) };
+        let rc = unsafe { (self.cluster.lib.rbd_get_features)(self.handle, &mut features) };
         if rc < 0 {
             return Err(self.io_err(rc));
         }
         if features & ffi::FEATURE_EXCLUSIVE_LOCK == 0 {
             return Err(RbdError::NoExclusiveLock(self.spec.clone()));
         }
-        if let Some(dead) = predecessor {
-            let owners = self.lock_owners();
-            if owners.unwrap_or_default().iter().any(|o| o == dead) {
-                let name = cstring(dead);
-                // SAFETY: an open image; a NUL-terminated owner name.
-                let rc = unsafe {
-                    (lib.rbd_lock_break)(self.handle, ffi::LOCK_MODE_EXCLUSIVE, name.as_ptr())
-                };
-                tracing::info!(image = %self.spec, owner = dead, rc, "broke the previous daemon's lock");
-            }
-        }
+        Ok(())
+    }
+
+    /// One attempt at the exclusive lock.
+    fn try_lock(&self) -> Result<(), RbdError> {
         // SAFETY: an open image.
-        let rc = unsafe { (lib.rbd_lock_acquire)(self.handle, ffi::LOCK_MODE_EXCLUSIVE) };
+        let rc =
+            unsafe { (self.cluster.lib.rbd_lock_acquire)(self.handle, ffi::LOCK_MODE_EXCLUSIVE) };
         if rc < 0 {
             let owners = self.lock_owners().unwrap_or_default();
             return Err(
@@ -594,14 +728,6 @@ impl Image {
         // SAFETY: the n strings librbd allocated, freed once.
         unsafe { (lib.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
         Ok(names)
-    }
-
-    /// Whether this client holds the exclusive lock now.
-    pub fn holds_lock(&self) -> bool {
-        let mut owner: c_int = 0;
-        // SAFETY: an open image; out-pointer.
-        let rc = unsafe { (self.cluster.lib.rbd_is_exclusive_lock_owner)(self.handle, &mut owner) };
-        rc == 0 && owner != 0
     }
 
     /// The client serving it (`client.NAME`, instance id).
@@ -653,12 +779,19 @@ impl Image {
         Self::sync_result(rc as isize, 0)
     }
 
-    /// Discards a range.
+    /// Discards a range, in pieces of at most [`DISCARD_CHUNK`] (librbd's
+    /// synchronous call refuses more than 2 GiB).
     pub fn discard(&self, off: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: an open image.
-        let rc = unsafe { (self.cluster.lib.rbd_discard)(self.handle, off, len) };
-        if rc < 0 {
-            return Err(errno(rc));
+        let end = off.checked_add(len).ok_or_else(|| errno(-libc::EINVAL))?;
+        let mut at = off;
+        while at < end {
+            let n = (end - at).min(DISCARD_CHUNK);
+            // SAFETY: an open image.
+            let rc = unsafe { (self.cluster.lib.rbd_discard)(self.handle, at, n) };
+            if rc < 0 {
+                return Err(errno(rc));
+            }
+            at += n;
         }
         Ok(())
     }

@@ -193,9 +193,13 @@ pub fn bench_offset(spec: &BenchSpec, bytes: u64, lane: u32, n: u64) -> u64 {
         x ^= x >> 31;
         (x % blocks) * bs
     } else {
-        let per_lane = (blocks / u64::from(spec.depth)).max(1);
-        let start = u64::from(lane) * per_lane;
-        ((start + n % per_lane) % blocks) * bs
+        // One sequential stream `depth` deep, as a guest's sequential I/O
+        // (and fio's `--rw=read --iodepth=N`) is: lane `lane`'s `n`th request
+        // is the stream's (n * depth + lane)th block.
+        (n.wrapping_mul(u64::from(spec.depth))
+            .wrapping_add(u64::from(lane))
+            % blocks)
+            * bs
     }
 }
 

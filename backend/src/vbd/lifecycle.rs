@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use xenstore::{Client, Xs};
+use xenstore::{Access, Client, Perm, Xs};
 
 use super::transition::{step, Observed, Phase, Step};
 use super::{publish_geometry, serve_frontend, Connection, Offer};
@@ -448,7 +448,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 break Arc::new(ServedDisk::File(d));
             }
             Some(Published::Rbd(spec, id)) => {
-                let d = open_rbd(xs, be, spec, id, ts.writable).await?;
+                let d = open_rbd(spec, id, ts.writable).await?;
                 tracing::info!(%domid, image = %d.image().spec, id = %d.image().id, "RBD image opened");
                 break Arc::new(ServedDisk::Rbd(d));
             }
@@ -487,6 +487,7 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 return Ok(());
             }
         }
+        take_rbd_lock(xs, be, &disk).await?;
         let (qstop, qstop_rx) = watch::channel(false);
         apply_limit(ctx, domid, devid, be).await;
         // Boxed so it can be dropped as soon as the queues are given up on:
@@ -707,33 +708,49 @@ async fn published_disk<G, EC>(ctx: &VbdCtx<G, EC>, be: &str) -> Result<Option<P
 }
 
 /// Opens the RBD image the block script checked: the same id (not another
-/// image since created under its name), its lock taken if it is written,
-/// and recorded (`rbd-lock-owner`) so that the next daemon, after a crash of
-/// this one, breaks exactly this lock and no other. librbd blocks while it
-/// talks to the cluster: on a blocking thread.
-async fn open_rbd(
-    xs: &Client,
-    be: &str,
-    spec: crate::rbd::Spec,
-    id: String,
-    writable: bool,
-) -> Result<RbdDisk, Fatal> {
+/// image since created under its name). librbd blocks while it talks to the
+/// cluster: on a blocking thread.
+async fn open_rbd(spec: crate::rbd::Spec, id: String, writable: bool) -> Result<RbdDisk, Fatal> {
+    let opened = tokio::task::spawn_blocking(move || {
+        let image = crate::rbd::Image::open(&spec, writable, Some(&id))?;
+        RbdDisk::new(image).map_err(|e| Fatal::Config(format!("reading the image's size: {e}")))
+    })
+    .await;
+    opened.map_err(|e| Fatal::Config(format!("opening the image: {e}")))?
+}
+
+/// Before a guest connects to a writable RBD image: takes its lock, waiting
+/// (`[rbd] lock_wait_s`) for another client to let go (a migrating guest's
+/// source), breaking it at once if it is held by the owner recorded in
+/// `rbd-lock-owner` (this vbd's previous daemon, crashed); records the owner
+/// it took it as, readable and writable by dom0 only, so that the next
+/// daemon breaks exactly this lock and no other.
+async fn take_rbd_lock(xs: &Client, be: &str, disk: &ServedDisk) -> Result<(), Fatal> {
+    let ServedDisk::Rbd(d) = disk else {
+        return Ok(());
+    };
+    let image = d.image().clone();
+    if image.read_only || image.holds_lock() {
+        return Ok(());
+    }
     let owner_node = xenbus::node(be, key::RBD_LOCK_OWNER);
     // Only dom0 may name a lock to break: a guest that could would take
     // another host's image from under it.
     all_dom0_only(xs, std::slice::from_ref(&owner_node)).await?;
     let predecessor = xs.try_read_text(&owner_node).await?;
-    let opened = tokio::task::spawn_blocking(move || {
-        let image =
-            crate::rbd::Image::open_fencing(&spec, writable, Some(&id), predecessor.as_deref())?;
-        RbdDisk::new(image).map_err(|e| Fatal::Config(format!("reading the image's size: {e}")))
+    let taken = tokio::task::spawn_blocking({
+        let image = image.clone();
+        move || image.take_lock(predecessor.as_deref(), crate::rbd::lock_wait())
     })
-    .await;
-    let disk = opened.map_err(|e| Fatal::Config(format!("opening the image: {e}")))??;
-    if let Some(owner) = disk.image().owner() {
-        xs.write(&owner_node, owner).await?;
+    .await
+    .map_err(|e| Fatal::Config(format!("taking the image's lock: {e}")))?;
+    taken?;
+    if let Some(owner) = image.owner() {
+        xs.write(&owner_node, &owner).await?;
+        xs.set_perms(&owner_node, &[Perm::new(Access::None, 0)])
+            .await?;
     }
-    Ok(disk)
+    Ok(())
 }
 
 /// Refuses a published disk whose nodes anyone but dom0 could have written.

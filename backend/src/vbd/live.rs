@@ -64,7 +64,7 @@ impl RbdState {
             client,
             instance,
             lock_held: !image.read_only && image.holds_lock(),
-            lock_owner: image.owner().map(str::to_owned),
+            lock_owner: image.owner(),
             read_only: image.read_only,
         }
     }

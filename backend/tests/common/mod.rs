@@ -44,3 +44,40 @@ pub async fn exits_cleanly(child: &mut tokio::process::Child) {
         .unwrap();
     assert!(st.success(), "{st:?}");
 }
+
+/// `blkbackd serve` on the embedded default laid out in `dir` (the
+/// simulation in `dir/sim`, Xenstore at `dir/xenstored.sock`), logging at
+/// info level to `dir/log`.
+pub fn sim_daemon(dir: &Path, log: &str) -> tokio::process::Child {
+    sim_daemon_command(dir, log).spawn().unwrap()
+}
+
+/// [`sim_daemon`], not started yet (for more options).
+pub fn sim_daemon_command(dir: &Path, log: &str) -> tokio::process::Command {
+    let mut c = blkbackd();
+    c.args(["serve", "--sim"])
+        .arg(dir.join("sim"))
+        .arg("--xenstore")
+        .arg(dir.join("xenstored.sock"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .kill_on_drop(true);
+    c
+}
+
+/// A simulated guest of domain `domid` on the embedded default in `dir`
+/// (see [`sim_daemon`]) doing `mode` (`ios` as that mode reads it); its
+/// report on the piped stdout.
+pub fn sim_guest(dir: &Path, domid: u16, mode: &str, ios: u32) -> tokio::process::Child {
+    blkbackd()
+        .args(["sim-guest", "--mode", mode, "--ios", &ios.to_string()])
+        .args(["--domid", &domid.to_string(), "--dir"])
+        .arg(dir.join("sim"))
+        .arg("--xenstore")
+        .arg(dir.join("xenstored.sock"))
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
