@@ -97,12 +97,7 @@ impl Host {
     }
 
     async fn home(&self, domid: u16) -> xenstore::DomId {
-        let d = xenstore::DomId(domid);
-        self.xs.introduce(d, 0, 0).await.unwrap();
-        blkbackd::xenbus::toolstack::create_domain_home(&self.xs, d)
-            .await
-            .unwrap();
-        d
+        common::new_domain(&self.xs, domid).await
     }
 
     async fn attach(&self, domid: u16, params: &str, writable: bool) -> Result<(), String> {

@@ -368,12 +368,7 @@ impl OneVbd {
 
     /// Introduces domain `domid` and gives it its home, as domain creation does.
     async fn home(&self, domid: u16) -> xenstore::DomId {
-        let d = xenstore::DomId(domid);
-        self.xs.introduce(d, 0, 0).await.unwrap();
-        blkbackd::xenbus::toolstack::create_domain_home(&self.xs, d)
-            .await
-            .unwrap();
-        d
+        common::new_domain(&self.xs, domid).await
     }
 
     /// Attaches `img` to domain `domid` (introduced here) as its xvda.

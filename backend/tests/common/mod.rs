@@ -81,3 +81,14 @@ pub fn sim_guest(dir: &Path, domid: u16, mode: &str, ios: u32) -> tokio::process
         .spawn()
         .unwrap()
 }
+
+/// Introduces domain `domid` to the Xenstore behind `xs` and gives it its
+/// home, as domain creation does.
+pub async fn new_domain(xs: &Client, domid: u16) -> xenstore::DomId {
+    let d = xenstore::DomId(domid);
+    xs.introduce(d, 0, 0).await.unwrap();
+    blkbackd::xenbus::toolstack::create_domain_home(xs, d)
+        .await
+        .unwrap();
+    d
+}
