@@ -14,7 +14,6 @@
 //! readable while completions wait) together with the event channel.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -50,6 +49,59 @@ struct Flight {
 // guest pages); they are never dereferenced by us, only read by the kernel.
 unsafe impl Send for Flight {}
 
+/// The operations in flight, found by their entry's `user_data`: a slot
+/// index, reused once reaped (a hashed map of sequence numbers was hashing
+/// twice per I/O on the serving thread). Holds at most what was in flight at
+/// once, which the guest's ring bounds.
+#[derive(Debug, Default)]
+struct Flights {
+    slots: Vec<Option<Flight>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl Flights {
+    /// A key of its own for a flight about to start (what its entry's
+    /// `user_data` says): filed by [`Flights::fill`], or given back by
+    /// [`Flights::give_back`] if it never starts. Reaping in between (a full
+    /// submission queue) cannot hand it out again.
+    fn reserve(&mut self) -> u64 {
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        i as u64
+    }
+
+    fn give_back(&mut self, key: u64) {
+        self.free.push(key as usize);
+    }
+
+    /// Files `f` under `key` (from [`Flights::reserve`]).
+    fn fill(&mut self, key: u64, f: Flight) {
+        self.slots[key as usize] = Some(f);
+        self.len += 1;
+    }
+
+    /// Takes the flight filed under `key`, if any (a cancel's or a stale
+    /// key finds none).
+    fn remove(&mut self, key: u64) -> Option<Flight> {
+        let i = usize::try_from(key).ok()?;
+        let f = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.len -= 1;
+        Some(f)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// One io_uring instance serving one guest ring.
 pub struct UringEngine {
     ring: IoUring,
@@ -57,8 +109,7 @@ pub struct UringEngine {
     disk: Arc<dyn Disk>,
     pool: Arc<BouncePool>,
     registered: bool,
-    flights: HashMap<u64, Flight>,
-    next: u64,
+    flights: Flights,
     unsubmitted: usize,
     done: Vec<IoDone>,
     side: Option<ThreadEngine>,
@@ -114,8 +165,7 @@ impl UringEngine {
             disk,
             pool,
             registered,
-            flights: HashMap::new(),
-            next: 0,
+            flights: Flights::default(),
             unsubmitted: 0,
             done: Vec::new(),
             side: None,
@@ -282,12 +332,12 @@ impl UringEngine {
             self.done.push(IoDone::failed(op, unsupported));
             return;
         }
-        let ud = self.next;
-        self.next = self.next.wrapping_add(1);
+        let ud = self.flights.reserve();
         let mut iov = Vec::new();
         let entry = match self.entry(&op, ud, &mut iov) {
             Ok(e) => e,
             Err(e) => {
+                self.flights.give_back(ud);
                 self.done.push(IoDone::failed(op, e));
                 return;
             }
@@ -301,7 +351,7 @@ impl UringEngine {
             // The submission queue is full: hand it to the kernel first.
             self.submit();
         }
-        self.flights.insert(
+        self.flights.fill(
             ud,
             Flight {
                 tag: op.tag,
@@ -367,7 +417,7 @@ impl UringEngine {
     pub fn reap(&mut self, out: &mut Vec<IoDone>) {
         out.append(&mut self.done);
         for cqe in self.ring.completion() {
-            let Some(f) = self.flights.remove(&cqe.user_data()) else {
+            let Some(f) = self.flights.remove(cqe.user_data()) else {
                 continue;
             };
             let r = cqe.result();
@@ -457,7 +507,7 @@ impl Drop for UringEngine {
 /// uses). Freed only after the last completion.
 struct Abandoned {
     ring: IoUring,
-    flights: HashMap<u64, Flight>,
+    flights: Flights,
     pool: Arc<BouncePool>,
     disk: Arc<dyn Disk>,
 }
@@ -482,7 +532,7 @@ impl Abandoned {
                         }
                     }
                     for cqe in me.ring.completion() {
-                        me.flights.remove(&cqe.user_data());
+                        me.flights.remove(cqe.user_data());
                     }
                 }
                 tracing::info!("abandoned I/O completed: its buffers and the disk are let go");
@@ -612,4 +662,44 @@ pub fn raw_run(
         secs: started.elapsed().as_secs_f64(),
         latency_ns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Flight, Flights};
+
+    fn flight(tag: u64) -> Flight {
+        Flight {
+            tag,
+            buf: None,
+            guest: None,
+            iov: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn flights_are_found_by_their_key_once_and_keys_are_reused() {
+        let mut f = Flights::default();
+        let a = f.reserve();
+        let b = f.reserve();
+        assert_ne!(a, b);
+        f.fill(a, flight(10));
+        f.fill(b, flight(11));
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.remove(b).map(|x| x.tag), Some(11));
+        // A second completion for the same key, a cancel's key, one never
+        // handed out: none finds a flight.
+        assert!(f.remove(b).is_none());
+        assert!(f.remove(u64::MAX).is_none());
+        assert!(f.remove(7).is_none());
+        assert_eq!(f.len(), 1);
+        // The freed key is handed out again; the table did not grow.
+        let c = f.reserve();
+        assert_eq!(c, b);
+        f.give_back(c);
+        assert_eq!(f.reserve(), b);
+        assert_eq!(f.slots.len(), 2);
+        assert_eq!(f.remove(a).map(|x| x.tag), Some(10));
+        assert!(f.is_empty());
+    }
 }
