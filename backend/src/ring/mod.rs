@@ -202,13 +202,15 @@ impl<M: RingMem> BackRing<M> {
     /// The whole response is written, padding zeroed, so no stale byte leaks.
     pub fn put_response(&mut self, id: u64, operation: u8, status: i16) {
         debug_assert!(self.in_flight() > 0, "a response needs a consumed request");
-        let mut rsp = vec![0u8; self.layout.rsp];
+        // On the stack: every response is at most the x86_64 layout's size.
+        let mut buf = [0u8; std::mem::size_of::<crate::abi::blkif::ResponseX86_64>()];
+        let rsp = &mut buf[..self.layout.rsp];
         rsp[0..8].copy_from_slice(&id.to_le_bytes());
         rsp[self.layout.rsp_op] = operation;
         rsp[self.layout.rsp_status..self.layout.rsp_status + 2]
             .copy_from_slice(&status.to_le_bytes());
         self.mem
-            .write(slot(self.rsp_prod_pvt, self.size, self.layout.slot), &rsp);
+            .write(slot(self.rsp_prod_pvt, self.size, self.layout.slot), rsp);
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
     }
 

@@ -152,6 +152,8 @@ pub struct Queue<G, E, D> {
     /// The vbd's share of the host's requests in flight, and what this
     /// queue counts in it.
     share: Option<(Arc<crate::vbd::share::VbdShare>, u32)>,
+    /// Completions being handled (kept to reuse its allocation).
+    reaped: Vec<IoDone>,
 }
 
 /// What a queue is made of (see [`Queue::new`]).
@@ -217,6 +219,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             unthrottled: false,
             published_at: std::time::Instant::now(),
             share: None,
+            reaped: Vec::new(),
         }
     }
 
@@ -537,12 +540,15 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
 
     /// Handles every completion the engine has; returns how many.
     fn complete(&mut self) -> usize {
-        let mut done = Vec::new();
+        // One vector for every pass (its capacity stays): no allocation
+        // per pass on the serving thread.
+        let mut done = std::mem::take(&mut self.reaped);
         self.engine.reap(&mut done);
         let n = done.len();
-        for d in done {
+        for d in done.drain(..) {
             self.completed(d);
         }
+        self.reaped = done;
         n
     }
 
