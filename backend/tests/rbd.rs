@@ -319,6 +319,79 @@ async fn a_second_host_is_refused_while_the_first_serves_and_served_after() {
     c.stop().await;
 }
 
+/// A vbd waiting for the lock (`lock_wait_s` = 600 here) is still the
+/// toolstack's: removed meanwhile, it closes at once, and it never takes
+/// the lock later. Before, the removal waited out the whole lock wait (and
+/// the toolstack gave up), and the lock was taken when the holder let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vbd_waiting_for_the_lock_is_removed_without_waiting() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let img = TestImage::new("waitremove", 64);
+    let params = format!("rbd:{}", img.0);
+    let mut a = Host::new().await;
+    let mut b = Host::with_config("[rbd]\nlock_wait_s = 600\n").await;
+    let mut d = Host::with_config("[rbd]\nlock_wait_s = 5\n").await;
+
+    a.attach(6, &params, true).await.unwrap();
+    let mut guest_a = a.guest(6, "verify", 1_000_000);
+    blkbackd::attach::wait_value(&a.xs, &format!("{}/state", a.be(6)), "4")
+        .await
+        .unwrap();
+
+    b.attach(7, &params, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", b.log()));
+    let mut b_guest = b.guest(7, "verify", 200);
+    // Its guest is Initialised and B waits for A's lock.
+    blkbackd::attach::wait_value(
+        &b.xs,
+        &format!("/local/domain/7/device/vbd/{DEVID}/state"),
+        "3",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        b.xs.read_string(&format!("{}/state", b.be(7)))
+            .await
+            .unwrap(),
+        "2",
+        "{}",
+        b.log()
+    );
+    let t = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), b.detach(7))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "removing a vbd that waits for the lock waited for it: {}",
+                b.log()
+            )
+        });
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    b_guest.kill().await.unwrap();
+    assert!(
+        b.log().contains("gave up waiting for the RBD image's lock"),
+        "{}",
+        b.log()
+    );
+
+    // A lets go; B's daemon, still running, must not take the lock: a
+    // third host that waits 5 s for it serves its guest.
+    guest_a.kill().await.unwrap();
+    a.detach(6).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.attach(8, &params, true).await.unwrap();
+    let report = d.guest_report(8, "verify", 50).await;
+    assert!(report.contains("verified ios="), "{report}");
+    d.detach(8).await;
+    a.stop().await;
+    b.stop().await;
+    d.stop().await;
+}
+
 /// An image grown with `rbd resize` while connected reaches the guest as
 /// `sectors`, and its new end is read and written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

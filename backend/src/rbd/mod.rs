@@ -211,6 +211,10 @@ pub enum RbdError {
         /// Who holds it, as librbd names them.
         owners: String,
     },
+    /// The wait for the lock was given up: the vbd is being closed or
+    /// removed, or the daemon stops.
+    #[error("gave up waiting for the lock of image {0}")]
+    LockWaitCancelled(Spec),
     /// The image under this name is not the one the block script checked.
     #[error(
         "image {spec} now has id {found}, not {want} as when it was attached: it was deleted \
@@ -566,15 +570,20 @@ impl Image {
     /// crashed client's watch expiring), and breaking it at once if its
     /// holder is `predecessor` (an owner as [`Image::owner`] gave it: this
     /// vbd's previous daemon, gone): librbd blocklists that client, so it can
-    /// never write again even were it still alive. Blocking.
+    /// never write again even were it still alive. Blocking; gives up
+    /// within half a second of `cancel` being set.
     pub fn take_lock(
         &self,
         predecessor: Option<&str>,
         wait: std::time::Duration,
+        cancel: &std::sync::atomic::AtomicBool,
     ) -> Result<(), RbdError> {
         let deadline = std::time::Instant::now() + wait;
         let mut broke = false;
         loop {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(RbdError::LockWaitCancelled(self.spec.clone()));
+            }
             if let (Some(dead), false) = (predecessor, broke) {
                 broke = true;
                 self.break_lock_of(dead);

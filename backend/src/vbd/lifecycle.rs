@@ -487,7 +487,18 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
                 return Ok(());
             }
         }
-        take_rbd_lock(xs, be, &disk).await?;
+        // The lock may take a while (`[rbd] lock_wait_s`): meanwhile the
+        // vbd can still be closed or removed, and the daemon stopped.
+        if !lock_rbd_or_interrupted(xs, be, &ts.fe, &disk, &mut be_w, &mut fe_w, stop).await? {
+            if *stop.borrow() != Stop::Run {
+                if !handing_over(stop) {
+                    set_state(xs, be, XenbusState::Closed).await?;
+                }
+                return Ok(());
+            }
+            // Closing or removal: handled as before a connection.
+            continue;
+        }
         let (qstop, qstop_rx) = watch::channel(false);
         apply_limit(ctx, domid, devid, be).await;
         // Boxed so it can be dropped as soon as the queues are given up on:
@@ -725,7 +736,12 @@ async fn open_rbd(spec: crate::rbd::Spec, id: String, writable: bool) -> Result<
 /// `rbd-lock-owner` (this vbd's previous daemon, crashed); records the owner
 /// it took it as, readable and writable by dom0 only, so that the next
 /// daemon breaks exactly this lock and no other.
-async fn take_rbd_lock(xs: &Client, be: &str, disk: &ServedDisk) -> Result<(), Fatal> {
+async fn take_rbd_lock(
+    xs: &Client,
+    be: &str,
+    disk: &ServedDisk,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), Fatal> {
     let ServedDisk::Rbd(d) = disk else {
         return Ok(());
     };
@@ -740,7 +756,7 @@ async fn take_rbd_lock(xs: &Client, be: &str, disk: &ServedDisk) -> Result<(), F
     let predecessor = xs.try_read_text(&owner_node).await?;
     let taken = tokio::task::spawn_blocking({
         let image = image.clone();
-        move || image.take_lock(predecessor.as_deref(), crate::rbd::lock_wait())
+        move || image.take_lock(predecessor.as_deref(), crate::rbd::lock_wait(), &cancel)
     })
     .await
     .map_err(|e| Fatal::Config(format!("taking the image's lock: {e}")))?;
@@ -751,6 +767,45 @@ async fn take_rbd_lock(xs: &Client, be: &str, disk: &ServedDisk) -> Result<(), F
             .await?;
     }
     Ok(())
+}
+
+/// [`take_rbd_lock`] while watching the vbd: true once the lock is held
+/// (or not needed); false, with the wait given up, when the toolstack
+/// closes or removes the vbd or the daemon stops meanwhile (the caller
+/// looks again at what changed). Xenstore changes that leave the vbd
+/// waiting to connect (a guest writing its own nodes) do not restart the
+/// wait: a guest can neither prolong it nor pile up waiting threads.
+async fn lock_rbd_or_interrupted(
+    xs: &Client,
+    be: &str,
+    fe: &str,
+    disk: &ServedDisk,
+    be_w: &mut xenstore::Watch,
+    fe_w: &mut xenstore::Watch,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<bool, Fatal> {
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lock = take_rbd_lock(xs, be, disk, cancel.clone());
+    tokio::pin!(lock);
+    loop {
+        tokio::select! {
+            r = &mut lock => return r.map(|()| true),
+            still = changed(be_w, fe_w, stop) => {
+                let interrupted = !still
+                    || matches!(
+                        step(Phase::AwaitingFrontend, &observe(xs, be, fe).await?),
+                        Step::Gone | Step::CloseForRemoval
+                    );
+                if interrupted {
+                    // The blocking wait sees it within half a second and
+                    // lets go of the image.
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(backend = be, "gave up waiting for the RBD image's lock: the vbd is closing or the daemon stops");
+                    return Ok(false);
+                }
+            }
+        }
+    }
 }
 
 /// Refuses a published disk whose nodes anyone but dom0 could have written.

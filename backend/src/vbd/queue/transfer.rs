@@ -500,11 +500,13 @@ mod tests {
         assert_eq!(same, 0);
         // Neighbouring refs (what a frontend grants) differ in the low bits
         // hashbrown picks buckets with, and in the top 7 it tags them with.
-        let low: std::collections::HashSet<u64> =
-            (0..1024u32).map(|g| a.hash_one(GrantRef(g)) & 1023).collect();
+        let low: std::collections::HashSet<u64> = (0..1024u32)
+            .map(|g| a.hash_one(GrantRef(g)) & 1023)
+            .collect();
         assert!(low.len() > 600, "{} distinct low bits of 1024", low.len());
-        let top: std::collections::HashSet<u64> =
-            (0..1024u32).map(|g| a.hash_one(GrantRef(g)) >> 57).collect();
+        let top: std::collections::HashSet<u64> = (0..1024u32)
+            .map(|g| a.hash_one(GrantRef(g)) >> 57)
+            .collect();
         assert!(top.len() > 100, "{} distinct tags of 128", top.len());
     }
 }
