@@ -96,6 +96,31 @@ impl Host {
         }
     }
 
+    /// Host A of the lock tests: serving `params` to domain 6, whose guest
+    /// verifies until killed; returned once connected.
+    async fn serving(params: &str) -> (Host, tokio::process::Child) {
+        let a = Host::new().await;
+        a.attach(6, params, true).await.unwrap();
+        let guest = a.guest(6, "verify", 1_000_000);
+        blkbackd::attach::wait_value(&a.xs, &format!("{}/state", a.be(6)), "4")
+            .await
+            .unwrap();
+        (a, guest)
+    }
+
+    /// Domain `domid`'s vbd is waiting to connect (InitWait), not served.
+    async fn assert_unserved(&self, domid: u16, why: &str) {
+        assert_eq!(
+            self.xs
+                .read_string(&format!("{}/state", self.be(domid)))
+                .await
+                .unwrap(),
+            "2",
+            "{why}: {}",
+            self.log()
+        );
+    }
+
     async fn home(&self, domid: u16) -> xenstore::DomId {
         common::new_domain(&self.xs, domid).await
     }
@@ -260,15 +285,9 @@ async fn a_second_host_is_refused_while_the_first_serves_and_served_after() {
     }
     let img = TestImage::new("twohosts", 64);
     let params = format!("rbd:{}", img.0);
-    let mut a = Host::new().await;
+    let (mut a, mut guest_a) = Host::serving(&params).await;
     let mut b = Host::with_config("[rbd]\nlock_wait_s = 60\n").await;
     let mut c = Host::with_config("[rbd]\nlock_wait_s = 1\n").await;
-
-    a.attach(6, &params, true).await.unwrap();
-    let mut guest_a = a.guest(6, "verify", 1_000_000);
-    blkbackd::attach::wait_value(&a.xs, &format!("{}/state", a.be(6)), "4")
-        .await
-        .unwrap();
 
     // C: refused with a clear error once its wait is over.
     c.attach(9, &params, true).await.unwrap();
@@ -292,14 +311,8 @@ async fn a_second_host_is_refused_while_the_first_serves_and_served_after() {
         .unwrap_or_else(|e| panic!("{e}: {}", b.log()));
     let b_guest = b.guest(7, "verify", 200);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        b.xs.read_string(&format!("{}/state", b.be(7)))
-            .await
-            .unwrap(),
-        "2",
-        "host B connected a guest while host A holds the lock: {}",
-        b.log()
-    );
+    b.assert_unserved(7, "host B connected a guest while host A holds the lock")
+        .await;
     // ... until A lets go.
     guest_a.kill().await.unwrap();
     a.detach(6).await;
@@ -330,15 +343,9 @@ async fn a_vbd_waiting_for_the_lock_is_removed_without_waiting() {
     }
     let img = TestImage::new("waitremove", 64);
     let params = format!("rbd:{}", img.0);
-    let mut a = Host::new().await;
+    let (mut a, mut guest_a) = Host::serving(&params).await;
     let mut b = Host::with_config("[rbd]\nlock_wait_s = 600\n").await;
     let mut d = Host::with_config("[rbd]\nlock_wait_s = 5\n").await;
-
-    a.attach(6, &params, true).await.unwrap();
-    let mut guest_a = a.guest(6, "verify", 1_000_000);
-    blkbackd::attach::wait_value(&a.xs, &format!("{}/state", a.be(6)), "4")
-        .await
-        .unwrap();
 
     b.attach(7, &params, true)
         .await
@@ -353,14 +360,8 @@ async fn a_vbd_waiting_for_the_lock_is_removed_without_waiting() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        b.xs.read_string(&format!("{}/state", b.be(7)))
-            .await
-            .unwrap(),
-        "2",
-        "{}",
-        b.log()
-    );
+    b.assert_unserved(7, "host B connected a guest while host A holds the lock")
+        .await;
     let t = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(20), b.detach(7))
         .await
