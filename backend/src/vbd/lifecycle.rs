@@ -489,15 +489,18 @@ async fn lifecycle<G: Grants, EC: EventChannels>(
         }
         // The lock may take a while (`[rbd] lock_wait_s`): meanwhile the
         // vbd can still be closed or removed, and the daemon stopped.
-        if !lock_rbd_or_interrupted(xs, be, &ts.fe, &disk, &mut be_w, &mut fe_w, stop).await? {
-            if *stop.borrow() != Stop::Run {
+        match lock_rbd_or_interrupted(xs, be, &ts.fe, &disk, &mut be_w, &mut fe_w, stop).await? {
+            LockWait::Held => {}
+            // Closing or removal: handled as before a connection.
+            LockWait::Closing => continue,
+            // As when the wait for the frontend ends so (stopping, or the
+            // watches gone).
+            LockWait::Stopped => {
                 if !handing_over(stop) {
                     set_state(xs, be, XenbusState::Closed).await?;
                 }
                 return Ok(());
             }
-            // Closing or removal: handled as before a connection.
-            continue;
         }
         let (qstop, qstop_rx) = watch::channel(false);
         apply_limit(ctx, domid, devid, be).await;
@@ -769,12 +772,22 @@ async fn take_rbd_lock(
     Ok(())
 }
 
-/// [`take_rbd_lock`] while watching the vbd: true once the lock is held
-/// (or not needed); false, with the wait given up, when the toolstack
-/// closes or removes the vbd or the daemon stops meanwhile (the caller
-/// looks again at what changed). Xenstore changes that leave the vbd
-/// waiting to connect (a guest writing its own nodes) do not restart the
-/// wait: a guest can neither prolong it nor pile up waiting threads.
+/// How [`lock_rbd_or_interrupted`] ended.
+enum LockWait {
+    /// The lock is held (or not needed).
+    Held,
+    /// Given up: the toolstack closes or removes the vbd.
+    Closing,
+    /// Given up: the daemon stops (or the watches ended), as
+    /// [`changed`] says.
+    Stopped,
+}
+
+/// [`take_rbd_lock`] while watching the vbd: the wait is given up when the
+/// toolstack closes or removes the vbd or the daemon stops meanwhile.
+/// Xenstore changes that leave the vbd waiting to connect (a guest writing
+/// its own nodes) do not restart the wait: a guest can neither prolong it
+/// nor pile up waiting threads.
 async fn lock_rbd_or_interrupted(
     xs: &Client,
     be: &str,
@@ -783,26 +796,29 @@ async fn lock_rbd_or_interrupted(
     be_w: &mut xenstore::Watch,
     fe_w: &mut xenstore::Watch,
     stop: &mut watch::Receiver<Stop>,
-) -> Result<bool, Fatal> {
+) -> Result<LockWait, Fatal> {
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let lock = take_rbd_lock(xs, be, disk, cancel.clone());
     tokio::pin!(lock);
     loop {
         tokio::select! {
-            r = &mut lock => return r.map(|()| true),
+            r = &mut lock => return r.map(|()| LockWait::Held),
             still = changed(be_w, fe_w, stop) => {
-                let interrupted = !still
-                    || matches!(
-                        step(Phase::AwaitingFrontend, &observe(xs, be, fe).await?),
-                        Step::Gone | Step::CloseForRemoval
-                    );
-                if interrupted {
-                    // The blocking wait sees it within half a second and
-                    // lets go of the image.
-                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(backend = be, "gave up waiting for the RBD image's lock: the vbd is closing or the daemon stops");
-                    return Ok(false);
-                }
+                let end = if !still {
+                    LockWait::Stopped
+                } else if matches!(
+                    step(Phase::AwaitingFrontend, &observe(xs, be, fe).await?),
+                    Step::Gone | Step::CloseForRemoval
+                ) {
+                    LockWait::Closing
+                } else {
+                    continue;
+                };
+                // The blocking wait sees it within half a second and lets
+                // go of the image.
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(backend = be, "gave up waiting for the RBD image's lock: the vbd is closing or the daemon stops");
+                return Ok(end);
             }
         }
     }
