@@ -118,7 +118,7 @@ impl Families {
 }
 
 /// Every ring counter: name (without `blkbackd_ring_`), help, value.
-fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 14] {
+fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 15] {
     [
         (
             "bytes_total",
@@ -174,6 +174,11 @@ fn ring_counters(q: &QueueStats) -> [(&'static str, &'static str, f64); 14] {
             "poll_hits_total",
             "Polling windows that found more work.",
             q.poll_hits as f64,
+        ),
+        (
+            "sleep_submits_total",
+            "Passes whose disk I/O was submitted by the sleep that followed (one system call to submit and wait).",
+            q.sleep_submits as f64,
         ),
         (
             "poll_seconds_total",

@@ -294,6 +294,59 @@ async fn a_flush_answers_only_after_the_acknowledged_writes_reached_the_device()
     }
 }
 
+/// A disk that completes asynchronously (a loop device: its worker thread
+/// does the I/O) has its I/O submitted by the `io_uring_enter` the serving
+/// thread sleeps in, not by one of its own; every byte still comes back,
+/// through the persistent-grant copy and the grant copy alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_left_to_the_sleep_on_an_asynchronous_disk_returns_the_guests_bytes() {
+    if !tier::need(Tier::Loop) {
+        return;
+    }
+    let s = sim().await;
+    for (n, persistent) in [true, false].into_iter().enumerate() {
+        let domid = DomId(75 + n as u16);
+        let img = image(s.dir.path(), &format!("async{n}.img"), DISK_BYTES);
+        let dev = loopdev::attach(&img, &LoopOptions::default()).unwrap();
+        let disk = FileDisk::from_opened(open_by_diskseq(dev.id, true).unwrap()).pinning(dev);
+        let b = s
+            .world
+            .serve_with(
+                domid,
+                DEVID,
+                "loop",
+                Arc::new(disk),
+                offer(EngineChoice::IoUring, true),
+            )
+            .await
+            .unwrap();
+        let opts = FrontOptions {
+            persistent,
+            ..FrontOptions::default()
+        };
+        let front = Arc::new(s.front(&b, domid, &opts).await);
+        let extents = scatter(&front, 40 + n).await;
+        // A flush (`IOSQE_IO_DRAIN`: it waits for everything submitted
+        // before it, the sleep's own polls of the event channel and the
+        // stop signal included, unless they are cancelled first), then I/O
+        // again behind it.
+        tokio::time::timeout(Duration::from_secs(10), front.flush())
+            .await
+            .expect("the flush was never answered")
+            .unwrap();
+        let again = pattern(50 + n, 64 << 10);
+        front.write(8192, &again).await.unwrap();
+        let ends = finish(b).await;
+        let left: u64 = ends.iter().map(|(_, s)| s.sleep_submits).sum();
+        assert!(
+            left > 0,
+            "persistent {persistent}: no pass left its I/O to the sleep"
+        );
+        assert_on_file(&img, &extents);
+        assert_on_file(&img, &[(8192, again)]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discarded_ranges_read_back_as_zeroes_on_files_and_block_devices() {
     if !tier::need(Tier::Loop) {

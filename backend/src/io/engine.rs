@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -198,11 +199,55 @@ impl Engine {
         }
     }
 
+    /// Whether [`Engine::sleep`] also submits what is queued (io_uring): a
+    /// caller about to sleep can leave its pass's I/O to that one call.
+    pub fn submits_in_sleep(&self) -> bool {
+        matches!(self, Engine::Uring(_))
+    }
+
+    /// Operations queued and not yet handed to the kernel.
+    pub fn queued(&self) -> usize {
+        match self {
+            Engine::Uring(u) => u.queued(),
+            _ => 0,
+        }
+    }
+
+    /// Whether a pass should submit its queued I/O itself even so (see
+    /// [`UringEngine::submit_in_pass`]); true for the engines whose sleep
+    /// does not submit.
+    pub fn submit_in_pass(&mut self) -> bool {
+        match self {
+            Engine::Uring(u) => u.submit_in_pass(),
+            _ => true,
+        }
+    }
+
+    /// Sleeps until `fds[i]` (`-1`: none) polls readable, a completion may
+    /// be reaped (while I/O is in flight), or `timeout` (`None`: no limit);
+    /// says which of `fds` were readable. io_uring submits what is queued
+    /// and waits in one `io_uring_enter` (see [`UringEngine::sleep`]); the
+    /// other engines wait in `poll(2)` on `fds` and their own descriptors.
+    pub fn sleep(&mut self, fds: [RawFd; 2], timeout: Option<Duration>) -> io::Result<[bool; 2]> {
+        if let Engine::Uring(u) = self {
+            return u.sleep(fds, timeout);
+        }
+        let mut all = [-1; super::wait::MAX_FDS];
+        all[..2].copy_from_slice(&fds);
+        if self.in_flight() > 0 {
+            let [a, b] = self.fds();
+            all[2] = a.unwrap_or(-1);
+            all[3] = b.unwrap_or(-1);
+        }
+        let ready = super::wait::readable(&all, timeout)?;
+        Ok([ready[0], ready[1]])
+    }
+
     /// The descriptors that poll readable when [`Engine::reap`] may have
     /// something (io_uring: its ring, and the side thread's doorbell; the
     /// blocking engine: its worker's doorbell; scripted: none, the owner
     /// completes its operations).
-    pub fn fds(&self) -> [Option<std::os::fd::RawFd>; 2] {
+    pub fn fds(&self) -> [Option<RawFd>; 2] {
         match self {
             Engine::Uring(u) => u.fds(),
             Engine::Threads(t) => [Some(t.bell.fd()), None],

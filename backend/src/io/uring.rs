@@ -10,8 +10,10 @@
 //! with `IORING_OP_FALLOCATE`; `BLKDISCARD` has no io_uring opcode on the
 //! kernels we support, so block-device discards go to a side worker thread.
 //!
-//! The thread serving the ring sleeps on the io_uring descriptor (it is
-//! readable while completions wait) together with the event channel.
+//! The thread serving the ring sleeps in `io_uring_enter` itself
+//! ([`UringEngine::sleep`]): the event channel and the stop signal are polled
+//! by the same ring (`IORING_OP_POLL_ADD`), so one system call submits the
+//! pass's I/O and waits for whichever comes first, a completion or a kick.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -28,6 +30,15 @@ use super::{DiscardKind, Disk, UringTarget};
 
 /// Submission queue entries per ring (the completion queue is twice that).
 const ENTRIES: u32 = 256;
+/// Descriptors a sleep polls in the ring: the two of [`UringEngine::sleep`]'s
+/// caller, and the side thread's doorbell.
+const POLLED: usize = 3;
+/// `user_data` of the poll on descriptor `i` of a sleep: `POLL_KEY + i`, far
+/// above any flight's key (a slot index, bounded by what is in flight) and
+/// below the cancels' `u64::MAX`.
+const POLL_KEY: u64 = u64::MAX - 1 - POLLED as u64;
+/// `user_data` of a cancel (its completion is nobody's).
+const CANCEL_KEY: u64 = u64::MAX;
 /// How long a torn-down ring waits, in place, for cancelled I/O; past this
 /// (a hung disk) the ring, its buffers and the disk go to a reaper thread
 /// that frees them when the kernel finally completes the I/O, so closing the
@@ -113,6 +124,20 @@ pub struct UringEngine {
     unsubmitted: usize,
     done: Vec<IoDone>,
     side: Option<ThreadEngine>,
+    /// The descriptor each sleep slot's poll is armed on (one-shot: until
+    /// its completion is seen).
+    armed: [Option<RawFd>; POLLED],
+    /// Slots whose poll completed since the last sleep said so.
+    fired: [bool; POLLED],
+    /// The last submission made in a pass found completions on return
+    /// (page-cache hits, a RAM disk): see [`UringEngine::submit_in_pass`].
+    completes_inline: bool,
+    /// Passes that left their I/O to the sleep since the last look at
+    /// whether the disk completes inline.
+    deferred: u32,
+    /// The key of the last `IOSQE_IO_DRAIN` entry (a flush) until it
+    /// completes: meanwhile a sleep arms no poll, which would wait for it.
+    drain_key: Option<u64>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -169,6 +194,11 @@ impl UringEngine {
             unsubmitted: 0,
             done: Vec::new(),
             side: None,
+            armed: [None; POLLED],
+            fired: [false; POLLED],
+            completes_inline: true,
+            deferred: 0,
+            drain_key: None,
         })
     }
 
@@ -332,7 +362,17 @@ impl UringEngine {
             self.done.push(IoDone::failed(op, unsupported));
             return;
         }
+        if op.drain {
+            // `IOSQE_IO_DRAIN` waits for every entry submitted before it,
+            // the sleep's polls too (which complete only with a kick or a
+            // stop): they go first, and are not armed again until it is
+            // done (see `sleep`).
+            self.disarm();
+        }
         let ud = self.flights.reserve();
+        if op.drain {
+            self.drain_key = Some(ud);
+        }
         let mut iov = Vec::new();
         let entry = match self.entry(&op, ud, &mut iov) {
             Ok(e) => e,
@@ -349,7 +389,7 @@ impl UringEngine {
         // `ud` is reaped; a torn-down engine hands `flights` to a reaper.
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             // The submission queue is full: hand it to the kernel first.
-            self.submit();
+            self.submit_queued();
         }
         self.flights.fill(
             ud,
@@ -363,8 +403,50 @@ impl UringEngine {
         self.unsubmitted += 1;
     }
 
+    /// Operations pushed and not yet submitted.
+    pub fn queued(&self) -> usize {
+        self.unsubmitted
+    }
+
+    /// Passes that leave their I/O to the sleep between two that submit
+    /// it themselves, to see whether the disk completes inline.
+    const PROBE_EVERY: u32 = 64;
+
+    /// Whether a pass should submit its I/O itself rather than leave it to
+    /// the sleep that follows (whose `io_uring_enter` submits and waits in
+    /// one call, one system call fewer per I/O). Leaving it pays where the
+    /// disk completes asynchronously (a real disk, a loop device); where it
+    /// completes inline (the page cache, a RAM disk) the answers would go
+    /// out a pass later, after the ring has asked the guest for a kick it
+    /// then sends for every request: such a disk is submitted to in the
+    /// pass. Which one the disk is, is seen at each submission made in a
+    /// pass, and looked at again every [`Self::PROBE_EVERY`] passes.
+    pub fn submit_in_pass(&mut self) -> bool {
+        if self.unsubmitted == 0 {
+            return false;
+        }
+        if self.completes_inline {
+            return true;
+        }
+        self.deferred += 1;
+        if self.deferred >= Self::PROBE_EVERY {
+            self.deferred = 0;
+            return true;
+        }
+        false
+    }
+
     /// Submits everything queued, in one system call when it can.
     pub fn submit(&mut self) {
+        if self.unsubmitted > 0 {
+            self.submit_queued();
+            // Completions there already (or from before: either way the
+            // pass has answers to give) mean inline completion.
+            self.completes_inline = !self.ring.completion().is_empty();
+        }
+    }
+
+    fn submit_queued(&mut self) {
         while self.unsubmitted > 0 {
             match self.ring.submit() {
                 Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n.max(1)),
@@ -416,8 +498,31 @@ impl UringEngine {
     /// Moves the completions available now into `out`.
     pub fn reap(&mut self, out: &mut Vec<IoDone>) {
         out.append(&mut self.done);
+        self.take_cqes(out);
+        if let Some(s) = &mut self.side {
+            s.reap(out);
+        }
+    }
+
+    /// Empties the completion queue: the I/O's completions into `out`, the
+    /// sleep polls' into [`UringEngine::fired`].
+    fn take_cqes(&mut self, out: &mut Vec<IoDone>) {
         for cqe in self.ring.completion() {
-            let Some(f) = self.flights.remove(cqe.user_data()) else {
+            let ud = cqe.user_data();
+            if let Some(i) = ud
+                .checked_sub(POLL_KEY)
+                .filter(|&i| i < POLLED as u64)
+                .map(|i| i as usize)
+            {
+                // Fired, or cancelled: either way no longer armed.
+                self.armed[i] = None;
+                self.fired[i] = true;
+                continue;
+            }
+            if self.drain_key == Some(ud) {
+                self.drain_key = None;
+            }
+            let Some(f) = self.flights.remove(ud) else {
                 continue;
             };
             let r = cqe.result();
@@ -432,9 +537,84 @@ impl UringEngine {
                 guest: f.guest,
             });
         }
-        if let Some(s) = &mut self.side {
-            s.reap(out);
+    }
+
+    /// Submits what is queued and sleeps in that same `io_uring_enter`
+    /// until a completion, one of `fds` polling readable (`-1`: none), or
+    /// `timeout`; says which of `fds` did. The descriptors are polled by the
+    /// ring itself (one-shot polls, armed again by the next sleep after
+    /// they fire), so a ring's thread makes one system call to start its
+    /// pass's I/O and wait, instead of a submit and a `poll(2)`.
+    pub fn sleep(&mut self, fds: [RawFd; 2], timeout: Option<Duration>) -> io::Result<[bool; 2]> {
+        if self.drain_key.is_some() {
+            // A poll armed now would start only after the flush: sleep in
+            // `poll(2)` on the ring's descriptor and `fds` until it is done.
+            self.submit_queued();
+            let mut all = [-1; super::wait::MAX_FDS];
+            all[..2].copy_from_slice(&fds);
+            let [ring, side] = self.fds();
+            all[2] = ring.unwrap_or(-1);
+            all[3] = side.unwrap_or(-1);
+            let ready = super::wait::readable(&all, timeout)?;
+            return Ok([ready[0], ready[1]]);
         }
+        let side = self
+            .side
+            .as_ref()
+            .filter(|s| s.in_flight > 0)
+            .map_or(-1, |s| s.bell.fd());
+        let want = [fds[0], fds[1], side];
+        for (i, &fd) in want.iter().enumerate() {
+            if fd < 0 || self.fired[i] || self.armed[i] == Some(fd) {
+                continue;
+            }
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(POLL_KEY + i as u64);
+            // SAFETY: a poll entry carries no buffer; the descriptor is
+            // the caller's and outlives the poll (see `Drop`, which cancels
+            // what is still armed before the engine goes).
+            while unsafe { self.ring.submission().push(&poll) }.is_err() {
+                self.submit_queued();
+            }
+            self.unsubmitted += 1;
+            self.armed[i] = Some(fd);
+        }
+        let mut done = std::mem::take(&mut self.done);
+        self.take_cqes(&mut done);
+        let ready = |fired: &[bool; POLLED]| fired.iter().zip(&want).any(|(&f, &fd)| f && fd >= 0);
+        let wait = usize::from(done.is_empty() && !ready(&self.fired));
+        let r = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(wait, &args)
+            }
+            None => self.ring.submitter().submit_and_wait(wait),
+        };
+        match r {
+            Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
+            // The time passed, a signal, or completions to reap before more
+            // can go in (they are, below; what is queued goes next time).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) => {}
+            Err(e) => {
+                self.done = done;
+                return Err(e);
+            }
+        }
+        self.take_cqes(&mut done);
+        self.done = done;
+        let mut out = [false; 2];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = want[i] >= 0 && std::mem::take(&mut self.fired[i]);
+        }
+        // The side thread's doorbell: its completions are found by reaping.
+        self.fired[2] = false;
+        Ok(out)
     }
 
     /// What polls readable when [`UringEngine::reap`] may have something:
@@ -447,18 +627,52 @@ impl UringEngine {
     }
 }
 
+impl UringEngine {
+    /// Cancels the sleep polls still armed and waits (bounded) for the
+    /// kernel to let go of them: a poll holds its descriptor open, and an
+    /// event channel must be unbound when its owner closes it (the next
+    /// daemon binds the guest's port again).
+    fn disarm(&mut self) {
+        for i in 0..POLLED {
+            if self.armed[i].is_none() {
+                continue;
+            }
+            let remove = opcode::PollRemove::new(POLL_KEY + i as u64)
+                .build()
+                .user_data(CANCEL_KEY);
+            // SAFETY: a cancel entry carries no buffer.
+            while unsafe { self.ring.submission().push(&remove) }.is_err() {
+                self.submit_queued();
+            }
+            self.unsubmitted += 1;
+        }
+        let deadline = Instant::now() + TEARDOWN;
+        let mut done = std::mem::take(&mut self.done);
+        while self.armed.iter().any(Option::is_some) && Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Ok(n) = self.ring.submitter().submit_with_args(1, &args) {
+                self.unsubmitted = self.unsubmitted.saturating_sub(n);
+            }
+            self.take_cqes(&mut done);
+        }
+        self.done = done;
+    }
+}
+
 impl Drop for UringEngine {
     fn drop(&mut self) {
+        self.disarm();
         if self.flights.is_empty() {
             return;
         }
         // Cancel what is in flight and wait for the kernel to let go of the
         // buffers; if it will not (a hung disk), leak the pool rather than
         // free memory a late completion could still write.
-        self.submit();
+        self.submit_queued();
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
-            .user_data(u64::MAX);
+            .user_data(CANCEL_KEY);
         // SAFETY: a cancel entry carries no buffer.
         if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
             let _ = self.ring.submit();
@@ -666,7 +880,124 @@ pub fn raw_run(
 
 #[cfg(test)]
 mod tests {
-    use super::{Flight, Flights};
+    use super::{Flight, Flights, UringEngine};
+    use crate::io::op::{IoKind, IoOp};
+    use crate::io::pool::BouncePool;
+    use crate::io::FileDisk;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    fn engine() -> (UringEngine, Arc<BouncePool>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let disk = Arc::new(FileDisk::open_file(&path, false).unwrap());
+        let pool = Arc::new(BouncePool::new(4).unwrap());
+        (
+            UringEngine::new(disk, pool.clone(), false).unwrap(),
+            pool,
+            dir,
+        )
+    }
+
+    #[test]
+    fn a_sleep_submits_and_wakes_for_a_completion_a_descriptor_or_its_time() {
+        let (mut e, pool, _dir) = engine();
+        let (r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fds = [r.as_raw_fd(), -1];
+        // Nothing readable, nothing in flight: the time ends it.
+        let t = Instant::now();
+        assert_eq!(
+            e.sleep(fds, Some(Duration::from_millis(30))).unwrap(),
+            [false; 2]
+        );
+        assert!(t.elapsed() >= Duration::from_millis(25), "woke early");
+        // A read pushed and not submitted: the sleep submits it and wakes
+        // for its completion, not for its time.
+        e.push(IoOp {
+            tag: 5,
+            kind: IoKind::Read,
+            off: 4096,
+            len: 4096,
+            buf: pool.alloc(4096),
+            guest: None,
+            buf_off: 0,
+            drain: false,
+        });
+        let t = Instant::now();
+        assert_eq!(
+            e.sleep(fds, Some(Duration::from_secs(5))).unwrap(),
+            [false; 2]
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the read was not submitted"
+        );
+        assert!(e.has_completions());
+        let mut out = Vec::new();
+        e.reap(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].tag, out[0].result.as_ref().ok()), (5, Some(&4096)));
+        assert!(pool
+            .slice(out[0].buf.as_ref().unwrap())
+            .iter()
+            .all(|&b| b == 7));
+        pool.free(out.remove(0).buf.unwrap());
+        // The descriptor turns readable while the sleep waits: it says so,
+        // and once more after it is read only if it is readable again.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w.write_all(b"k").unwrap();
+            w
+        });
+        assert_eq!(e.sleep(fds, None).unwrap(), [true, false]);
+        let mut w = writer.join().unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(std::io::Read::read(&mut (&r), &mut buf).unwrap(), 1);
+        assert_eq!(
+            e.sleep(fds, Some(Duration::from_millis(10))).unwrap(),
+            [false; 2]
+        );
+        w.write_all(b"k").unwrap();
+        assert_eq!(
+            e.sleep(fds, Some(Duration::from_secs(5))).unwrap(),
+            [true, false]
+        );
+    }
+
+    #[test]
+    fn a_disarmed_engine_lets_go_of_the_descriptors_it_polled() {
+        // An event channel is unbound when its descriptor's last reference
+        // goes, and a poll armed in the ring holds one. Closing a ring
+        // cancels its polls, but a ring whose I/O hangs at teardown lives on
+        // in a reaper: its polls must be gone before, or the guest's port
+        // stays bound and the next daemon cannot bind it again.
+        let (mut e, _pool, _dir) = engine();
+        let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(
+            e.sleep([r.as_raw_fd(), -1], Some(Duration::from_millis(1)))
+                .unwrap(),
+            [false; 2]
+        );
+        drop(r);
+        // The armed poll holds the other end: no hang-up (which a write
+        // would not show: it would fire the poll and end it).
+        let hung_up =
+            || crate::io::wait::readable(&[w.as_raw_fd()], Some(Duration::ZERO)).unwrap()[0];
+        assert!(!hung_up(), "the poll did not hold the descriptor");
+        e.disarm();
+        assert!(hung_up(), "the disarmed poll still holds the descriptor");
+        // And the next sleep arms its polls again.
+        let (r2, mut w2) = std::os::unix::net::UnixStream::pair().unwrap();
+        w2.write_all(b"k").unwrap();
+        assert_eq!(
+            e.sleep([-1, r2.as_raw_fd()], Some(Duration::from_secs(5)))
+                .unwrap(),
+            [false, true]
+        );
+    }
 
     fn flight(tag: u64) -> Flight {
         Flight {

@@ -1,4 +1,5 @@
-//! Where a queue's thread sleeps: `poll(2)` on its few descriptors at once
+//! Where a queue's thread sleeps when its engine is not io_uring (which
+//! sleeps in `io_uring_enter`): `poll(2)` on its few descriptors at once
 //! (the event channel, the engine's completions, the stop signal), and
 //! [`Doorbell`], a descriptor one thread rings for another.
 #![allow(unsafe_code)]

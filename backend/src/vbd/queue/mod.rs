@@ -154,6 +154,9 @@ pub struct Queue<G, E, D> {
     share: Option<(Arc<crate::vbd::share::VbdShare>, u32)>,
     /// Completions being handled (kept to reuse its allocation).
     reaped: Vec<IoDone>,
+    /// A pass leaves its I/O queued for the serving loop (which submits it
+    /// as it sleeps, or before the next pass) instead of submitting it.
+    defer_submit: bool,
 }
 
 /// What a queue is made of (see [`Queue::new`]).
@@ -220,6 +223,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             published_at: std::time::Instant::now(),
             share: None,
             reaped: Vec::new(),
+            defer_submit: false,
         }
     }
 
@@ -329,7 +333,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         self.completed = 0;
         loop {
             self.start_waiting();
-            self.engine.submit();
+            if !self.defer_submit || self.engine.submit_in_pass() {
+                self.engine.submit();
+            }
             let completed = self.complete();
             self.completed += completed;
             if completed == 0 || !self.has_waiting() {
@@ -337,7 +343,9 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             }
         }
         // What the completions resubmitted (the rest of a short transfer).
-        self.engine.submit();
+        if !self.defer_submit || self.engine.submit_in_pass() {
+            self.engine.submit();
+        }
     }
 
     fn has_waiting(&self) -> bool {

@@ -84,11 +84,6 @@ impl StopSignal {
         })
     }
 
-    /// One that is never given (what a drain waits with).
-    pub(super) fn never() -> std::io::Result<StopSignal> {
-        StopSignal::new()
-    }
-
     /// Another handle on the same signal.
     pub fn try_clone(&self) -> std::io::Result<StopSignal> {
         Ok(StopSignal {
@@ -152,10 +147,15 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
 
     /// Serves until stopped or halted, on the calling thread (a queue has
     /// one of its own: the data plane never waits behind the control
-    /// plane's runtime). Between passes it sleeps once, in one `poll(2)` on
-    /// the event channel, the engine's completions and `stop`.
+    /// plane's runtime). Between passes it sleeps once, on the event
+    /// channel, the engine's completions and `stop` together (see
+    /// [`crate::io::engine::Engine::sleep`]).
     pub fn serve(mut self, stop: &StopSignal) -> (QueueEnd, QueueStats) {
+        // A pass that ends in a sleep leaves its I/O to the sleep's system
+        // call; one that goes straight on to the next submits it here.
+        self.defer_submit = self.engine.submits_in_sleep();
         loop {
+            self.engine.submit();
             if stop.is_stopped() {
                 self.drain();
                 self.leave_share();
@@ -199,10 +199,13 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             let listen = self.halt.is_none();
             // Idle: what it counted is there for `blkbackd status` now.
             self.publish_counters(self.engine.in_flight() == 0);
+            if self.engine.queued() > 0 {
+                self.stats.sleep_submits += 1;
+            }
             let asleep = std::time::Instant::now();
             // Requests held by the I/O limits are started when they allow.
             let wake = (self.throttled_until).map(|t| t.saturating_duration_since(asleep));
-            match self.sleep(listen, stop, wake) {
+            match self.sleep(listen, Some(stop), wake) {
                 Ok(Woke { kick, io }) => {
                     if kick {
                         self.stats.kicks += 1;
@@ -225,36 +228,31 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     }
 
     /// Sleeps until a kick (if `listen`), a completion (if I/O is in
-    /// flight), `stop`, or `timeout`; says which of the first two came.
+    /// flight), `stop`, or `timeout`; says which of the first two came. The
+    /// engine sleeps (io_uring: in the same system call that submits the
+    /// pass's I/O).
     pub(super) fn sleep(
         &mut self,
         listen: bool,
-        stop: &StopSignal,
+        stop: Option<&StopSignal>,
         timeout: Option<Duration>,
     ) -> std::io::Result<Woke> {
-        let mut fds = [-1; crate::io::wait::MAX_FDS];
-        fds[0] = stop.fd();
         let ev_fd = if listen { self.ev.fd() } else { None };
-        fds[1] = ev_fd.unwrap_or(-1);
-        if self.engine.in_flight() > 0 {
-            let [a, b] = self.engine.fds();
-            fds[2] = a.unwrap_or(-1);
-            fds[3] = b.unwrap_or(-1);
-        }
         // A channel without a descriptor (tests' fakes) is looked at every
         // millisecond instead.
         let timeout = match (listen, ev_fd) {
             (true, None) => Some(timeout.map_or(STORM_DELAY, |t| t.min(STORM_DELAY))),
             _ => timeout,
         };
-        let ready = crate::io::wait::readable(&fds, timeout)?;
+        let fds = [stop.map_or(-1, StopSignal::fd), ev_fd.unwrap_or(-1)];
+        let ready = self.engine.sleep(fds, timeout)?;
         // Read the channel only when it polled readable (or has no
         // descriptor): a wake-up for a completion costs no read that would
         // only say EAGAIN.
         let kick = listen && (ev_fd.is_none() || ready[1]) && self.ev.take_kick()?;
         Ok(Woke {
             kick,
-            io: ready[2] || ready[3],
+            io: self.engine.in_flight() > 0 && self.engine.has_completions(),
         })
     }
 
@@ -268,7 +266,6 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         // What was taken is finished now, limits or not: the next daemon
         // starts after it.
         self.unthrottled = true;
-        let never = StopSignal::never();
         loop {
             self.advance();
             self.publish();
@@ -282,10 +279,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 return;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let woke = match &never {
-                Ok(never) if !left.is_zero() => self.sleep(false, never, Some(left)).is_ok(),
-                _ => false,
-            };
+            let woke = !left.is_zero() && self.sleep(false, None, Some(left)).is_ok();
             if !woke {
                 tracing::warn!(
                     domid = %self.domid,

@@ -54,6 +54,10 @@ pub struct QueueStats {
     /// Nanoseconds spent polling.
     #[serde(default)]
     pub poll_ns: u64,
+    /// Passes whose disk I/O the sleep after them submitted, in the
+    /// `io_uring_enter` that waits (a disk that completes asynchronously).
+    #[serde(default)]
+    pub sleep_submits: u64,
     /// Times a request waited for the vbd's I/O limits.
     #[serde(default)]
     pub throttled: u64,
