@@ -74,13 +74,25 @@ impl Sim {
         offer: Offer,
     ) -> (Served<FileDisk>, std::path::PathBuf) {
         let img = image(self.dir.path(), name, DISK_BYTES);
-        let disk = Arc::new(FileDisk::open_file(&img, false).unwrap());
-        let b = self
-            .world
-            .serve_with(DomId(domid), DEVID, "file", disk, offer)
+        let disk = FileDisk::open_file(&img, false).unwrap();
+        (
+            self.serve_disk(DomId(domid), "file", disk, offer).await,
+            img,
+        )
+    }
+
+    /// `disk` (a `kind` of disk, for the logs) served to `domid` with `offer`.
+    async fn serve_disk(
+        &self,
+        domid: DomId,
+        kind: &str,
+        disk: FileDisk,
+        offer: Offer,
+    ) -> Served<FileDisk> {
+        self.world
+            .serve_with(domid, DEVID, kind, Arc::new(disk), offer)
             .await
-            .unwrap();
-        (b, img)
+            .unwrap()
     }
 
     /// A blkfront in this process for the vbd `b` serves, asking for `opts`.
@@ -310,16 +322,8 @@ async fn io_left_to_the_sleep_on_an_asynchronous_disk_returns_the_guests_bytes()
         let dev = loopdev::attach(&img, &LoopOptions::default()).unwrap();
         let disk = FileDisk::from_opened(open_by_diskseq(dev.id, true).unwrap()).pinning(dev);
         let b = s
-            .world
-            .serve_with(
-                domid,
-                DEVID,
-                "loop",
-                Arc::new(disk),
-                offer(EngineChoice::IoUring, true),
-            )
-            .await
-            .unwrap();
+            .serve_disk(domid, "loop", disk, offer(EngineChoice::IoUring, true))
+            .await;
         let opts = FrontOptions {
             persistent,
             ..FrontOptions::default()
@@ -420,16 +424,8 @@ async fn a_4096_byte_sector_disk_is_served_in_whole_sectors() {
     assert_eq!(disk.logical_block_size(), 4096);
     assert!(disk.has_direct());
     let b = s
-        .world
-        .serve_with(
-            DomId(90),
-            DEVID,
-            "4k",
-            Arc::new(disk),
-            offer(EngineChoice::IoUring, true),
-        )
-        .await
-        .unwrap();
+        .serve_disk(DomId(90), "4k", disk, offer(EngineChoice::IoUring, true))
+        .await;
     let front = s.front(&b, DomId(90), &FrontOptions::default()).await;
     assert_eq!(front.sector_size, 4096);
     let pss = format!("{}/physical-sector-size", b.paths.backend);
