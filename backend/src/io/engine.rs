@@ -232,15 +232,12 @@ impl Engine {
         if let Engine::Uring(u) = self {
             return u.sleep(fds, timeout);
         }
-        let mut all = [-1; super::wait::MAX_FDS];
-        all[..2].copy_from_slice(&fds);
-        if self.in_flight() > 0 {
-            let [a, b] = self.fds();
-            all[2] = a.unwrap_or(-1);
-            all[3] = b.unwrap_or(-1);
-        }
-        let ready = super::wait::readable(&all, timeout)?;
-        Ok([ready[0], ready[1]])
+        let own = if self.in_flight() > 0 {
+            self.fds()
+        } else {
+            [None, None]
+        };
+        super::wait::readable_with(fds, own, timeout)
     }
 
     /// The descriptors that poll readable when [`Engine::reap`] may have

@@ -550,13 +550,7 @@ impl UringEngine {
             // A poll armed now would start only after the flush: sleep in
             // `poll(2)` on the ring's descriptor and `fds` until it is done.
             self.submit_queued();
-            let mut all = [-1; super::wait::MAX_FDS];
-            all[..2].copy_from_slice(&fds);
-            let [ring, side] = self.fds();
-            all[2] = ring.unwrap_or(-1);
-            all[3] = side.unwrap_or(-1);
-            let ready = super::wait::readable(&all, timeout)?;
-            return Ok([ready[0], ready[1]]);
+            return super::wait::readable_with(fds, self.fds(), timeout);
         }
         let side = self
             .side
@@ -625,9 +619,7 @@ impl UringEngine {
             self.side.as_ref().map(|s| s.bell.fd()),
         ]
     }
-}
 
-impl UringEngine {
     /// Cancels the sleep polls still armed and waits (bounded) for the
     /// kernel to let go of them: a poll holds its descriptor open, and an
     /// event channel must be unbound when its owner closes it (the next

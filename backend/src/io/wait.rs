@@ -49,6 +49,19 @@ pub fn readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<[bool; M
     Ok(out)
 }
 
+/// [`readable`] on a sleep's two descriptors (`-1`: none) and an engine's
+/// own (what polls readable when it has completions); says which of the
+/// two were readable.
+pub fn readable_with(
+    fds: [RawFd; 2],
+    own: [Option<RawFd>; 2],
+    timeout: Option<Duration>,
+) -> io::Result<[bool; 2]> {
+    let all = [fds[0], fds[1], own[0].unwrap_or(-1), own[1].unwrap_or(-1)];
+    let ready = readable(&all, timeout)?;
+    Ok([ready[0], ready[1]])
+}
+
 /// A descriptor that turns readable when rung and stays so until
 /// [`Doorbell::clear`]: how another thread wakes one sleeping in
 /// [`readable`] (a completion of the blocking engine's worker, a stop).
