@@ -38,6 +38,44 @@ pub enum EngineChoice {
     Blocking,
 }
 
+/// What a queue's thread sleeps on (see [`Engine::sleep`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SleepOn {
+    /// Polled readable: the stop doorbell and the event channel (`-1`:
+    /// none).
+    pub fds: [RawFd; 2],
+    /// The engine may read the event channel (`fds[1]`) itself: io_uring
+    /// reads it in the ring instead of polling it, so the kick is consumed
+    /// by the system call that sleeps, and says so with [`Ready::Read`].
+    pub read_ev: bool,
+    /// Written to the event channel before the sleep, in its own system
+    /// call: the unmask (only where [`Engine::carries_channel`]).
+    pub unmask: Option<[u8; 4]>,
+}
+
+/// What a sleep found on one of its descriptors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ready {
+    /// Nothing.
+    #[default]
+    No,
+    /// It polls readable (or its read failed): the caller reads it.
+    Readable,
+    /// The engine read a kick from it: there is nothing left to read.
+    Read,
+}
+
+impl Ready {
+    /// A `poll(2)` result.
+    pub fn polled(readable: bool) -> Ready {
+        if readable {
+            Ready::Readable
+        } else {
+            Ready::No
+        }
+    }
+}
+
 /// Whether this kernel lets us use io_uring (probed once, logged once).
 pub fn uring_available() -> bool {
     static PROBE: OnceLock<bool> = OnceLock::new();
@@ -223,21 +261,44 @@ impl Engine {
         }
     }
 
-    /// Sleeps until `fds[i]` (`-1`: none) polls readable, a completion may
+    /// Whether [`Engine::sleep`] can carry an event channel's unmask
+    /// ([`SleepOn::unmask`]) and read its kicks itself (io_uring).
+    pub fn carries_channel(&self) -> bool {
+        matches!(self, Engine::Uring(_))
+    }
+
+    /// Sleeps until one of `on.fds` (`-1`: none) is ready, a completion may
     /// be reaped (while I/O is in flight), or `timeout` (`None`: no limit);
-    /// says which of `fds` were readable. io_uring submits what is queued
-    /// and waits in one `io_uring_enter` (see [`UringEngine::sleep`]); the
-    /// other engines wait in `poll(2)` on `fds` and their own descriptors.
-    pub fn sleep(&mut self, fds: [RawFd; 2], timeout: Option<Duration>) -> io::Result<[bool; 2]> {
+    /// says which of `on.fds` were. io_uring submits what is queued, writes
+    /// the unmask, reads the event channel and waits in one `io_uring_enter`
+    /// (see [`UringEngine::sleep`]); the other engines wait in `poll(2)` on
+    /// `on.fds` and their own descriptors, and carry no unmask (an error).
+    pub fn sleep(&mut self, on: SleepOn, timeout: Option<Duration>) -> io::Result<[Ready; 2]> {
         if let Engine::Uring(u) = self {
-            return u.sleep(fds, timeout);
+            return u.sleep(on, timeout);
+        }
+        if on.unmask.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only the io_uring engine carries an event channel's unmask",
+            ));
         }
         let own = if self.in_flight() > 0 {
             self.fds()
         } else {
             [None, None]
         };
-        super::wait::readable_with(fds, own, timeout)
+        let ready = super::wait::readable_with(on.fds, own, timeout)?;
+        Ok(ready.map(Ready::polled))
+    }
+
+    /// The first failure of an unmask the engine carried since the last
+    /// call (the channel stays masked: the caller says so).
+    pub fn take_unmask_error(&mut self) -> Option<io::Error> {
+        match self {
+            Engine::Uring(u) => u.take_unmask_error(),
+            _ => None,
+        }
     }
 
     /// The descriptors that poll readable when [`Engine::reap`] may have

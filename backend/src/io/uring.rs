@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::engine::{Ready, SleepOn};
 use super::op::{GuestBufs, IoDone, IoKind, IoOp};
 use super::pool::{BouncePool, Buf};
 use super::thread::ThreadEngine;
@@ -33,12 +34,17 @@ const ENTRIES: u32 = 256;
 /// Descriptors a sleep polls in the ring: the two of [`UringEngine::sleep`]'s
 /// caller, and the side thread's doorbell.
 const POLLED: usize = 3;
-/// `user_data` of the poll on descriptor `i` of a sleep: `POLL_KEY + i`, far
-/// above any flight's key (a slot index, bounded by what is in flight) and
-/// below the cancels' `u64::MAX`.
-const POLL_KEY: u64 = u64::MAX - 1 - POLLED as u64;
+/// `user_data` of the poll (or the event channel's read) on descriptor `i`
+/// of a sleep: `POLL_KEY + i`, far above any flight's key (a slot index,
+/// bounded by what is in flight) and below the unmask's and the cancels'.
+const POLL_KEY: u64 = UNMASK_KEY - POLLED as u64;
+/// `user_data` of an event channel's unmask written by the ring.
+const UNMASK_KEY: u64 = u64::MAX - 1;
 /// `user_data` of a cancel (its completion is nobody's).
 const CANCEL_KEY: u64 = u64::MAX;
+/// Bytes a read of the event channel takes at most (the driver hands over
+/// whole 4-byte ports; a channel's descriptor has only its own).
+const EV_BUF: usize = 64;
 /// How long a torn-down ring waits, in place, for cancelled I/O; past this
 /// (a hung disk) the ring, its buffers and the disk go to a reaper thread
 /// that frees them when the kernel finally completes the I/O, so closing the
@@ -124,11 +130,24 @@ pub struct UringEngine {
     unsubmitted: usize,
     done: Vec<IoDone>,
     side: Option<ThreadEngine>,
-    /// The descriptor each sleep slot's poll is armed on (one-shot: until
-    /// its completion is seen).
-    armed: [Option<RawFd>; POLLED],
-    /// Slots whose poll completed since the last sleep said so.
-    fired: [bool; POLLED],
+    /// The descriptor each sleep slot's poll (or read) is armed on
+    /// (one-shot: until its completion is seen), and whether it reads.
+    armed: [Option<(RawFd, bool)>; POLLED],
+    /// What each slot's entry found since the last sleep said so.
+    fired: [Ready; POLLED],
+    /// Where the ring reads the event channel (on the heap: the kernel
+    /// writes it after the entry went in, wherever the engine has moved).
+    ev_buf: Box<[u8; EV_BUF]>,
+    /// The unmask's bytes (the channel's port, the same for every write):
+    /// the kernel reads them after the entry went in.
+    unmask_buf: Option<Box<[u8; 4]>>,
+    /// Unmask writes the kernel has not completed.
+    unmasks: u32,
+    /// An unmask is queued and not yet submitted: its completion (inline,
+    /// at submission) must not end the sleep that submits it.
+    unmask_queued: bool,
+    /// The first unmask that failed since the caller last asked.
+    unmask_err: Option<io::Error>,
     /// The last submission made in a pass found completions on return
     /// (page-cache hits, a RAM disk): see [`UringEngine::submit_in_pass`].
     completes_inline: bool,
@@ -195,7 +214,12 @@ impl UringEngine {
             done: Vec::new(),
             side: None,
             armed: [None; POLLED],
-            fired: [false; POLLED],
+            fired: [Ready::No; POLLED],
+            ev_buf: Box::new([0; EV_BUF]),
+            unmask_buf: None,
+            unmasks: 0,
+            unmask_queued: false,
+            unmask_err: None,
             completes_inline: true,
             deferred: 0,
             drain_key: None,
@@ -447,6 +471,7 @@ impl UringEngine {
     }
 
     fn submit_queued(&mut self) {
+        self.unmask_queued &= self.unsubmitted == 0;
         while self.unsubmitted > 0 {
             match self.ring.submit() {
                 Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n.max(1)),
@@ -515,8 +540,30 @@ impl UringEngine {
                 .map(|i| i as usize)
             {
                 // Fired, or cancelled: either way no longer armed.
-                self.armed[i] = None;
-                self.fired[i] = true;
+                let read = self.armed[i].take().is_some_and(|(_, read)| read);
+                let r = cqe.result();
+                let found = match (read, r) {
+                    // The channel's bytes: a kick, consumed.
+                    (true, 1..) => Ready::Read,
+                    // A read cancelled (by `disarm`) took nothing.
+                    (true, r) if r == -libc::ECANCELED => Ready::No,
+                    // A poll that fired or was cancelled, or a read that
+                    // failed: the caller looks for itself.
+                    _ => Ready::Readable,
+                };
+                self.fired[i] = self.fired[i].max(found);
+                continue;
+            }
+            if ud == UNMASK_KEY {
+                self.unmasks = self.unmasks.saturating_sub(1);
+                let r = cqe.result();
+                if r != 4 && self.unmask_err.is_none() {
+                    self.unmask_err = Some(if r < 0 {
+                        io::Error::from_raw_os_error(-r)
+                    } else {
+                        io::Error::from(io::ErrorKind::WriteZero)
+                    });
+                }
                 continue;
             }
             if self.drain_key == Some(ud) {
@@ -540,17 +587,34 @@ impl UringEngine {
     }
 
     /// Submits what is queued and sleeps in that same `io_uring_enter`
-    /// until a completion, one of `fds` polling readable (`-1`: none), or
-    /// `timeout`; says which of `fds` did. The descriptors are polled by the
-    /// ring itself (one-shot polls, armed again by the next sleep after
+    /// until a completion, one of `on.fds` ready (`-1`: none), or
+    /// `timeout`; says which of `on.fds` were. The descriptors are polled by
+    /// the ring itself (one-shot polls, armed again by the next sleep after
     /// they fire), so a ring's thread makes one system call to start its
-    /// pass's I/O and wait, instead of a submit and a `poll(2)`.
-    pub fn sleep(&mut self, fds: [RawFd; 2], timeout: Option<Duration>) -> io::Result<[bool; 2]> {
+    /// pass's I/O and wait, instead of a submit and a `poll(2)`. With
+    /// `on.read_ev` the event channel is read rather than polled (its kick
+    /// consumed in the kernel: [`Ready::Read`]), and `on.unmask` is written
+    /// to it in the same call: a kick then costs the thread no `read` and no
+    /// `write` of its own.
+    pub fn sleep(&mut self, on: SleepOn, timeout: Option<Duration>) -> io::Result<[Ready; 2]> {
+        let fds = on.fds;
         if self.drain_key.is_some() {
-            // A poll armed now would start only after the flush: sleep in
-            // `poll(2)` on the ring's descriptor and `fds` until it is done.
+            // An entry pushed now would start only after the flush: unmask
+            // here and sleep in `poll(2)` on the ring's descriptor and `fds`
+            // until it is done.
+            if let Some(bytes) = on.unmask {
+                self.unmask_now(fds[1], bytes);
+            }
             self.submit_queued();
-            return super::wait::readable_with(fds, self.fds(), timeout);
+            let polled = super::wait::readable_with(fds, self.fds(), timeout)?;
+            // A kick a read took before `disarm` cancelled it is still one.
+            let mut done = std::mem::take(&mut self.done);
+            self.take_cqes(&mut done);
+            self.done = done;
+            return Ok(self.tell(fds, polled.map(Ready::polled)));
+        }
+        if let Some(bytes) = on.unmask {
+            self.push_unmask(fds[1], bytes);
         }
         let side = self
             .side
@@ -558,26 +622,55 @@ impl UringEngine {
             .filter(|s| s.in_flight > 0)
             .map_or(-1, |s| s.bell.fd());
         let want = [fds[0], fds[1], side];
+        if want
+            .iter()
+            .zip(&self.armed)
+            .any(|(&fd, a)| fd >= 0 && a.is_some_and(|(a, _)| a != fd))
+        {
+            // A slot armed on another descriptor than this sleep's: its
+            // entry (and a read's buffer) goes first.
+            self.disarm();
+        }
         for (i, &fd) in want.iter().enumerate() {
-            if fd < 0 || self.fired[i] || self.armed[i] == Some(fd) {
+            if fd < 0 || self.fired[i] != Ready::No || self.armed[i].is_some_and(|(a, _)| a == fd) {
                 continue;
             }
-            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                .build()
-                .user_data(POLL_KEY + i as u64);
-            // SAFETY: a poll entry carries no buffer; the descriptor is
-            // the caller's and outlives the poll (see `Drop`, which cancels
-            // what is still armed before the engine goes).
-            while unsafe { self.ring.submission().push(&poll) }.is_err() {
+            let read = i == 1 && on.read_ev;
+            let entry = if read {
+                // Offset -1: the descriptor's own position (a stream).
+                opcode::Read::new(types::Fd(fd), self.ev_buf.as_mut_ptr(), EV_BUF as u32)
+                    .offset(u64::MAX)
+                    .build()
+            } else {
+                opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build()
+            }
+            .user_data(POLL_KEY + i as u64);
+            // SAFETY: a poll carries no buffer; a read's is `ev_buf`, on the
+            // heap and not touched by us until its completion is seen (or,
+            // if a teardown cannot see it, leaked: see `disarm`). The
+            // descriptor is the caller's and outlives the entry (`Drop`
+            // cancels what is still armed before the engine goes).
+            while unsafe { self.ring.submission().push(&entry) }.is_err() {
                 self.submit_queued();
             }
             self.unsubmitted += 1;
-            self.armed[i] = Some(fd);
+            self.armed[i] = Some((fd, read));
         }
         let mut done = std::mem::take(&mut self.done);
         self.take_cqes(&mut done);
-        let ready = |fired: &[bool; POLLED]| fired.iter().zip(&want).any(|(&f, &fd)| f && fd >= 0);
-        let wait = usize::from(done.is_empty() && !ready(&self.fired));
+        let ready = |fired: &[Ready; POLLED]| {
+            fired
+                .iter()
+                .zip(&want)
+                .any(|(&f, &fd)| f != Ready::No && fd >= 0)
+        };
+        // An unmask this call submits completes at once: wait for one more.
+        let unmask = usize::from(std::mem::take(&mut self.unmask_queued));
+        let wait = if done.is_empty() && !ready(&self.fired) {
+            1 + unmask
+        } else {
+            0
+        };
         let r = match timeout {
             Some(t) => {
                 let ts = types::Timespec::from(t);
@@ -602,13 +695,67 @@ impl UringEngine {
         }
         self.take_cqes(&mut done);
         self.done = done;
-        let mut out = [false; 2];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = want[i] >= 0 && std::mem::take(&mut self.fired[i]);
-        }
         // The side thread's doorbell: its completions are found by reaping.
-        self.fired[2] = false;
-        Ok(out)
+        self.fired[2] = Ready::No;
+        Ok(self.tell(fds, [Ready::No; 2]))
+    }
+
+    /// What a sleep on `fds` says: what their entries found (handed over
+    /// once), or else what `poll(2)` did.
+    fn tell(&mut self, fds: [RawFd; 2], polled: [Ready; 2]) -> [Ready; 2] {
+        let mut out = polled;
+        for (i, o) in out.iter_mut().enumerate() {
+            if fds[i] >= 0 {
+                *o = (*o).max(std::mem::take(&mut self.fired[i]));
+            }
+        }
+        out
+    }
+
+    /// Queues the event channel's unmask, `bytes` written to `fd` by the
+    /// ring (with the next submission).
+    fn push_unmask(&mut self, fd: RawFd, bytes: [u8; 4]) {
+        match &mut self.unmask_buf {
+            Some(b) if **b == bytes => {}
+            // Other bytes while a write of the old ones is out: that write
+            // still reads them.
+            Some(_) if self.unmasks > 0 => return self.unmask_now(fd, bytes),
+            slot => *slot = Some(Box::new(bytes)),
+        }
+        let Some(b) = &self.unmask_buf else { return };
+        let write = opcode::Write::new(types::Fd(fd), b.as_ptr(), 4)
+            .offset(u64::MAX)
+            .build()
+            .user_data(UNMASK_KEY);
+        // SAFETY: the bytes are on the heap, never changed while a write of
+        // them is out (`unmasks`), and leaked by a teardown that cannot see
+        // its completion (see `disarm`); the descriptor is the caller's.
+        while unsafe { self.ring.submission().push(&write) }.is_err() {
+            self.submit_queued();
+        }
+        self.unsubmitted += 1;
+        self.unmasks += 1;
+        self.unmask_queued = true;
+    }
+
+    /// Writes the unmask with a system call of its own (while a flush
+    /// drains, an entry would wait for it).
+    fn unmask_now(&mut self, fd: RawFd, bytes: [u8; 4]) {
+        // SAFETY: a write from a live 4-byte array to the caller's
+        // descriptor; the kernel keeps no reference.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), 4) };
+        if n != 4 && self.unmask_err.is_none() {
+            self.unmask_err = Some(if n < 0 {
+                io::Error::last_os_error()
+            } else {
+                io::Error::from(io::ErrorKind::WriteZero)
+            });
+        }
+    }
+
+    /// The first unmask failure since the last call.
+    pub fn take_unmask_error(&mut self) -> Option<io::Error> {
+        self.unmask_err.take()
     }
 
     /// What polls readable when [`UringEngine::reap`] may have something:
@@ -620,27 +767,31 @@ impl UringEngine {
         ]
     }
 
-    /// Cancels the sleep polls still armed and waits (bounded) for the
-    /// kernel to let go of them: a poll holds its descriptor open, and an
-    /// event channel must be unbound when its owner closes it (the next
-    /// daemon binds the guest's port again).
+    /// Cancels the sleep's polls and read still armed and waits (bounded)
+    /// for the kernel to let go of them: an entry holds its descriptor open,
+    /// and an event channel must be unbound when its owner closes it (the
+    /// next daemon binds the guest's port again). A read's buffer, and the
+    /// unmask's bytes, that the kernel may still use after that are leaked,
+    /// never freed under it.
     fn disarm(&mut self) {
         for i in 0..POLLED {
             if self.armed[i].is_none() {
                 continue;
             }
-            let remove = opcode::PollRemove::new(POLL_KEY + i as u64)
+            let cancel = opcode::AsyncCancel::new(POLL_KEY + i as u64)
                 .build()
                 .user_data(CANCEL_KEY);
             // SAFETY: a cancel entry carries no buffer.
-            while unsafe { self.ring.submission().push(&remove) }.is_err() {
+            while unsafe { self.ring.submission().push(&cancel) }.is_err() {
                 self.submit_queued();
             }
             self.unsubmitted += 1;
         }
         let deadline = Instant::now() + TEARDOWN;
         let mut done = std::mem::take(&mut self.done);
-        while self.armed.iter().any(Option::is_some) && Instant::now() < deadline {
+        while (self.armed.iter().any(Option::is_some) || self.unmasks > 0)
+            && Instant::now() < deadline
+        {
             let ts = types::Timespec::new().nsec(50_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             if let Ok(n) = self.ring.submitter().submit_with_args(1, &args) {
@@ -649,6 +800,16 @@ impl UringEngine {
             self.take_cqes(&mut done);
         }
         self.done = done;
+        if self.armed[1].is_some_and(|(_, read)| read) {
+            tracing::warn!("an event channel read outlived its cancel: leaking its buffer");
+            std::mem::forget(std::mem::replace(&mut self.ev_buf, Box::new([0; EV_BUF])));
+            self.armed[1] = None;
+        }
+        if self.unmasks > 0 {
+            tracing::warn!("an event channel unmask outlived the wait: leaking its bytes");
+            std::mem::forget(self.unmask_buf.take());
+            self.unmasks = 0;
+        }
     }
 }
 
@@ -873,6 +1034,7 @@ pub fn raw_run(
 #[cfg(test)]
 mod tests {
     use super::{Flight, Flights, UringEngine};
+    use crate::io::engine::{Ready, SleepOn};
     use crate::io::op::{IoKind, IoOp};
     use crate::io::pool::BouncePool;
     use crate::io::FileDisk;
@@ -880,6 +1042,15 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+
+    /// A sleep on `fds`, polled.
+    fn polled(fds: [i32; 2]) -> SleepOn {
+        SleepOn {
+            fds,
+            read_ev: false,
+            unmask: None,
+        }
+    }
 
     fn engine() -> (UringEngine, Arc<BouncePool>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -902,8 +1073,9 @@ mod tests {
         // Nothing readable, nothing in flight: the time ends it.
         let t = Instant::now();
         assert_eq!(
-            e.sleep(fds, Some(Duration::from_millis(30))).unwrap(),
-            [false; 2]
+            e.sleep(polled(fds), Some(Duration::from_millis(30)))
+                .unwrap(),
+            [Ready::No; 2]
         );
         assert!(t.elapsed() >= Duration::from_millis(25), "woke early");
         // A read pushed and not submitted: the sleep submits it and wakes
@@ -920,8 +1092,8 @@ mod tests {
         });
         let t = Instant::now();
         assert_eq!(
-            e.sleep(fds, Some(Duration::from_secs(5))).unwrap(),
-            [false; 2]
+            e.sleep(polled(fds), Some(Duration::from_secs(5))).unwrap(),
+            [Ready::No; 2]
         );
         assert!(
             t.elapsed() < Duration::from_secs(4),
@@ -944,51 +1116,175 @@ mod tests {
             w.write_all(b"k").unwrap();
             w
         });
-        assert_eq!(e.sleep(fds, None).unwrap(), [true, false]);
+        assert_eq!(
+            e.sleep(polled(fds), None).unwrap(),
+            [Ready::Readable, Ready::No]
+        );
         let mut w = writer.join().unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(std::io::Read::read(&mut (&r), &mut buf).unwrap(), 1);
         assert_eq!(
-            e.sleep(fds, Some(Duration::from_millis(10))).unwrap(),
-            [false; 2]
+            e.sleep(polled(fds), Some(Duration::from_millis(10)))
+                .unwrap(),
+            [Ready::No; 2]
         );
         w.write_all(b"k").unwrap();
         assert_eq!(
-            e.sleep(fds, Some(Duration::from_secs(5))).unwrap(),
-            [true, false]
+            e.sleep(polled(fds), Some(Duration::from_secs(5))).unwrap(),
+            [Ready::Readable, Ready::No]
         );
     }
 
     #[test]
-    fn a_disarmed_engine_lets_go_of_the_descriptors_it_polled() {
+    fn a_disarmed_engine_lets_go_of_the_descriptors_it_polled_or_read() {
         // An event channel is unbound when its descriptor's last reference
-        // goes, and a poll armed in the ring holds one. Closing a ring
-        // cancels its polls, but a ring whose I/O hangs at teardown lives on
-        // in a reaper: its polls must be gone before, or the guest's port
-        // stays bound and the next daemon cannot bind it again.
+        // goes, and a poll or read armed in the ring holds one. Closing a
+        // ring cancels them, but a ring whose I/O hangs at teardown lives on
+        // in a reaper: they must be gone before, or the guest's port stays
+        // bound and the next daemon cannot bind it again.
+        for read_ev in [false, true] {
+            let (mut e, _pool, _dir) = engine();
+            let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+            r.set_nonblocking(true).unwrap();
+            let on = SleepOn {
+                fds: [-1, r.as_raw_fd()],
+                read_ev,
+                unmask: None,
+            };
+            assert_eq!(
+                e.sleep(on, Some(Duration::from_millis(1))).unwrap(),
+                [Ready::No; 2]
+            );
+            drop(r);
+            // The armed entry holds the other end: no hang-up (which a write
+            // would not show: it would end the entry).
+            let hung_up =
+                || crate::io::wait::readable(&[w.as_raw_fd()], Some(Duration::ZERO)).unwrap()[0];
+            assert!(
+                !hung_up(),
+                "the entry did not hold the descriptor ({read_ev})"
+            );
+            e.disarm();
+            assert!(
+                hung_up(),
+                "the disarmed entry still holds the descriptor ({read_ev})"
+            );
+            // And the next sleep arms its entries again.
+            let (r2, mut w2) = std::os::unix::net::UnixStream::pair().unwrap();
+            r2.set_nonblocking(true).unwrap();
+            w2.write_all(b"k").unwrap();
+            let want = if read_ev {
+                Ready::Read
+            } else {
+                Ready::Readable
+            };
+            let on = SleepOn {
+                fds: [-1, r2.as_raw_fd()],
+                ..on
+            };
+            assert_eq!(
+                e.sleep(on, Some(Duration::from_secs(5))).unwrap(),
+                [Ready::No, want]
+            );
+        }
+    }
+
+    #[test]
+    fn a_sleep_reads_the_channel_and_writes_its_unmask_itself() {
+        use std::os::unix::net::UnixDatagram;
         let (mut e, _pool, _dir) = engine();
-        let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        // `ours` stands for the event channel's descriptor; what the ring
+        // writes to it (the unmask) arrives at `peer`, and what `peer` sends
+        // (a kick) is what the ring reads.
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let on = SleepOn {
+            fds: [-1, ours.as_raw_fd()],
+            read_ev: true,
+            unmask: Some(*b"UNMK"),
+        };
+        let mut got = [0u8; 8];
+        // The unmask's own completion does not end the sleep.
+        let t = Instant::now();
         assert_eq!(
-            e.sleep([r.as_raw_fd(), -1], Some(Duration::from_millis(1)))
-                .unwrap(),
-            [false; 2]
+            e.sleep(on, Some(Duration::from_millis(30))).unwrap(),
+            [Ready::No; 2]
         );
-        drop(r);
-        // The armed poll holds the other end: no hang-up (which a write
-        // would not show: it would fire the poll and end it).
-        let hung_up =
-            || crate::io::wait::readable(&[w.as_raw_fd()], Some(Duration::ZERO)).unwrap()[0];
-        assert!(!hung_up(), "the poll did not hold the descriptor");
-        e.disarm();
-        assert!(hung_up(), "the disarmed poll still holds the descriptor");
-        // And the next sleep arms its polls again.
-        let (r2, mut w2) = std::os::unix::net::UnixStream::pair().unwrap();
-        w2.write_all(b"k").unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(25), "woke early");
+        assert_eq!(peer.recv(&mut got).ok(), Some(4), "no unmask written");
+        assert_eq!(&got[..4], b"UNMK");
+        // A kick while the read waits: the sleep ends with it taken.
+        let on = SleepOn { unmask: None, ..on };
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            peer.send(b"K").unwrap();
+            peer
+        });
+        assert_eq!(e.sleep(on, None).unwrap(), [Ready::No, Ready::Read]);
+        let peer = kicker.join().unwrap();
         assert_eq!(
-            e.sleep([-1, r2.as_raw_fd()], Some(Duration::from_secs(5)))
-                .unwrap(),
-            [false, true]
+            ours.recv(&mut got).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "the kick was left to read"
         );
+        assert!(peer.recv(&mut got).is_err(), "an unmask nobody asked for");
+        // Told once: the next sleep waits again.
+        assert_eq!(
+            e.sleep(on, Some(Duration::from_millis(10))).unwrap(),
+            [Ready::No; 2]
+        );
+        // A kick the armed read took just before a flush cancelled it is
+        // still handed over by the sleep that waits for the flush, and that
+        // sleep writes its unmask itself (an entry would wait for the flush).
+        peer.send(b"K").unwrap();
+        e.push(IoOp {
+            tag: 9,
+            kind: IoKind::Flush,
+            off: 0,
+            len: 0,
+            buf: None,
+            guest: None,
+            buf_off: 0,
+            drain: true,
+        });
+        let on = SleepOn {
+            unmask: Some(*b"UNMK"),
+            ..on
+        };
+        // Taken by the read before its cancel, or left for the caller.
+        let woke = e.sleep(on, Some(Duration::from_secs(5))).unwrap()[1];
+        let left = ours.recv(&mut got).is_ok();
+        match woke {
+            Ready::Read => assert!(!left, "a kick read and still there"),
+            Ready::Readable => assert!(left, "a kick said readable and gone"),
+            Ready::No => panic!("the kick was lost"),
+        }
+        assert_eq!(
+            peer.recv(&mut got).ok(),
+            Some(4),
+            "no unmask while draining"
+        );
+        // A failed unmask is reported, once.
+        let dead = std::fs::File::open("/dev/null").unwrap();
+        let on = SleepOn {
+            fds: [-1, dead.as_raw_fd()],
+            read_ev: true,
+            unmask: Some(*b"UNMK"),
+        };
+        let _ = e.sleep(on, Some(Duration::from_secs(5))).unwrap();
+        // (A descriptor that is not non-blocking has its write done by a
+        // kernel worker: its completion may come after the sleep.)
+        let on = SleepOn { unmask: None, ..on };
+        let t = Instant::now();
+        while e.unmasks > 0 && t.elapsed() < Duration::from_secs(5) {
+            let _ = e.sleep(on, Some(Duration::from_millis(10))).unwrap();
+        }
+        assert!(
+            e.take_unmask_error().is_some(),
+            "a failed unmask went unsaid"
+        );
+        assert!(e.take_unmask_error().is_none());
     }
 
     fn flight(tag: u64) -> Flight {

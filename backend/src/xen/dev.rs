@@ -306,6 +306,16 @@ impl EventChannel for DevChannel {
         }
     }
 
+    fn carried(&self) -> Option<super::Carried> {
+        // The descriptor is bound to this one port: what a read returns is
+        // its kick, and the driver queues it again only after the unmask
+        // (the late EOI), so one read takes all there is.
+        Some(super::Carried {
+            unmask: Some(self.port.0.to_ne_bytes()),
+            fold: false,
+        })
+    }
+
     fn unmask(&self) -> io::Result<()> {
         let n = io::Write::write(&mut (&self.fd), &self.port.0.to_ne_bytes())?;
         if n == 4 {

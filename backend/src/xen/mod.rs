@@ -125,6 +125,25 @@ pub trait EventChannel: Send + Sync + 'static {
     /// channel's pending bit). The channel stays masked until
     /// [`EventChannel::unmask`].
     fn take_kick(&self) -> io::Result<bool>;
+    /// Whether a ring (io_uring) can carry this channel in the sleep's own
+    /// system call: a kick is a read of [`EventChannel::fd`], the unmask a
+    /// write to it (see [`Carried`]). `None` (the default): the queue reads
+    /// and unmasks it itself.
+    fn carried(&self) -> Option<Carried> {
+        None
+    }
+}
+
+/// How a ring carries an event channel (see [`EventChannel::carried`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Carried {
+    /// Written to the descriptor, unmasks the channel (`None`: there is no
+    /// mask to lift).
+    pub unmask: Option<[u8; 4]>,
+    /// A read takes one kick of several queued (datagrams rather than a
+    /// pending bit): the rest are taken with [`EventChannel::take_kick`],
+    /// folding them into one as the pending bit does.
+    pub fold: bool,
 }
 
 /// A factory of event channels.

@@ -522,6 +522,14 @@ impl EventChannel for SimChannel {
         Some(std::os::fd::AsRawFd::as_raw_fd(&self.tx))
     }
 
+    fn carried(&self) -> Option<crate::xen::Carried> {
+        // A kick is a datagram: a read takes one, `take_kick` the rest.
+        Some(crate::xen::Carried {
+            unmask: None,
+            fold: true,
+        })
+    }
+
     fn take_kick(&self) -> io::Result<bool> {
         let mut buf = [0u8; 16];
         let mut any = false;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Queue, QueueEnd, QueueStats};
+use crate::io::engine::{Ready, SleepOn};
 use crate::io::Disk;
 use crate::ring::RingError;
 use crate::xen::{EventChannel, Grants};
@@ -189,12 +190,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 if self.spurious > STORM_GRACE {
                     std::thread::sleep(STORM_DELAY);
                 }
-                if self.masked {
-                    if let Err(e) = self.ev.unmask() {
-                        tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
-                    }
-                    self.masked = false;
-                }
+                // The channel is unmasked by the sleep (see `sleep`).
             }
             let listen = self.halt.is_none();
             // Idle: what it counted is there for `blkbackd status` now.
@@ -228,9 +224,11 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     }
 
     /// Sleeps until a kick (if `listen`), a completion (if I/O is in
-    /// flight), `stop`, or `timeout`; says which of the first two came. The
+    /// flight), `stop`, or `timeout`; says which of the first two came. A
+    /// listening sleep first unmasks the channel if a kick masked it. The
     /// engine sleeps (io_uring: in the same system call that submits the
-    /// pass's I/O).
+    /// pass's I/O, and that also unmasks and reads the channel where it can
+    /// carry it, see [`crate::xen::Carried`]).
     pub(super) fn sleep(
         &mut self,
         listen: bool,
@@ -244,12 +242,44 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             (true, None) => Some(timeout.map_or(STORM_DELAY, |t| t.min(STORM_DELAY))),
             _ => timeout,
         };
-        let fds = [stop.map_or(-1, StopSignal::fd), ev_fd.unwrap_or(-1)];
-        let ready = self.engine.sleep(fds, timeout)?;
+        let carried = ev_fd
+            .and(self.ev.carried())
+            .filter(|_| self.engine.carries_channel());
+        let mut unmask = None;
+        if listen && self.masked {
+            match carried {
+                Some(c) => unmask = c.unmask,
+                None => {
+                    if let Err(e) = self.ev.unmask() {
+                        tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
+                    }
+                }
+            }
+            self.masked = false;
+        }
+        let on = SleepOn {
+            fds: [stop.map_or(-1, StopSignal::fd), ev_fd.unwrap_or(-1)],
+            read_ev: carried.is_some(),
+            unmask,
+        };
+        let ready = self.engine.sleep(on, timeout);
+        if let Some(e) = self.engine.take_unmask_error() {
+            tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
+        }
         // Read the channel only when it polled readable (or has no
         // descriptor): a wake-up for a completion costs no read that would
-        // only say EAGAIN.
-        let kick = listen && (ev_fd.is_none() || ready[1]) && self.ev.take_kick()?;
+        // only say EAGAIN. A kick the engine read is there already.
+        let kick = listen
+            && match ready?[1] {
+                Ready::Read => {
+                    if carried.is_some_and(|c| c.fold) {
+                        self.ev.take_kick()?;
+                    }
+                    true
+                }
+                Ready::Readable => self.ev.take_kick()?,
+                Ready::No => ev_fd.is_none() && self.ev.take_kick()?,
+            };
         Ok(Woke {
             kick,
             io: self.engine.in_flight() > 0 && self.engine.has_completions(),
