@@ -750,6 +750,11 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
         spec.snap.is_none(),
         "the bench writes: name an image, not a snapshot"
     );
+    anyhow::ensure!(
+        spec.namespace.is_none(),
+        "fio's rbd engine, the bench's baseline, cannot reach an RBD namespace: \
+         bench an image in the pool's default namespace (POOL/IMAGE)"
+    );
     let settings = crate::config::rbd_settings()?;
     crate::rbd::configure(settings.clone());
     let size = {

@@ -529,6 +529,83 @@ async fn bad_rbd_disks_fail_attach_clearly() {
     host.stop().await;
 }
 
+/// An RBD namespace (`rbd namespace create`), removed when dropped (after
+/// the images in it: declare it first).
+struct TestNamespace(String);
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rbd")
+            .args(["namespace", "remove", &self.0])
+            .output();
+    }
+}
+
+/// `rbd:POOL/NAMESPACE/IMAGE` serves the image in that namespace, not its
+/// namesake in the pool's default namespace: the id published is the
+/// namespaced image's, what the guest writes lands there only, and a
+/// namespace that does not exist fails the attach clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_in_a_namespace_is_served_apart_from_its_namesake() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let ns = format!("rbd/t{}-ns", std::process::id());
+    let _ = std::process::Command::new("rbd")
+        .args(["namespace", "remove", &ns])
+        .output();
+    rbd(&["namespace", "create", &ns]);
+    let _ns = TestNamespace(ns.clone());
+    // The same image name in the default namespace and in `ns`.
+    let plain = TestImage::new("same", 16);
+    let name = plain.0.rsplit('/').next().unwrap().to_owned();
+    let inner = TestImage(format!("{ns}/{name}"));
+    rbd(&["create", "--size", "16M", &inner.0]);
+    assert_ne!(inner.id(), plain.id());
+    let mut host = Host::new().await;
+    host.attach(6, &format!("rbd:{}", inner.0), true)
+        .await
+        .unwrap();
+    let be = host.be(6);
+    let published = |k: &'static str| {
+        let xs = &host.xs;
+        let be = be.clone();
+        async move { xs.read_string(&format!("{be}/{k}")).await.unwrap() }
+    };
+    assert_eq!(published("rbd-image").await, inner.0);
+    assert_eq!(published("rbd-image-id").await, inner.id());
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        host.guest(6, "verify", 40).wait_with_output(),
+    )
+    .await
+    .expect("the guest did not finish in 300 s")
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("SIM-GUEST PASS"), "{report}");
+    host.detach(6).await;
+    // A namespace that does not exist: the image is not found.
+    let e = host
+        .attach(
+            7,
+            &format!("rbd:rbd/t{}-nons/{name}", std::process::id()),
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("No such file"), "{e}");
+    host.stop().await;
+    let written = |image: &str| {
+        let export = tempfile::NamedTempFile::new().unwrap();
+        let path = export.path().to_str().unwrap().to_owned();
+        std::fs::remove_file(&path).unwrap();
+        rbd(&["export", "--no-progress", image, &path]);
+        std::fs::read(&path).unwrap().iter().any(|&b| b != 0)
+    };
+    assert!(written(&inner.0), "nothing reached the namespaced image");
+    assert!(!written(&plain.0), "the guest wrote its namesake");
+}
+
 /// The declarations `src/rbd/ffi.rs` loads by name match librbd's and
 /// librados's headers (a C program assigns each function to a pointer of
 /// ffi.rs's type, under -Werror), and so do the constants it uses.
@@ -538,7 +615,7 @@ fn ffi_declarations_match_the_headers() {
         return;
     }
     let v = cprobe::c_values("rbd_abi", &["-Werror", "-lrbd", "-lrados"], "librbd-dev");
-    assert_eq!(v["functions"], 30);
+    assert_eq!(v["functions"], 31);
     assert_eq!(
         v["RBD_LOCK_MODE_EXCLUSIVE"],
         i64::from(blkbackd::rbd::ffi::LOCK_MODE_EXCLUSIVE)

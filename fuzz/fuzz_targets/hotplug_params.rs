@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
             // Names a Xenstore value can carry, and that read back the same.
             for n in [&spec.pool, &spec.image]
                 .into_iter()
+                .chain(spec.namespace.as_ref())
                 .chain(spec.snap.as_ref())
             {
                 assert!(

@@ -78,15 +78,8 @@ pub(super) enum Storage {
         id: u32,
     },
     /// A Ceph RBD image or one of its snapshots (read-only: a snapshot
-    /// conflicts with nothing).
-    Rbd {
-        /// Its pool.
-        pool: String,
-        /// Its name.
-        image: String,
-        /// The snapshot, if it is one.
-        snap: Option<String>,
-    },
+    /// conflicts with nothing), by pool, namespace and names.
+    Rbd(crate::rbd::Spec),
     /// A thin volume, its pool by dev_t.
     ThinByDev {
         /// The pool's dev_t.
@@ -104,10 +97,8 @@ impl fmt::Display for Storage {
                 write!(f, "the file with inode {ino} on device {}:{}", dev.0, dev.1)
             }
             Storage::ThinByName { pool, id } => write!(f, "thin volume {id} of pool {pool}"),
-            Storage::Rbd { pool, image, snap } => match snap {
-                Some(s) => write!(f, "RBD snapshot {pool}/{image}@{s}"),
-                None => write!(f, "RBD image {pool}/{image}"),
-            },
+            Storage::Rbd(spec) if spec.snap.is_some() => write!(f, "RBD snapshot {spec}"),
+            Storage::Rbd(spec) => write!(f, "RBD image {spec}"),
             Storage::ThinByDev { pool, id } => {
                 write!(f, "thin volume {id} of pool {}:{}", pool.0, pool.1)
             }
@@ -168,13 +159,9 @@ pub(super) fn first_conflict<'a>(me: &Vbd, others: &'a [Vbd]) -> Option<(&'a Vbd
         .find_map(|o| me.uses.conflict(&o.uses).map(|s| (o, s.clone())))
 }
 
-/// An RBD image or snapshot, by pool and names.
+/// An RBD image or snapshot, by pool, namespace and names.
 pub(super) fn rbd(spec: &crate::rbd::Spec) -> Storage {
-    Storage::Rbd {
-        pool: spec.pool.clone(),
-        image: spec.image.clone(),
-        snap: spec.snap.clone(),
-    }
+    Storage::Rbd(spec.clone())
 }
 
 /// A file, by the metadata of an open fd or of a `stat`.
@@ -480,7 +467,28 @@ mod tests {
         assert!(first_conflict(&reader, std::slice::from_ref(&writer)).is_some());
         // A snapshot of it (read-only whatever the mode), another image, the
         // same name in another pool: no conflict.
-        for p in ["vms/db@nightly", "vms/web", "other/db"] {
+        for p in ["vms/db@nightly", "vms/web", "other/db", "vms/tenant1/db"] {
+            let o = vbd("3", None, &uses(p, true));
+            assert!(
+                first_conflict(&o, std::slice::from_ref(&writer)).is_none(),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_rbd_namespace_is_part_of_the_images_identity() {
+        let uses = |p: &str, w| {
+            let params = Params::parse(&format!("rbd:{p}")).unwrap();
+            declared(&params, w).unwrap().0
+        };
+        let writer = vbd("2", None, &uses("vms/tenant1/db", true));
+        let same = vbd("3", None, &uses("vms/tenant1/db", false));
+        assert_eq!(
+            first_conflict(&same, std::slice::from_ref(&writer)).map(|f| f.1.to_string()),
+            Some("RBD image vms/tenant1/db".to_string())
+        );
+        for p in ["vms/db", "vms/tenant2/db", "vms/tenant1/db@nightly"] {
             let o = vbd("3", None, &uses(p, true));
             assert!(
                 first_conflict(&o, std::slice::from_ref(&writer)).is_none(),

@@ -39,6 +39,7 @@ pub struct Lib {
     pub rados_get_instance_id: unsafe extern "C" fn(Rados) -> u64,
     pub rados_ioctx_create: unsafe extern "C" fn(Rados, *const c_char, *mut IoCtx) -> c_int,
     pub rados_ioctx_destroy: unsafe extern "C" fn(IoCtx),
+    pub rados_ioctx_set_namespace: unsafe extern "C" fn(IoCtx, *const c_char),
     pub rbd_open: unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int,
     pub rbd_open_read_only:
         unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int,
@@ -130,6 +131,7 @@ impl Lib {
                 rados_get_instance_id: sym(rados, c"rados_get_instance_id")?,
                 rados_ioctx_create: sym(rados, c"rados_ioctx_create")?,
                 rados_ioctx_destroy: sym(rados, c"rados_ioctx_destroy")?,
+                rados_ioctx_set_namespace: sym(rados, c"rados_ioctx_set_namespace")?,
                 rbd_open: sym(rbd, c"rbd_open")?,
                 rbd_open_read_only: sym(rbd, c"rbd_open_read_only")?,
                 rbd_close: sym(rbd, c"rbd_close")?,

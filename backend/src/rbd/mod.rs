@@ -22,11 +22,14 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
-/// An image as `params` names it: `POOL/IMAGE[@SNAP]`.
+/// An image as `params` names it: `POOL/[NAMESPACE/]IMAGE[@SNAP]`, as the
+/// `rbd` command does.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Spec {
     /// The pool.
     pub pool: String,
+    /// The RBD namespace within the pool (`None`: the default one).
+    pub namespace: Option<String>,
     /// The image.
     pub image: String,
     /// The snapshot (served read-only), if any.
@@ -35,7 +38,11 @@ pub struct Spec {
 
 impl fmt::Display for Spec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.pool, self.image)?;
+        write!(f, "{}/", self.pool)?;
+        if let Some(ns) = &self.namespace {
+            write!(f, "{ns}/")?;
+        }
+        write!(f, "{}", self.image)?;
         if let Some(s) = &self.snap {
             write!(f, "@{s}")?;
         }
@@ -54,22 +61,33 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl Spec {
-    /// Parses `POOL/IMAGE[@SNAP]` strictly.
+    /// Parses `POOL/[NAMESPACE/]IMAGE[@SNAP]` strictly.
     pub fn parse(s: &str) -> Result<Spec, &'static str> {
-        let form = "an RBD image is POOL/IMAGE or POOL/IMAGE@SNAP, e.g. rbd/web01";
+        let form = "an RBD image is POOL/IMAGE, POOL/NAMESPACE/IMAGE, or either with @SNAP, \
+                    e.g. rbd/web01 or rbd/tenant1/web01@before-upgrade";
         let (pool, rest) = s.split_once('/').ok_or(form)?;
+        let (namespace, rest) = match rest.split_once('/') {
+            Some((ns, r)) => (Some(ns), r),
+            None => (None, rest),
+        };
         let (image, snap) = match rest.split_once('@') {
             Some((i, s)) => (i, Some(s)),
             None => (rest, None),
         };
-        if ![pool, image].into_iter().chain(snap).all(valid_name) {
+        if ![pool, image]
+            .into_iter()
+            .chain(namespace)
+            .chain(snap)
+            .all(valid_name)
+        {
             return Err(
-                "pool, image and snapshot names are 1-255 printable characters, \
+                "pool, namespace, image and snapshot names are 1-255 printable characters, \
                         without spaces, '/' or '@'",
             );
         }
         Ok(Spec {
             pool: pool.into(),
+            namespace: namespace.map(Into::into),
             image: image.into(),
             snap: snap.map(Into::into),
         })
@@ -191,7 +209,7 @@ pub enum RbdError {
     #[error("image {spec}: {err}")]
     Image {
         /// The image.
-        spec: Spec,
+        spec: Box<Spec>,
         /// Why.
         err: std::io::Error,
     },
@@ -200,21 +218,21 @@ pub enum RbdError {
         "image {0} has no exclusive-lock feature, so nothing stops another host from writing \
          it too; enable it (rbd feature enable {0} exclusive-lock) or attach it read-only"
     )]
-    NoExclusiveLock(Spec),
+    NoExclusiveLock(Box<Spec>),
     /// Another client holds the image's lock.
     #[error(
         "image {spec} is locked for writing by another client ({owners}): refusing to serve it"
     )]
     Locked {
         /// The image.
-        spec: Spec,
+        spec: Box<Spec>,
         /// Who holds it, as librbd names them.
         owners: String,
     },
     /// The wait for the lock was given up: the vbd is being closed or
     /// removed, or the daemon stops.
     #[error("gave up waiting for the lock of image {0}")]
-    LockWaitCancelled(Spec),
+    LockWaitCancelled(Box<Spec>),
     /// The image under this name is not the one the block script checked.
     #[error(
         "image {spec} now has id {found}, not {want} as when it was attached: it was deleted \
@@ -222,7 +240,7 @@ pub enum RbdError {
     )]
     Replaced {
         /// The image.
-        spec: Spec,
+        spec: Box<Spec>,
         /// The id published.
         want: String,
         /// The id found.
@@ -522,6 +540,13 @@ impl Image {
                 err: errno(rc),
             });
         }
+        if let Some(ns) = &spec.namespace {
+            let ns = cstring(ns);
+            // SAFETY: the live ioctx created above; a NUL-terminated name
+            // (librados copies it). A namespace that does not exist is not
+            // an error here: the open below finds no image in it.
+            unsafe { (lib.rados_ioctx_set_namespace)(ioctx, ns.as_ptr()) };
+        }
         let (name, snap) = (cstring(&spec.image), spec.snap.as_deref().map(cstring));
         let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let mut handle: ffi::Image = std::ptr::null_mut();
@@ -537,7 +562,7 @@ impl Image {
             // SAFETY: the ioctx created above, not used again.
             unsafe { (lib.rados_ioctx_destroy)(ioctx) };
             return Err(RbdError::Image {
-                spec: spec.clone(),
+                spec: Box::new(spec.clone()),
                 err: errno(rc),
             });
         }
@@ -554,7 +579,7 @@ impl Image {
         img.id = img.read_id()?;
         if let Some(want) = want_id.filter(|w| *w != img.id) {
             return Err(RbdError::Replaced {
-                spec: spec.clone(),
+                spec: Box::new(spec.clone()),
                 want: want.into(),
                 found: img.id.clone(),
             });
@@ -582,7 +607,7 @@ impl Image {
         let mut broke = false;
         loop {
             if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(RbdError::LockWaitCancelled(self.spec.clone()));
+                return Err(RbdError::LockWaitCancelled(Box::new(self.spec.clone())));
             }
             if let (Some(dead), false) = (predecessor, broke) {
                 broke = true;
@@ -655,7 +680,7 @@ impl Image {
 
     fn io_err(&self, rc: impl Into<i64>) -> RbdError {
         RbdError::Image {
-            spec: self.spec.clone(),
+            spec: Box::new(self.spec.clone()),
             err: errno(rc),
         }
     }
@@ -681,7 +706,7 @@ impl Image {
             return Err(self.io_err(rc));
         }
         if features & ffi::FEATURE_EXCLUSIVE_LOCK == 0 {
-            return Err(RbdError::NoExclusiveLock(self.spec.clone()));
+            return Err(RbdError::NoExclusiveLock(Box::new(self.spec.clone())));
         }
         Ok(())
     }
@@ -696,7 +721,7 @@ impl Image {
             return Err(
                 if matches!(-rc, libc::EROFS | libc::EBUSY) || !owners.is_empty() {
                     RbdError::Locked {
-                        spec: self.spec.clone(),
+                        spec: Box::new(self.spec.clone()),
                         owners: if owners.is_empty() {
                             format!("librbd says: {}", errno(rc))
                         } else {
@@ -869,7 +894,10 @@ mod tests {
             "/img",
             "rbd/",
             "rbd/img@",
-            "rbd/a/b",
+            "rbd/a/b/c",
+            "rbd//b",
+            "rbd/a/",
+            "rbd/a/b@",
             "rbd/a@b@c",
             "rbd/a b",
             "rbd/a\nb",
@@ -878,6 +906,23 @@ mod tests {
         ] {
             assert!(Spec::parse(bad).is_err(), "{bad:?} accepted");
         }
+        let s = Spec::parse("vms/tenant1/db@snap1").unwrap();
+        assert_eq!(
+            (
+                s.pool.as_str(),
+                s.namespace.as_deref(),
+                s.image.as_str(),
+                s.snap.as_deref()
+            ),
+            ("vms", Some("tenant1"), "db", Some("snap1"))
+        );
+        assert_eq!(s.to_string(), "vms/tenant1/db@snap1");
+        assert_eq!(Spec::parse("rbd/web01").unwrap().namespace, None);
+        assert_eq!(
+            Spec::parse("rbd/ns/web01").unwrap().to_string(),
+            "rbd/ns/web01"
+        );
+        assert!(Spec::parse(&format!("rbd/{}/i", "x".repeat(256))).is_err());
         assert!(Spec::parse(&format!("rbd/{}", "x".repeat(256))).is_err());
         assert!(Spec::parse(&format!("rbd/{}", "x".repeat(255))).is_ok());
     }

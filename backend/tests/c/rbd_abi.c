@@ -17,6 +17,7 @@ int main(void) {
     uint64_t (*rados_get_instance_id_)(rados_t) = rados_get_instance_id;
     int (*rados_ioctx_create_)(rados_t, const char *, rados_ioctx_t *) = rados_ioctx_create;
     void (*rados_ioctx_destroy_)(rados_ioctx_t) = rados_ioctx_destroy;
+    void (*rados_ioctx_set_namespace_)(rados_ioctx_t, const char *) = rados_ioctx_set_namespace;
     int (*rbd_open_)(rados_ioctx_t, const char *, rbd_image_t *, const char *) = rbd_open;
     int (*rbd_open_read_only_)(rados_ioctx_t, const char *, rbd_image_t *, const char *) =
         rbd_open_read_only;
@@ -46,7 +47,7 @@ int main(void) {
     P all[] = {
         (P)rados_create_, (P)rados_conf_read_file_, (P)rados_conf_set_, (P)rados_connect_,
         (P)rados_shutdown_, (P)rados_get_instance_id_, (P)rados_ioctx_create_,
-        (P)rados_ioctx_destroy_, (P)rbd_open_, (P)rbd_open_read_only_, (P)rbd_close_,
+        (P)rados_ioctx_destroy_, (P)rados_ioctx_set_namespace_, (P)rbd_open_, (P)rbd_open_read_only_, (P)rbd_close_,
         (P)rbd_get_size_, (P)rbd_get_id_, (P)rbd_get_features_, (P)rbd_lock_acquire_,
         (P)rbd_is_exclusive_lock_owner_, (P)rbd_lock_get_owners_,
         (P)rbd_lock_get_owners_cleanup_, (P)rbd_lock_break_, (P)rbd_read_, (P)rbd_write_, (P)rbd_flush_,
