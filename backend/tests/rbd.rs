@@ -529,6 +529,79 @@ async fn bad_rbd_disks_fail_attach_clearly() {
     host.stop().await;
 }
 
+/// `ceph ARGS` against the test cluster; its stdout.
+fn ceph(args: &[&str]) -> String {
+    let out = std::process::Command::new("ceph")
+        .args(args)
+        .output()
+        .expect("running ceph");
+    assert!(
+        out.status.success(),
+        "ceph {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cluster fences the daemon's client (`ceph osd blocklist add`, as
+/// after a network partition or a lock broken by another host): the guest
+/// it served loses its disk, and a vbd attached afterwards is served all
+/// the same, by a new client (one client per process until then: every
+/// later `rbd:` vbd failed until the daemon restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocklisted_client_is_replaced_for_the_next_vbd() {
+    if !tier::need(Tier::Ceph) {
+        return;
+    }
+    let first = TestImage::new("fenced", 16);
+    let second = TestImage::new("after", 16);
+    let (host, mut guest) = Host::serving(&format!("rbd:{}", first.0)).await;
+    // The daemon's client, as the image's watcher.
+    let status = rbd(&["status", "--format", "json", &first.0]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let addr = v["watchers"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no watcher: {status}"))
+        .to_owned();
+    ceph(&["osd", "blocklist", "add", &addr]);
+    struct Unblock(String);
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ceph")
+                .args(["osd", "blocklist", "rm", &self.0])
+                .output();
+        }
+    }
+    let _unblock = Unblock(addr);
+    // The fenced guest's I/O fails: its verify loop ends, not passing.
+    let out = tokio::time::timeout(Duration::from_secs(120), guest.wait())
+        .await
+        .expect("the fenced guest went on");
+    assert!(!out.unwrap().success());
+    // A new vbd, another image: served and verified.
+    host.attach(7, &format!("rbd:{}", second.0), true)
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        host.guest(7, "verify", 40).wait_with_output(),
+    )
+    .await
+    .expect("the guest did not finish in 300 s")
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("SIM-GUEST PASS"),
+        "{report}\n{}",
+        host.log()
+    );
+    assert!(
+        host.log().contains("blocklisted this client"),
+        "{}",
+        host.log()
+    );
+}
+
 /// An RBD namespace (`rbd namespace create`), removed when dropped (after
 /// the images in it: declare it first).
 struct TestNamespace(String);

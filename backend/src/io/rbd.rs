@@ -208,11 +208,15 @@ impl RbdEngine {
         self.started += 1;
         let shared = self.shared.clone();
         let lost = self.image.lock_lost_flag();
+        let fenced = self.image.blocklist_flag();
         // The pool stays mapped while librbd may touch the buffer.
         let pool = self.pool.clone();
         let on_done = Box::new(move |result: io::Result<usize>| {
-            if result.as_ref().is_err_and(crate::rbd::lost_lock) {
-                lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = &result {
+                if crate::rbd::lost_lock(e) {
+                    lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                crate::rbd::note_blocklisted(e, &fenced);
             }
             // librbd answers a write with 0, not the bytes written: a write
             // either happened whole or failed.

@@ -268,12 +268,16 @@ pub fn configure(c: ClientConfig) {
     *SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
 }
 
-/// The connected cluster: one `rados_t` for the process.
+/// The connected cluster: one `rados_t` for the process, until the cluster
+/// blocklists it (then the next open connects anew, see [`cluster`]).
 pub struct Cluster {
     handle: ffi::Rados,
     lib: &'static ffi::Lib,
     /// `client.NAME`.
     pub client: String,
+    /// An operation failed with EBLOCKLISTED: this client can do nothing
+    /// more (set by the engine's completions too).
+    blocklisted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // SAFETY: a rados_t is used concurrently by librados's own threads and is
@@ -298,6 +302,14 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
+    /// Notes what a failed call says: EBLOCKLISTED (Ceph's name for
+    /// ESHUTDOWN) means the cluster has fenced this client for good.
+    fn note(&self, rc: impl Into<i64>) {
+        if rc.into() == -i64::from(libc::ESHUTDOWN) {
+            mark_blocklisted(&self.blocklisted, &self.client);
+        }
+    }
+
     /// The client's instance id (`client.NAME` plus this number is how
     /// librbd names a lock owner).
     pub fn instance_id(&self) -> u64 {
@@ -329,6 +341,7 @@ impl Cluster {
             handle: h,
             lib,
             client: format!("client.{}", c.client),
+            blocklisted: Arc::default(),
         };
         let conf = c.conf.as_ref().map(|p| cstring(&p.display().to_string()));
         // SAFETY: a created handle; NULL asks for librados's default search.
@@ -368,14 +381,39 @@ impl Cluster {
     }
 }
 
+/// Marks a client blocklisted (said once).
+fn mark_blocklisted(flag: &std::sync::atomic::AtomicBool, client: &str) {
+    if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            %client,
+            "the Ceph cluster blocklisted this client: its images fail; what opens next connects anew"
+        );
+    }
+}
+
+/// Whether an I/O error is EBLOCKLISTED; if so, marks `flag` (a cluster's,
+/// from [`Image::blocklist_flag`]).
+pub fn note_blocklisted(e: &std::io::Error, flag: &std::sync::atomic::AtomicBool) {
+    if e.raw_os_error() == Some(libc::ESHUTDOWN) {
+        mark_blocklisted(flag, "this daemon's");
+    }
+}
+
 /// The process's connection, made on first use; a failed attempt is not
-/// kept (the next open tries again).
+/// kept (the next open tries again), nor is a client the cluster has
+/// blocklisted (its open images keep it until they close; new opens get a
+/// new client, so one fencing does not fail every later vbd until the
+/// daemon restarts).
 pub fn cluster() -> Result<Arc<Cluster>, RbdError> {
     static CLUSTER: Mutex<Option<Arc<Cluster>>> = Mutex::new(None);
     let mut c = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = &*c {
+    if let Some(c) = c
+        .as_ref()
+        .filter(|c| !c.blocklisted.load(std::sync::atomic::Ordering::Relaxed))
+    {
         return Ok(c.clone());
     }
+    *c = None;
     let settings = SETTINGS
         .read()
         .unwrap_or_else(|e| e.into_inner())
@@ -535,6 +573,7 @@ impl Image {
         // SAFETY: a connected cluster; out-pointer; NUL-terminated name.
         let rc = unsafe { (lib.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
         if rc < 0 {
+            cluster.note(rc);
             return Err(RbdError::Pool {
                 pool: spec.pool.clone(),
                 err: errno(rc),
@@ -559,6 +598,7 @@ impl Image {
         // snapshot's may be NULL).
         let rc = unsafe { open(ioctx, name.as_ptr(), &mut handle, snap_ptr) };
         if rc < 0 {
+            cluster.note(rc);
             // SAFETY: the ioctx created above, not used again.
             unsafe { (lib.rados_ioctx_destroy)(ioctx) };
             return Err(RbdError::Image {
@@ -661,6 +701,12 @@ impl Image {
         self.owner.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The flag the engine sets when an I/O fails with EBLOCKLISTED
+    /// ([`note_blocklisted`]): its client's.
+    pub fn blocklist_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.cluster.blocklisted.clone()
+    }
+
     /// The flag the engine sets when an I/O fails as it does once this
     /// client has lost the lock ([`lost_lock`]).
     pub fn lock_lost_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
@@ -678,7 +724,8 @@ impl Image {
             && !self.lock_lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn io_err(&self, rc: impl Into<i64>) -> RbdError {
+    fn io_err(&self, rc: impl Into<i64> + Copy) -> RbdError {
+        self.cluster.note(rc);
         RbdError::Image {
             spec: Box::new(self.spec.clone()),
             err: errno(rc),
