@@ -36,12 +36,34 @@ const ENTRIES: u32 = 256;
 const POLLED: usize = 3;
 /// `user_data` of the poll (or the event channel's read) on descriptor `i`
 /// of a sleep: `POLL_KEY + i`, far above any flight's key (a slot index,
-/// bounded by what is in flight) and below the unmask's and the cancels'.
-const POLL_KEY: u64 = UNMASK_KEY - POLLED as u64;
+/// bounded by what is in flight) and below the keys that follow.
+const POLL_KEY: u64 = LINKED_READ_KEY - POLLED as u64;
+/// `user_data` of the event channel's read linked after its unmask: a key
+/// of its own, so that a completion of it is never taken for another
+/// entry's (when the unmask fails, some kernels post none for it).
+const LINKED_READ_KEY: u64 = UNMASK_KEY - 1;
 /// `user_data` of an event channel's unmask written by the ring.
 const UNMASK_KEY: u64 = u64::MAX - 1;
 /// `user_data` of a cancel (its completion is nobody's).
 const CANCEL_KEY: u64 = u64::MAX;
+/// What a sleep slot has armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arm {
+    /// A one-shot poll.
+    Poll,
+    /// A read of the event channel.
+    Read,
+    /// A read of the event channel linked after its unmask (see
+    /// `UringEngine::unmasks`).
+    ReadAfterUnmask,
+}
+
+impl Arm {
+    fn reads(self) -> bool {
+        self != Arm::Poll
+    }
+}
+
 /// Bytes a read of the event channel takes at most (the driver hands over
 /// whole 4-byte ports; a channel's descriptor has only its own).
 const EV_BUF: usize = 64;
@@ -131,8 +153,16 @@ pub struct UringEngine {
     done: Vec<IoDone>,
     side: Option<ThreadEngine>,
     /// The descriptor each sleep slot's poll (or read) is armed on
-    /// (one-shot: until its completion is seen), and whether it reads.
-    armed: [Option<(RawFd, bool)>; POLLED],
+    /// (one-shot: until its completion is seen), and what it is.
+    armed: [Option<(RawFd, Arm)>; POLLED],
+    /// The ring may read the event channel: the kernel waits for a kick
+    /// under a read (fast poll), and no read has failed with `EAGAIN` (as
+    /// kernels that do not wait on an `O_NONBLOCK` descriptor answer) nor
+    /// outlived its cancel. Otherwise the channel is polled.
+    read_ev_ok: bool,
+    /// The kernel skips the completion of an entry that succeeds
+    /// (`IOSQE_CQE_SKIP_SUCCESS`): needed to carry the unmask.
+    skip_ok: bool,
     /// What each slot's entry found since the last sleep said so.
     fired: [Ready; POLLED],
     /// Where the ring reads the event channel (on the heap: the kernel
@@ -141,11 +171,11 @@ pub struct UringEngine {
     /// The unmask's bytes (the channel's port, the same for every write):
     /// the kernel reads them after the entry went in.
     unmask_buf: Option<Box<[u8; 4]>>,
-    /// Unmask writes the kernel has not completed.
+    /// Unmask writes the kernel may not have done: each is linked before
+    /// the channel's read, so the read's completion (whatever its result)
+    /// says it is, or its own, posted only if it failed (the read linked
+    /// after it then never ran).
     unmasks: u32,
-    /// An unmask is queued and not yet submitted: its completion (inline,
-    /// at submission) must not end the sleep that submits it.
-    unmask_queued: bool,
     /// The first unmask that failed since the caller last asked.
     unmask_err: Option<io::Error>,
     /// The last submission made in a pass found completions on return
@@ -203,6 +233,8 @@ impl UringEngine {
                 false
             }
         };
+        let read_ev_ok = ring.params().is_feature_fast_poll();
+        let skip_ok = ring.params().is_feature_skip_cqe_on_success();
         Ok(UringEngine {
             ring,
             target,
@@ -218,7 +250,8 @@ impl UringEngine {
             ev_buf: Box::new([0; EV_BUF]),
             unmask_buf: None,
             unmasks: 0,
-            unmask_queued: false,
+            read_ev_ok,
+            skip_ok,
             unmask_err: None,
             completes_inline: true,
             deferred: 0,
@@ -471,7 +504,6 @@ impl UringEngine {
     }
 
     fn submit_queued(&mut self) {
-        self.unmask_queued &= self.unsubmitted == 0;
         while self.unsubmitted > 0 {
             match self.ring.submit() {
                 Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n.max(1)),
@@ -534,15 +566,56 @@ impl UringEngine {
     fn take_cqes(&mut self, out: &mut Vec<IoDone>) {
         for cqe in self.ring.completion() {
             let ud = cqe.user_data();
-            if let Some(i) = ud
-                .checked_sub(POLL_KEY)
-                .filter(|&i| i < POLLED as u64)
-                .map(|i| i as usize)
-            {
+            let r = cqe.result();
+            if ud == UNMASK_KEY {
+                // Only a failed unmask completes (its success is skipped).
+                // The read linked after it never ran, and may complete or
+                // not: its key is its own, and the channel is polled from
+                // now on.
+                self.unmasks = self.unmasks.saturating_sub(1);
+                if self.armed[1].is_some_and(|(_, a)| a == Arm::ReadAfterUnmask) {
+                    self.armed[1] = None;
+                }
+                self.read_ev_ok = false;
+                if self.unmask_err.is_none() {
+                    self.unmask_err = Some(if r < 0 {
+                        io::Error::from_raw_os_error(-r)
+                    } else {
+                        io::Error::from(io::ErrorKind::WriteZero)
+                    });
+                }
+                continue;
+            }
+            let slot = match ud {
+                LINKED_READ_KEY => Some((1, Arm::ReadAfterUnmask)),
+                _ => ud
+                    .checked_sub(POLL_KEY)
+                    .filter(|&i| i < POLLED as u64)
+                    .map(|i| i as usize)
+                    .map(|i| (i, Arm::Poll)),
+            };
+            if let Some((i, key)) = slot {
+                let Some((_, arm)) = self.armed[i] else {
+                    // Its entry was given up already (a failed unmask's
+                    // linked read, or one that outlived its cancel).
+                    continue;
+                };
+                if (key == Arm::ReadAfterUnmask) != (arm == Arm::ReadAfterUnmask) {
+                    continue;
+                }
                 // Fired, or cancelled: either way no longer armed.
-                let read = self.armed[i].take().is_some_and(|(_, read)| read);
-                let r = cqe.result();
-                let found = match (read, r) {
+                self.armed[i] = None;
+                if arm == Arm::ReadAfterUnmask {
+                    // The unmask linked before it is done too.
+                    self.unmasks = self.unmasks.saturating_sub(1);
+                }
+                if arm.reads() && r == -libc::EAGAIN {
+                    // This kernel does not wait under a read of a
+                    // non-blocking descriptor: poll it from now on.
+                    tracing::debug!("the ring cannot wait on an event channel read: polling it");
+                    self.read_ev_ok = false;
+                }
+                let found = match (arm.reads(), r) {
                     // The channel's bytes: a kick, consumed.
                     (true, 1..) => Ready::Read,
                     // A read cancelled (by `disarm`) took nothing.
@@ -552,18 +625,6 @@ impl UringEngine {
                     _ => Ready::Readable,
                 };
                 self.fired[i] = self.fired[i].max(found);
-                continue;
-            }
-            if ud == UNMASK_KEY {
-                self.unmasks = self.unmasks.saturating_sub(1);
-                let r = cqe.result();
-                if r != 4 && self.unmask_err.is_none() {
-                    self.unmask_err = Some(if r < 0 {
-                        io::Error::from_raw_os_error(-r)
-                    } else {
-                        io::Error::from(io::ErrorKind::WriteZero)
-                    });
-                }
                 continue;
             }
             if self.drain_key == Some(ud) {
@@ -606,15 +667,15 @@ impl UringEngine {
                 self.unmask_now(fds[1], bytes);
             }
             self.submit_queued();
+            // A kick a read took before `disarm` cancelled it is still one,
+            // and is told now, not after the flush.
+            let told = (0..2).any(|i| fds[i] >= 0 && self.fired[i] != Ready::No);
+            let timeout = if told { Some(Duration::ZERO) } else { timeout };
             let polled = super::wait::readable_with(fds, self.fds(), timeout)?;
-            // A kick a read took before `disarm` cancelled it is still one.
             let mut done = std::mem::take(&mut self.done);
             self.take_cqes(&mut done);
             self.done = done;
             return Ok(self.tell(fds, polled.map(Ready::polled)));
-        }
-        if let Some(bytes) = on.unmask {
-            self.push_unmask(fds[1], bytes);
         }
         let side = self
             .side
@@ -631,11 +692,12 @@ impl UringEngine {
             // entry (and a read's buffer) goes first.
             self.disarm();
         }
+        let mut unmask = on.unmask;
         for (i, &fd) in want.iter().enumerate() {
             if fd < 0 || self.fired[i] != Ready::No || self.armed[i].is_some_and(|(a, _)| a == fd) {
                 continue;
             }
-            let read = i == 1 && on.read_ev;
+            let read = i == 1 && on.read_ev && self.read_ev_ok;
             let entry = if read {
                 // Offset -1: the descriptor's own position (a stream).
                 opcode::Read::new(types::Fd(fd), self.ev_buf.as_mut_ptr(), EV_BUF as u32)
@@ -643,18 +705,49 @@ impl UringEngine {
                     .build()
             } else {
                 opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build()
-            }
-            .user_data(POLL_KEY + i as u64);
+            };
+            // The unmask goes just before the read, linked to it: the read
+            // is armed once the write is done, and its completion (even a
+            // cancel's) says so; the write's own is skipped unless it fails,
+            // so it wakes nobody.
+            let write = match unmask {
+                Some(bytes) if read && self.skip_ok => self.unmask_entry(fd, bytes),
+                _ => None,
+            };
+            let arm = match (read, &write) {
+                (false, _) => Arm::Poll,
+                (true, None) => Arm::Read,
+                (true, Some(_)) => Arm::ReadAfterUnmask,
+            };
+            let key = match arm {
+                Arm::ReadAfterUnmask => LINKED_READ_KEY,
+                _ => POLL_KEY + i as u64,
+            };
+            let entry = entry.user_data(key);
+            let entries: &[squeue::Entry] = match &write {
+                Some(w) => &[w.clone(), entry],
+                None => std::slice::from_ref(&entry),
+            };
             // SAFETY: a poll carries no buffer; a read's is `ev_buf`, on the
             // heap and not touched by us until its completion is seen (or,
-            // if a teardown cannot see it, leaked: see `disarm`). The
-            // descriptor is the caller's and outlives the entry (`Drop`
-            // cancels what is still armed before the engine goes).
-            while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            // if a teardown cannot see it, leaked: see `disarm`); an
+            // unmask's is `unmask_buf`, unchanged until the read linked
+            // after it completes (`unmasks`). The descriptor is the
+            // caller's and outlives the entry (`Drop` cancels what is still
+            // armed before the engine goes).
+            while unsafe { self.ring.submission().push_multiple(entries) }.is_err() {
                 self.submit_queued();
             }
-            self.unsubmitted += 1;
-            self.armed[i] = Some((fd, read));
+            self.unsubmitted += entries.len();
+            self.armed[i] = Some((fd, arm));
+            if write.is_some() {
+                unmask = None;
+                self.unmasks += 1;
+            }
+        }
+        if let Some(bytes) = unmask {
+            // Not carried (no read armed with it now): written here.
+            self.unmask_now(fds[1], bytes);
         }
         let mut done = std::mem::take(&mut self.done);
         self.take_cqes(&mut done);
@@ -664,13 +757,7 @@ impl UringEngine {
                 .zip(&want)
                 .any(|(&f, &fd)| f != Ready::No && fd >= 0)
         };
-        // An unmask this call submits completes at once: wait for one more.
-        let unmask = usize::from(std::mem::take(&mut self.unmask_queued));
-        let wait = if done.is_empty() && !ready(&self.fired) {
-            1 + unmask
-        } else {
-            0
-        };
+        let wait = usize::from(done.is_empty() && !ready(&self.fired));
         let r = match timeout {
             Some(t) => {
                 let ts = types::Timespec::from(t);
@@ -712,30 +799,23 @@ impl UringEngine {
         out
     }
 
-    /// Queues the event channel's unmask, `bytes` written to `fd` by the
-    /// ring (with the next submission).
-    fn push_unmask(&mut self, fd: RawFd, bytes: [u8; 4]) {
+    /// The entry that writes the unmask, `bytes`, to `fd` (to be linked
+    /// before the channel's read), or `None` if its buffer is still in use
+    /// by an earlier one with other bytes (never: a ring has one channel).
+    fn unmask_entry(&mut self, fd: RawFd, bytes: [u8; 4]) -> Option<squeue::Entry> {
         match &mut self.unmask_buf {
             Some(b) if **b == bytes => {}
-            // Other bytes while a write of the old ones is out: that write
-            // still reads them.
-            Some(_) if self.unmasks > 0 => return self.unmask_now(fd, bytes),
+            Some(_) if self.unmasks > 0 => return None,
             slot => *slot = Some(Box::new(bytes)),
         }
-        let Some(b) = &self.unmask_buf else { return };
-        let write = opcode::Write::new(types::Fd(fd), b.as_ptr(), 4)
-            .offset(u64::MAX)
-            .build()
-            .user_data(UNMASK_KEY);
-        // SAFETY: the bytes are on the heap, never changed while a write of
-        // them is out (`unmasks`), and leaked by a teardown that cannot see
-        // its completion (see `disarm`); the descriptor is the caller's.
-        while unsafe { self.ring.submission().push(&write) }.is_err() {
-            self.submit_queued();
-        }
-        self.unsubmitted += 1;
-        self.unmasks += 1;
-        self.unmask_queued = true;
+        let b = self.unmask_buf.as_ref()?;
+        Some(
+            opcode::Write::new(types::Fd(fd), b.as_ptr(), 4)
+                .offset(u64::MAX)
+                .build()
+                .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
+                .user_data(UNMASK_KEY),
+        )
     }
 
     /// Writes the unmask with a system call of its own (while a flush
@@ -775,12 +855,12 @@ impl UringEngine {
     /// never freed under it.
     fn disarm(&mut self) {
         for i in 0..POLLED {
-            if self.armed[i].is_none() {
-                continue;
-            }
-            let cancel = opcode::AsyncCancel::new(POLL_KEY + i as u64)
-                .build()
-                .user_data(CANCEL_KEY);
+            let key = match self.armed[i] {
+                None => continue,
+                Some((_, Arm::ReadAfterUnmask)) => LINKED_READ_KEY,
+                Some(_) => POLL_KEY + i as u64,
+            };
+            let cancel = opcode::AsyncCancel::new(key).build().user_data(CANCEL_KEY);
             // SAFETY: a cancel entry carries no buffer.
             while unsafe { self.ring.submission().push(&cancel) }.is_err() {
                 self.submit_queued();
@@ -800,10 +880,13 @@ impl UringEngine {
             self.take_cqes(&mut done);
         }
         self.done = done;
-        if self.armed[1].is_some_and(|(_, read)| read) {
+        if self.armed[1].is_some_and(|(_, a)| a.reads()) {
             tracing::warn!("an event channel read outlived its cancel: leaking its buffer");
             std::mem::forget(std::mem::replace(&mut self.ev_buf, Box::new([0; EV_BUF])));
             self.armed[1] = None;
+            // Its late completion would carry this slot's key: no read is
+            // armed under it again (the channel is polled).
+            self.read_ev_ok = false;
         }
         if self.unmasks > 0 {
             tracing::warn!("an event channel unmask outlived the wait: leaking its bytes");
@@ -1273,18 +1356,33 @@ mod tests {
             unmask: Some(*b"UNMK"),
         };
         let _ = e.sleep(on, Some(Duration::from_secs(5))).unwrap();
-        // (A descriptor that is not non-blocking has its write done by a
-        // kernel worker: its completion may come after the sleep.)
-        let on = SleepOn { unmask: None, ..on };
+        // (The write may be done by a kernel worker, /dev/null not being
+        // non-blocking: its completion may come after the sleep.)
         let t = Instant::now();
         while e.unmasks > 0 && t.elapsed() < Duration::from_secs(5) {
-            let _ = e.sleep(on, Some(Duration::from_millis(10))).unwrap();
+            let _ = e.sleep(polled([-1, -1]), Some(Duration::from_millis(10)));
         }
+        assert_eq!(
+            e.unmasks, 0,
+            "the failed unmask's write was never seen done"
+        );
         assert!(
             e.take_unmask_error().is_some(),
             "a failed unmask went unsaid"
         );
         assert!(e.take_unmask_error().is_none());
+        // The channel is polled from then on, and its kicks still wake the
+        // ring: nothing is left armed under the failed unmask.
+        let on = SleepOn {
+            fds: [-1, ours.as_raw_fd()],
+            read_ev: true,
+            unmask: None,
+        };
+        peer.send(b"K").unwrap();
+        assert_eq!(
+            e.sleep(on, Some(Duration::from_secs(5))).unwrap(),
+            [Ready::No, Ready::Readable]
+        );
     }
 
     fn flight(tag: u64) -> Flight {

@@ -266,11 +266,12 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         if let Some(e) = self.engine.take_unmask_error() {
             tracing::warn!(domid = %self.domid, "cannot unmask event channel: {e}");
         }
+        let ready = ready?;
         // Read the channel only when it polled readable (or has no
         // descriptor): a wake-up for a completion costs no read that would
         // only say EAGAIN. A kick the engine read is there already.
         let kick = listen
-            && match ready?[1] {
+            && match ready[1] {
                 Ready::Read => {
                     if carried.is_some_and(|c| c.fold) {
                         self.ev.take_kick()?;
