@@ -48,8 +48,9 @@ pub struct SleepOn {
     /// reads it in the ring instead of polling it, so the kick is consumed
     /// by the system call that sleeps, and says so with [`Ready::Read`].
     pub read_ev: bool,
-    /// Written to the event channel before the sleep, in its own system
-    /// call: the unmask (only where [`Engine::carries_channel`]).
+    /// Written to the event channel just before the sleep: the unmask (only
+    /// where [`Engine::carries_channel`]; the io_uring engine writes it
+    /// with `write(2)`, see [`UringEngine::sleep`]).
     pub unmask: Option<[u8; 4]>,
 }
 
@@ -261,16 +262,16 @@ impl Engine {
         }
     }
 
-    /// Whether [`Engine::sleep`] can carry an event channel's unmask
-    /// ([`SleepOn::unmask`]) and read its kicks itself (io_uring).
+    /// Whether [`Engine::sleep`] takes an event channel's unmask
+    /// ([`SleepOn::unmask`]) and reads its kicks itself (io_uring).
     pub fn carries_channel(&self) -> bool {
         matches!(self, Engine::Uring(_))
     }
 
     /// Sleeps until one of `on.fds` (`-1`: none) is ready, a completion may
     /// be reaped (while I/O is in flight), or `timeout` (`None`: no limit);
-    /// says which of `on.fds` were. io_uring submits what is queued, writes
-    /// the unmask, reads the event channel and waits in one `io_uring_enter`
+    /// says which of `on.fds` were. io_uring writes the unmask, then submits
+    /// what is queued, reads the event channel and waits in one `io_uring_enter`
     /// (see [`UringEngine::sleep`]); the other engines wait in `poll(2)` on
     /// `on.fds` and their own descriptors, and carry no unmask (an error).
     pub fn sleep(&mut self, on: SleepOn, timeout: Option<Duration>) -> io::Result<[Ready; 2]> {
@@ -292,7 +293,7 @@ impl Engine {
         Ok(ready.map(Ready::polled))
     }
 
-    /// The first failure of an unmask the engine carried since the last
+    /// The first failure of an unmask the engine wrote since the last
     /// call (the channel stays masked: the caller says so).
     pub fn take_unmask_error(&mut self) -> Option<io::Error> {
         match self {

@@ -36,14 +36,8 @@ const ENTRIES: u32 = 256;
 const POLLED: usize = 3;
 /// `user_data` of the poll (or the event channel's read) on descriptor `i`
 /// of a sleep: `POLL_KEY + i`, far above any flight's key (a slot index,
-/// bounded by what is in flight) and below the keys that follow.
-const POLL_KEY: u64 = LINKED_READ_KEY - POLLED as u64;
-/// `user_data` of the event channel's read linked after its unmask: a key
-/// of its own, so that a completion of it is never taken for another
-/// entry's (when the unmask fails, some kernels post none for it).
-const LINKED_READ_KEY: u64 = UNMASK_KEY - 1;
-/// `user_data` of an event channel's unmask written by the ring.
-const UNMASK_KEY: u64 = u64::MAX - 1;
+/// bounded by what is in flight) and below the cancels' `u64::MAX`.
+const POLL_KEY: u64 = u64::MAX - 1 - POLLED as u64;
 /// `user_data` of a cancel (its completion is nobody's).
 const CANCEL_KEY: u64 = u64::MAX;
 /// What a sleep slot has armed.
@@ -53,15 +47,6 @@ enum Arm {
     Poll,
     /// A read of the event channel.
     Read,
-    /// A read of the event channel linked after its unmask (see
-    /// `UringEngine::unmasks`).
-    ReadAfterUnmask,
-}
-
-impl Arm {
-    fn reads(self) -> bool {
-        self != Arm::Poll
-    }
 }
 
 /// Bytes a read of the event channel takes at most (the driver hands over
@@ -160,22 +145,11 @@ pub struct UringEngine {
     /// kernels that do not wait on an `O_NONBLOCK` descriptor answer) nor
     /// outlived its cancel. Otherwise the channel is polled.
     read_ev_ok: bool,
-    /// The kernel skips the completion of an entry that succeeds
-    /// (`IOSQE_CQE_SKIP_SUCCESS`): needed to carry the unmask.
-    skip_ok: bool,
     /// What each slot's entry found since the last sleep said so.
     fired: [Ready; POLLED],
     /// Where the ring reads the event channel (on the heap: the kernel
     /// writes it after the entry went in, wherever the engine has moved).
     ev_buf: Box<[u8; EV_BUF]>,
-    /// The unmask's bytes (the channel's port, the same for every write):
-    /// the kernel reads them after the entry went in.
-    unmask_buf: Option<Box<[u8; 4]>>,
-    /// Unmask writes the kernel may not have done: each is linked before
-    /// the channel's read, so the read's completion (whatever its result)
-    /// says it is, or its own, posted only if it failed (the read linked
-    /// after it then never ran).
-    unmasks: u32,
     /// The first unmask that failed since the caller last asked.
     unmask_err: Option<io::Error>,
     /// The last submission made in a pass found completions on return
@@ -234,7 +208,6 @@ impl UringEngine {
             }
         };
         let read_ev_ok = ring.params().is_feature_fast_poll();
-        let skip_ok = ring.params().is_feature_skip_cqe_on_success();
         Ok(UringEngine {
             ring,
             target,
@@ -248,10 +221,7 @@ impl UringEngine {
             armed: [None; POLLED],
             fired: [Ready::No; POLLED],
             ev_buf: Box::new([0; EV_BUF]),
-            unmask_buf: None,
-            unmasks: 0,
             read_ev_ok,
-            skip_ok,
             unmask_err: None,
             completes_inline: true,
             deferred: 0,
@@ -567,55 +537,26 @@ impl UringEngine {
         for cqe in self.ring.completion() {
             let ud = cqe.user_data();
             let r = cqe.result();
-            if ud == UNMASK_KEY {
-                // Only a failed unmask completes (its success is skipped).
-                // The read linked after it never ran, and may complete or
-                // not: its key is its own, and the channel is polled from
-                // now on.
-                self.unmasks = self.unmasks.saturating_sub(1);
-                if self.armed[1].is_some_and(|(_, a)| a == Arm::ReadAfterUnmask) {
-                    self.armed[1] = None;
-                }
-                self.read_ev_ok = false;
-                if self.unmask_err.is_none() {
-                    self.unmask_err = Some(if r < 0 {
-                        io::Error::from_raw_os_error(-r)
-                    } else {
-                        io::Error::from(io::ErrorKind::WriteZero)
-                    });
-                }
-                continue;
-            }
-            let slot = match ud {
-                LINKED_READ_KEY => Some((1, Arm::ReadAfterUnmask)),
-                _ => ud
-                    .checked_sub(POLL_KEY)
-                    .filter(|&i| i < POLLED as u64)
-                    .map(|i| i as usize)
-                    .map(|i| (i, Arm::Poll)),
-            };
-            if let Some((i, key)) = slot {
+            let slot = ud
+                .checked_sub(POLL_KEY)
+                .filter(|&i| i < POLLED as u64)
+                .map(|i| i as usize);
+            if let Some(i) = slot {
                 let Some((_, arm)) = self.armed[i] else {
-                    // Its entry was given up already (a failed unmask's
-                    // linked read, or one that outlived its cancel).
+                    // Its entry was given up already (one that outlived its
+                    // cancel).
                     continue;
                 };
-                if (key == Arm::ReadAfterUnmask) != (arm == Arm::ReadAfterUnmask) {
-                    continue;
-                }
                 // Fired, or cancelled: either way no longer armed.
                 self.armed[i] = None;
-                if arm == Arm::ReadAfterUnmask {
-                    // The unmask linked before it is done too.
-                    self.unmasks = self.unmasks.saturating_sub(1);
-                }
-                if arm.reads() && r == -libc::EAGAIN {
+                let reads = arm == Arm::Read;
+                if reads && r == -libc::EAGAIN {
                     // This kernel does not wait under a read of a
                     // non-blocking descriptor: poll it from now on.
                     tracing::debug!("the ring cannot wait on an event channel read: polling it");
                     self.read_ev_ok = false;
                 }
-                let found = match (arm.reads(), r) {
+                let found = match (reads, r) {
                     // The channel's bytes: a kick, consumed.
                     (true, 1..) => Ready::Read,
                     // A read cancelled (by `disarm`) took nothing.
@@ -692,62 +633,40 @@ impl UringEngine {
             // entry (and a read's buffer) goes first.
             self.disarm();
         }
-        let mut unmask = on.unmask;
+        if let Some(bytes) = on.unmask {
+            // Written with a system call of its own, before the entries go
+            // in. (Carried in the ring, its completion would have to be told
+            // from a wake-up's; and `IOSQE_CQE_SKIP_SUCCESS`, which would
+            // hide it, turns off `IOSQE_IO_DRAIN` for the whole ring, which
+            // our flushes need: the VM's flushes failed with EOPNOTSUPP.)
+            self.unmask_now(fds[1], bytes);
+        }
         for (i, &fd) in want.iter().enumerate() {
             if fd < 0 || self.fired[i] != Ready::No || self.armed[i].is_some_and(|(a, _)| a == fd) {
                 continue;
             }
             let read = i == 1 && on.read_ev && self.read_ev_ok;
-            let entry = if read {
+            let (entry, arm) = if read {
                 // Offset -1: the descriptor's own position (a stream).
-                opcode::Read::new(types::Fd(fd), self.ev_buf.as_mut_ptr(), EV_BUF as u32)
+                let r = opcode::Read::new(types::Fd(fd), self.ev_buf.as_mut_ptr(), EV_BUF as u32)
                     .offset(u64::MAX)
-                    .build()
+                    .build();
+                (r, Arm::Read)
             } else {
-                opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build()
+                let p = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+                (p, Arm::Poll)
             };
-            // The unmask goes just before the read, linked to it: the read
-            // is armed once the write is done, and its completion (even a
-            // cancel's) says so; the write's own is skipped unless it fails,
-            // so it wakes nobody.
-            let write = match unmask {
-                Some(bytes) if read && self.skip_ok => self.unmask_entry(fd, bytes),
-                _ => None,
-            };
-            let arm = match (read, &write) {
-                (false, _) => Arm::Poll,
-                (true, None) => Arm::Read,
-                (true, Some(_)) => Arm::ReadAfterUnmask,
-            };
-            let key = match arm {
-                Arm::ReadAfterUnmask => LINKED_READ_KEY,
-                _ => POLL_KEY + i as u64,
-            };
-            let entry = entry.user_data(key);
-            let entries: &[squeue::Entry] = match &write {
-                Some(w) => &[w.clone(), entry],
-                None => std::slice::from_ref(&entry),
-            };
+            let entry = entry.user_data(POLL_KEY + i as u64);
             // SAFETY: a poll carries no buffer; a read's is `ev_buf`, on the
             // heap and not touched by us until its completion is seen (or,
-            // if a teardown cannot see it, leaked: see `disarm`); an
-            // unmask's is `unmask_buf`, unchanged until the read linked
-            // after it completes (`unmasks`). The descriptor is the
-            // caller's and outlives the entry (`Drop` cancels what is still
-            // armed before the engine goes).
-            while unsafe { self.ring.submission().push_multiple(entries) }.is_err() {
+            // if a teardown cannot see it, leaked: see `disarm`). The
+            // descriptor is the caller's and outlives the entry (`Drop`
+            // cancels what is still armed before the engine goes).
+            while unsafe { self.ring.submission().push(&entry) }.is_err() {
                 self.submit_queued();
             }
-            self.unsubmitted += entries.len();
+            self.unsubmitted += 1;
             self.armed[i] = Some((fd, arm));
-            if write.is_some() {
-                unmask = None;
-                self.unmasks += 1;
-            }
-        }
-        if let Some(bytes) = unmask {
-            // Not carried (no read armed with it now): written here.
-            self.unmask_now(fds[1], bytes);
         }
         let mut done = std::mem::take(&mut self.done);
         self.take_cqes(&mut done);
@@ -799,25 +718,6 @@ impl UringEngine {
         out
     }
 
-    /// The entry that writes the unmask, `bytes`, to `fd` (to be linked
-    /// before the channel's read), or `None` if its buffer is still in use
-    /// by an earlier one with other bytes (never: a ring has one channel).
-    fn unmask_entry(&mut self, fd: RawFd, bytes: [u8; 4]) -> Option<squeue::Entry> {
-        match &mut self.unmask_buf {
-            Some(b) if **b == bytes => {}
-            Some(_) if self.unmasks > 0 => return None,
-            slot => *slot = Some(Box::new(bytes)),
-        }
-        let b = self.unmask_buf.as_ref()?;
-        Some(
-            opcode::Write::new(types::Fd(fd), b.as_ptr(), 4)
-                .offset(u64::MAX)
-                .build()
-                .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
-                .user_data(UNMASK_KEY),
-        )
-    }
-
     /// Writes the unmask with a system call of its own (while a flush
     /// drains, an entry would wait for it).
     fn unmask_now(&mut self, fd: RawFd, bytes: [u8; 4]) {
@@ -855,12 +755,12 @@ impl UringEngine {
     /// never freed under it.
     fn disarm(&mut self) {
         for i in 0..POLLED {
-            let key = match self.armed[i] {
-                None => continue,
-                Some((_, Arm::ReadAfterUnmask)) => LINKED_READ_KEY,
-                Some(_) => POLL_KEY + i as u64,
-            };
-            let cancel = opcode::AsyncCancel::new(key).build().user_data(CANCEL_KEY);
+            if self.armed[i].is_none() {
+                continue;
+            }
+            let cancel = opcode::AsyncCancel::new(POLL_KEY + i as u64)
+                .build()
+                .user_data(CANCEL_KEY);
             // SAFETY: a cancel entry carries no buffer.
             while unsafe { self.ring.submission().push(&cancel) }.is_err() {
                 self.submit_queued();
@@ -869,9 +769,7 @@ impl UringEngine {
         }
         let deadline = Instant::now() + TEARDOWN;
         let mut done = std::mem::take(&mut self.done);
-        while (self.armed.iter().any(Option::is_some) || self.unmasks > 0)
-            && Instant::now() < deadline
-        {
+        while self.armed.iter().any(Option::is_some) && Instant::now() < deadline {
             let ts = types::Timespec::new().nsec(50_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             if let Ok(n) = self.ring.submitter().submit_with_args(1, &args) {
@@ -880,18 +778,13 @@ impl UringEngine {
             self.take_cqes(&mut done);
         }
         self.done = done;
-        if self.armed[1].is_some_and(|(_, a)| a.reads()) {
+        if self.armed[1].is_some_and(|(_, a)| a == Arm::Read) {
             tracing::warn!("an event channel read outlived its cancel: leaking its buffer");
             std::mem::forget(std::mem::replace(&mut self.ev_buf, Box::new([0; EV_BUF])));
             self.armed[1] = None;
             // Its late completion would carry this slot's key: no read is
             // armed under it again (the channel is polled).
             self.read_ev_ok = false;
-        }
-        if self.unmasks > 0 {
-            tracing::warn!("an event channel unmask outlived the wait: leaking its bytes");
-            std::mem::forget(self.unmask_buf.take());
-            self.unmasks = 0;
         }
     }
 }
@@ -1348,31 +1241,39 @@ mod tests {
             Some(4),
             "no unmask while draining"
         );
+        // The flush done (and reaped), the ring sleeps in itself again.
+        let t = Instant::now();
+        while e.in_flight() > 0 && t.elapsed() < Duration::from_secs(5) {
+            let _ = e.sleep(polled([-1, -1]), Some(Duration::from_millis(10)));
+            let mut out = Vec::new();
+            e.reap(&mut out);
+            for d in out {
+                // (`IOSQE_CQE_SKIP_SUCCESS` anywhere in the ring would have
+                // failed it with EOPNOTSUPP.)
+                assert!(d.result.is_ok(), "the flush failed: {:?}", d.result);
+            }
+        }
+        assert_eq!(e.in_flight(), 0, "the flush never completed");
         // A failed unmask is reported, once.
-        let dead = std::fs::File::open("/dev/null").unwrap();
+        // (Non-blocking: its read completes in the sleep that arms it.)
+        let dead = std::os::unix::fs::OpenOptionsExt::custom_flags(
+            std::fs::OpenOptions::new().read(true),
+            libc::O_NONBLOCK,
+        )
+        .open("/dev/null")
+        .unwrap();
         let on = SleepOn {
             fds: [-1, dead.as_raw_fd()],
             read_ev: true,
             unmask: Some(*b"UNMK"),
         };
         let _ = e.sleep(on, Some(Duration::from_secs(5))).unwrap();
-        // (The write may be done by a kernel worker, /dev/null not being
-        // non-blocking: its completion may come after the sleep.)
-        let t = Instant::now();
-        while e.unmasks > 0 && t.elapsed() < Duration::from_secs(5) {
-            let _ = e.sleep(polled([-1, -1]), Some(Duration::from_millis(10)));
-        }
-        assert_eq!(
-            e.unmasks, 0,
-            "the failed unmask's write was never seen done"
-        );
         assert!(
             e.take_unmask_error().is_some(),
             "a failed unmask went unsaid"
         );
         assert!(e.take_unmask_error().is_none());
-        // The channel is polled from then on, and its kicks still wake the
-        // ring: nothing is left armed under the failed unmask.
+        // The channel's kicks still wake the ring.
         let on = SleepOn {
             fds: [-1, ours.as_raw_fd()],
             read_ev: true,
@@ -1381,7 +1282,7 @@ mod tests {
         peer.send(b"K").unwrap();
         assert_eq!(
             e.sleep(on, Some(Duration::from_secs(5))).unwrap(),
-            [Ready::No, Ready::Readable]
+            [Ready::No, Ready::Read]
         );
     }
 

@@ -125,10 +125,10 @@ pub trait EventChannel: Send + Sync + 'static {
     /// channel's pending bit). The channel stays masked until
     /// [`EventChannel::unmask`].
     fn take_kick(&self) -> io::Result<bool>;
-    /// Whether a ring (io_uring) can carry this channel in the sleep's own
-    /// system call: a kick is a read of [`EventChannel::fd`], the unmask a
-    /// write to it (see [`Carried`]). `None` (the default): the queue reads
-    /// and unmasks it itself.
+    /// Whether a ring (io_uring) can carry this channel's kicks in the
+    /// sleep's own system call: a kick is a read of [`EventChannel::fd`],
+    /// the unmask a write to it that the engine makes (see [`Carried`]).
+    /// `None` (the default): the queue reads and unmasks it itself.
     fn carried(&self) -> Option<Carried> {
         None
     }

@@ -227,8 +227,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// flight), `stop`, or `timeout`; says which of the first two came. A
     /// listening sleep first unmasks the channel if a kick masked it. The
     /// engine sleeps (io_uring: in the same system call that submits the
-    /// pass's I/O, and that also unmasks and reads the channel where it can
-    /// carry it, see [`crate::xen::Carried`]).
+    /// pass's I/O, and that also reads the channel where it can carry it,
+    /// see [`crate::xen::Carried`]).
     pub(super) fn sleep(
         &mut self,
         listen: bool,
