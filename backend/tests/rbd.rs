@@ -15,18 +15,23 @@ use xenstore::{Client, Xs};
 
 const DEVID: u32 = 51712;
 
-/// `rbd ARGS` against the test cluster; its stdout.
-fn rbd(args: &[&str]) -> String {
-    let out = std::process::Command::new("rbd")
+/// `CMD ARGS` (a Ceph command) against the test cluster; its stdout.
+fn cli(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
         .args(args)
         .output()
-        .expect("running rbd");
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
     assert!(
         out.status.success(),
-        "rbd {args:?}: {}",
+        "{cmd} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `rbd ARGS` against the test cluster; its stdout.
+fn rbd(args: &[&str]) -> String {
+    cli("rbd", args)
 }
 
 /// A fresh image of `mib` MiB, removed (with its snapshots) when dropped.
@@ -531,16 +536,7 @@ async fn bad_rbd_disks_fail_attach_clearly() {
 
 /// `ceph ARGS` against the test cluster; its stdout.
 fn ceph(args: &[&str]) -> String {
-    let out = std::process::Command::new("ceph")
-        .args(args)
-        .output()
-        .expect("running ceph");
-    assert!(
-        out.status.success(),
-        "ceph {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cli("ceph", args)
 }
 
 /// The cluster fences the daemon's client (`ceph osd blocklist add`, as

@@ -465,36 +465,30 @@ mod tests {
         // Read by another: refused too (it would read under a writer).
         let reader = vbd("3", None, &uses("vms/db", false));
         assert!(first_conflict(&reader, std::slice::from_ref(&writer)).is_some());
-        // A snapshot of it (read-only whatever the mode), another image, the
-        // same name in another pool: no conflict.
-        for p in ["vms/db@nightly", "vms/web", "other/db", "vms/tenant1/db"] {
-            let o = vbd("3", None, &uses(p, true));
-            assert!(
-                first_conflict(&o, std::slice::from_ref(&writer)).is_none(),
-                "{p}"
-            );
-        }
-    }
-
-    #[test]
-    fn an_rbd_namespace_is_part_of_the_images_identity() {
-        let uses = |p: &str, w| {
-            let params = Params::parse(&format!("rbd:{p}")).unwrap();
-            declared(&params, w).unwrap().0
+        // Written by another VM, none of these conflicts with `w`.
+        let free = |w: &Vbd, others: &[&str]| {
+            for p in others {
+                let o = vbd("3", None, &uses(p, true));
+                assert!(first_conflict(&o, std::slice::from_ref(w)).is_none(), "{p}");
+            }
         };
-        let writer = vbd("2", None, &uses("vms/tenant1/db", true));
-        let same = vbd("3", None, &uses("vms/tenant1/db", false));
+        // A snapshot of it (read-only whatever the mode), another image, the
+        // same name in another pool or in a namespace of the pool.
+        free(
+            &writer,
+            &["vms/db@nightly", "vms/web", "other/db", "vms/tenant1/db"],
+        );
+        // A namespace is part of the image's identity.
+        let in_ns = vbd("4", None, &uses("vms/tenant1/db", true));
+        let reader = vbd("5", None, &uses("vms/tenant1/db", false));
         assert_eq!(
-            first_conflict(&same, std::slice::from_ref(&writer)).map(|f| f.1.to_string()),
+            first_conflict(&reader, std::slice::from_ref(&in_ns)).map(|f| f.1.to_string()),
             Some("RBD image vms/tenant1/db".to_string())
         );
-        for p in ["vms/db", "vms/tenant2/db", "vms/tenant1/db@nightly"] {
-            let o = vbd("3", None, &uses(p, true));
-            assert!(
-                first_conflict(&o, std::slice::from_ref(&writer)).is_none(),
-                "{p}"
-            );
-        }
+        free(
+            &in_ns,
+            &["vms/db", "vms/tenant2/db", "vms/tenant1/db@nightly"],
+        );
     }
 
     #[test]

@@ -115,6 +115,23 @@ pub struct IoOp {
     pub drain: bool,
 }
 
+impl IoOp {
+    /// A flush tagged `tag`: it starts only once every operation submitted
+    /// before it is done, so it covers every write answered before it.
+    pub fn flush(tag: u64) -> IoOp {
+        IoOp {
+            tag,
+            kind: IoKind::Flush,
+            off: 0,
+            len: 0,
+            buf: None,
+            guest: None,
+            buf_off: 0,
+            drain: true,
+        }
+    }
+}
+
 /// A completed operation.
 #[derive(Debug)]
 pub struct IoDone {

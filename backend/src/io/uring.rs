@@ -1214,16 +1214,7 @@ mod tests {
         // still handed over by the sleep that waits for the flush, and that
         // sleep writes its unmask itself (an entry would wait for the flush).
         peer.send(b"K").unwrap();
-        e.push(IoOp {
-            tag: 9,
-            kind: IoKind::Flush,
-            off: 0,
-            len: 0,
-            buf: None,
-            guest: None,
-            buf_off: 0,
-            drain: true,
-        });
+        e.push(IoOp::flush(9));
         let on = SleepOn {
             unmask: Some(*b"UNMK"),
             ..on

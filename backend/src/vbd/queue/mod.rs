@@ -511,18 +511,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             Operation::Discard { .. } => (IoKind::Discard, false),
         };
         let op = match kind {
-            // Every write answered before this flush has completed: the flush
-            // starts only once everything submitted before it is done.
-            IoKind::Flush => IoOp {
-                tag,
-                kind,
-                off: 0,
-                len: 0,
-                buf: None,
-                guest: None,
-                buf_off: 0,
-                drain: true,
-            },
+            IoKind::Flush => IoOp::flush(tag),
             _ => IoOp {
                 tag,
                 kind,
