@@ -5,12 +5,11 @@
 //! blocking engine's worker does.
 #![allow(unsafe_code)]
 
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::op::{IoDone, IoKind, IoOp};
+use super::op::{DrainOrder, IoDone, IoKind, IoOp};
 use super::pool::BouncePool;
 use super::wait::Doorbell;
 use super::Disk;
@@ -120,12 +119,10 @@ pub struct RbdEngine {
     pool: Arc<BouncePool>,
     shared: Arc<Shared>,
     /// Pushed, not started: behind a drain (flush) that waits for what was
-    /// started before it.
-    held: VecDeque<IoOp>,
+    /// started before it, or one that has not completed.
+    order: DrainOrder,
     /// Started and not reaped.
     started: usize,
-    /// The tag of a started drain operation: nothing starts until it is done.
-    barrier: Option<u64>,
     ready: Vec<IoDone>,
 }
 
@@ -140,34 +137,20 @@ impl RbdEngine {
                 done: Mutex::new(Vec::new()),
                 bell: Doorbell::new()?,
             }),
-            held: VecDeque::new(),
+            order: DrainOrder::default(),
             started: 0,
-            barrier: None,
             ready: Vec::new(),
         })
     }
 
     pub(super) fn push(&mut self, op: IoOp) {
-        self.held.push_back(op);
+        self.order.hold(op);
         self.start_ready();
     }
 
-    /// Starts held operations in order, as far as drains allow: a drain
-    /// starts when nothing else is in flight, and nothing starts while it is.
+    /// Starts held operations in order, as far as drains allow.
     fn start_ready(&mut self) {
-        while self.barrier.is_none() {
-            let Some(front) = self.held.front() else {
-                break;
-            };
-            if front.drain && self.started > 0 {
-                break;
-            }
-            let Some(op) = self.held.pop_front() else {
-                break;
-            };
-            if op.drain {
-                self.barrier = Some(op.tag);
-            }
+        while let Some(op) = self.order.next(self.started) {
             self.start(op);
         }
     }
@@ -271,6 +254,7 @@ impl RbdEngine {
     }
 
     fn fail(&mut self, op: IoOp, e: io::Error) {
+        self.order.done(op.tag);
         self.ready.push(IoDone::failed(op, e));
     }
 
@@ -279,9 +263,7 @@ impl RbdEngine {
         let mut done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner());
         for d in done.drain(..) {
             self.started -= 1;
-            if self.barrier == Some(d.tag) {
-                self.barrier = None;
-            }
+            self.order.done(d.tag);
             self.ready.push(d);
         }
         drop(done);
@@ -299,7 +281,7 @@ impl RbdEngine {
     }
 
     pub(super) fn in_flight(&self) -> usize {
-        self.started + self.held.len() + self.ready.len()
+        self.started + self.order.len() + self.ready.len()
     }
 
     pub(super) fn fd(&self) -> std::os::fd::RawFd {
