@@ -148,7 +148,7 @@ pub struct Queue<G, E, D> {
     /// Limits no longer apply (the ring is draining to stop).
     unthrottled: bool,
     /// When the counters were last published.
-    published_at: std::time::Instant,
+    published_at: Duration,
     /// The vbd's share of the host's requests in flight, and what this
     /// queue counts in it.
     share: Option<(Arc<crate::vbd::share::VbdShare>, u32)>,
@@ -220,7 +220,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             limiter: None,
             throttled_until: None,
             unthrottled: false,
-            published_at: std::time::Instant::now(),
+            published_at: coarse_now(),
             share: None,
             reaped: Vec::new(),
             defer_submit: false,
@@ -273,8 +273,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// and always when `now` (before the queue sleeps or stops).
     fn publish_counters(&mut self, now: bool) {
         if let Some(c) = &self.counters {
-            let t = std::time::Instant::now();
-            if now || t.duration_since(self.published_at) >= Duration::from_millis(1) {
+            let t = coarse_now();
+            if now || t.saturating_sub(self.published_at) >= Duration::from_millis(1) {
                 self.published_at = t;
                 *c.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
             }
@@ -365,18 +365,22 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             }
         };
         self.taken = raws.len();
+        // One clock read for the pass's requests, not one each: where the
+        // clock is a system call (a Xen PV dom0 whose clock source the vDSO
+        // cannot read), every read costs a trip through the hypervisor.
+        let now = std::time::Instant::now();
         // The disk may have grown (resize): check requests against its size now.
         self.limits.disk_sectors = self.disk.sectors();
         for raw in raws {
             let slot = match parse(&raw, self.ring.abi(), &self.limits) {
-                Ok(Parsed::Ready(req)) => Slot::waiting(req),
+                Ok(Parsed::Ready(req)) => Slot::waiting(req, now),
                 Ok(Parsed::Indirect(h)) => match self.indirect(&h) {
-                    Ok(req) => Slot::waiting(req),
+                    Ok(req) => Slot::waiting(req, now),
                     Err(r) => {
                         if r.halt {
                             self.halt = Some(RingError::Protocol(r.reason.to_string()));
                         }
-                        Slot::done(r.id, r.wire_op, r.status)
+                        Slot::done(r.id, r.wire_op, r.status, now)
                     }
                 },
                 Err(r) => {
@@ -384,7 +388,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                     if r.halt {
                         self.halt = Some(RingError::Protocol(r.reason.to_string()));
                     }
-                    Slot::done(r.id, r.wire_op, r.status)
+                    Slot::done(r.id, r.wire_op, r.status, now)
                 }
             };
             self.slots.push_back(slot);
@@ -400,7 +404,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// allow and buffers last.
     fn start_waiting(&mut self) {
         self.throttled_until = None;
-        let now = std::time::Instant::now();
+        // The clock only where limits need it (see `take`).
+        let now = self.limiter.is_some().then(std::time::Instant::now);
         self.account_share();
         for i in 0..self.slots.len() {
             let Stage::Waiting(req) = &self.slots[i].stage else {
@@ -416,7 +421,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                 }
             }
             if !self.slots[i].admitted && !self.unthrottled {
-                if let Some((l, q)) = &self.limiter {
+                if let (Some((l, q)), Some(now)) = (&self.limiter, now) {
                     let bytes = if req.segments.is_empty() {
                         0
                     } else {
@@ -453,7 +458,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             }
         }
         // Nothing here waits for the limits now: the vbd's other queues go.
-        if let Some((l, q)) = &self.limiter {
+        if let (Some((l, q)), Some(now)) = (&self.limiter, now) {
             l.done(*q, now);
         }
     }
@@ -683,6 +688,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     /// on; notifies per the ring's event suppression.
     fn publish(&mut self) {
         let mut any = false;
+        // Read once, when the first answer goes out (see `take`).
+        let mut answered = None;
         while let Some(Slot {
             stage: Stage::Done(status),
             ..
@@ -698,10 +705,11 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             }
             self.ring.put_response(slot.id, slot.wire_op, status);
             if let Some(k) = slot.kind {
-                self.stats
-                    .latency
-                    .get_mut(k)
-                    .record(slot.taken_at.elapsed());
+                self.stats.latency.get_mut(k).record(
+                    answered
+                        .get_or_insert_with(std::time::Instant::now)
+                        .saturating_duration_since(slot.taken_at),
+                );
             }
             any = true;
         }
@@ -714,8 +722,17 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
     }
 }
 
+/// The time since boot by the coarse monotonic clock (to the last tick): the
+/// vDSO reads it without the clock source, so it costs no system call where
+/// the precise clock does (a Xen PV dom0). Zero if it cannot be read.
+fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 impl Slot {
-    fn waiting(req: Request) -> Slot {
+    fn waiting(req: Request, taken_at: std::time::Instant) -> Slot {
         let kind = match req.op {
             Operation::Read => OpKind::Read,
             Operation::Write => OpKind::Write,
@@ -730,18 +747,18 @@ impl Slot {
             stage: Stage::Waiting(req),
             buf: None,
             guest: None,
-            taken_at: std::time::Instant::now(),
+            taken_at,
         }
     }
 
-    fn done(id: u64, wire_op: u8, status: i16) -> Slot {
+    fn done(id: u64, wire_op: u8, status: i16, taken_at: std::time::Instant) -> Slot {
         Slot {
             id,
             wire_op,
             stage: Stage::Done(status),
             buf: None,
             guest: None,
-            taken_at: std::time::Instant::now(),
+            taken_at,
             kind: None,
             admitted: true,
         }

@@ -198,9 +198,16 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             if self.engine.queued() > 0 {
                 self.stats.sleep_submits += 1;
             }
-            let asleep = std::time::Instant::now();
+            // The clock is read only where it is needed (polling adapts to
+            // how long sleeps last; limits wake the ring): where it is a
+            // system call, two reads a sleep were most of a ring's calls.
+            let polls = !self.polling.max.is_zero();
+            let asleep = (polls || self.throttled_until.is_some()).then(std::time::Instant::now);
             // Requests held by the I/O limits are started when they allow.
-            let wake = (self.throttled_until).map(|t| t.saturating_duration_since(asleep));
+            let wake = self
+                .throttled_until
+                .zip(asleep)
+                .map(|(t, a)| t.saturating_duration_since(a));
             match self.sleep(listen, Some(stop), wake) {
                 Ok(Woke { kick, io }) => {
                     if kick {
@@ -209,8 +216,8 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
                         // Judged by the pass this kick triggers.
                         self.kicked = true;
                     }
-                    if kick || io {
-                        self.polling.adapt(asleep.elapsed());
+                    if let (true, Some(a)) = (kick || io, asleep.filter(|_| polls)) {
+                        self.polling.adapt(a.elapsed());
                     }
                 }
                 Err(e) => {
