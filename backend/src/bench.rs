@@ -197,6 +197,15 @@ fn warm(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the file's dirty pages back, so that every page-cache run starts
+/// with none (the writes of the run before would otherwise throttle this
+/// one's) and with the cache still warm.
+fn settle(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_data())
+        .with_context(|| format!("writing back {}", path.display()))
+}
+
 fn rate(spec: &BenchSpec, ops: u64, secs: f64) -> f64 {
     if spec.bs >= 65536 {
         ops as f64 * f64::from(spec.bs) / secs / 1e6 // MB/s
@@ -398,7 +407,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     for (cache, direct) in [("page cache", false), ("O_DIRECT", true)] {
         if !direct {
             // Every page-cache run starts warm (nothing drops the cache in
-            // between: see `fio_baseline`).
+            // between: see `fio_baseline`) and clean (`settle`).
             warm(&img)?;
         }
         for (name, w) in WORKLOADS {
@@ -417,6 +426,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 // this process's CPU over it is the disk's own cost per I/O
                 // (the kernel's work: page cache, file system, zram), which
                 // the serving path pays as well.
+                let settled = || if direct { Ok(()) } else { settle(&img) };
+                settled()?;
                 let cpu0 = cpu_seconds();
                 let mut r = raw_baseline(&img, direct, &spec)
                     .with_context(|| format!("raw io_uring baseline of {name}"))?;
@@ -427,11 +438,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                     lat_raw.push((p50, crate::sim::guest::quantile_us(&mut r.latency_ns, 0.99)));
                 }
                 if have_fio {
+                    settled()?;
                     if let Some(f) = fio_baseline(FioTarget::File(&img, direct), &spec) {
                         fio.push(f.rate);
                         lat_fio.extend(f.latency);
                     }
                 }
+                settled()?;
                 let s = bench.served(&spec, &text, direct).await?;
                 ours.push(s.rate);
                 cpu.push(s.cpu_us_per_io);
