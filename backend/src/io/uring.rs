@@ -869,12 +869,19 @@ impl UringEngine {
             tracing::warn!("an event channel unmask outlived the teardown: leaking its bytes");
             std::mem::forget(self.unmask_buf.take());
             self.unmasks = 0;
+            // Its late completion would be counted against a later write's
+            // bytes: the ring carries no unmask again.
+            self.carry_unmask = false;
         }
     }
 }
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
+        // What a flush still holds back never starts: the guest was not
+        // answered for it, and a write started now could land after the
+        // ring was given up (and handed to the next daemon).
+        self.order = DrainOrder::default();
         self.disarm();
         if self.flights.is_empty() {
             return;
@@ -895,8 +902,9 @@ impl Drop for UringEngine {
             let ts = types::Timespec::new().nsec(50_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
+            // Collected, not reaped: reaping would start what they let start.
             let mut out = Vec::new();
-            self.reap(&mut out);
+            self.collect(&mut out);
         }
         if self.flights.is_empty() {
             return;
@@ -1242,6 +1250,38 @@ mod tests {
         }
         assert_eq!(order, [1, 2, 3]);
         assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_dropped_engine_starts_nothing_a_flush_held_back() {
+        let (mut e, pool, dir) = engine();
+        let write = |tag, off, byte: u8| {
+            let mut buf = pool.alloc(4096).unwrap();
+            pool.slice_mut(&mut buf).fill(byte);
+            IoOp {
+                tag,
+                kind: IoKind::Write,
+                off,
+                len: 4096,
+                buf: Some(buf),
+                guest: None,
+                buf_off: 0,
+                drain: false,
+            }
+        };
+        // Torn down with a write in flight and a flush and a write behind
+        // it: the first is the kernel's (cancelled or completed), the others
+        // were never started and must not be once the ring is given up.
+        e.push(write(1, 0, 0x11));
+        e.push(IoOp::flush(2));
+        e.push(write(3, 4096, 0x33));
+        assert_eq!((e.queued(), e.in_flight()), (1, 3));
+        drop(e);
+        let disk = std::fs::read(dir.path().join("disk")).unwrap();
+        assert!(
+            disk[4096..8192].iter().all(|&b| b == 7),
+            "a write held behind the flush reached the disk after teardown"
+        );
     }
 
     #[test]

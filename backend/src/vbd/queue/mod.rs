@@ -107,11 +107,14 @@ struct Slot {
 /// One ring being served.
 pub struct Queue<G, E, D> {
     ring: BackRing<SharedMem>,
+    /// Declared (so dropped) before `ev`: its teardown cancels the entries
+    /// the ring holds on the event channel's descriptor, and submits an
+    /// unmask still queued, while that descriptor is still open.
+    engine: Engine,
     ev: E,
     masked: bool,
     grants: Arc<G>,
     disk: Arc<D>,
-    engine: Engine,
     pool: Arc<BouncePool>,
     domid: DomId,
     limits: Limits,
