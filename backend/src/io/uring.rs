@@ -208,18 +208,17 @@ impl UringEngine {
         }
         // Submit-all (Linux 5.18) lets the ring carry the unmask; without
         // it the unmask is a system call of its own.
-        let (ring, carry_unmask) = match IoUring::builder()
-            .setup_cqsize(ENTRIES * 2)
-            .setup_submit_all()
-            .build(ENTRIES)
-        {
+        let build = |submit_all: bool| {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(ENTRIES * 2);
+            if submit_all {
+                b.setup_submit_all();
+            }
+            b.build(ENTRIES)
+        };
+        let (ring, carry_unmask) = match build(true) {
             Ok(r) => (r, true),
-            Err(_) => (
-                IoUring::builder()
-                    .setup_cqsize(ENTRIES * 2)
-                    .build(ENTRIES)?,
-                false,
-            ),
+            Err(_) => (build(false)?, false),
         };
         let (ptr, len) = pool.region();
         let iov = libc::iovec {
