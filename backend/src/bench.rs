@@ -45,6 +45,8 @@ pub struct BenchOptions {
     pub exe: PathBuf,
     /// Adaptive polling's largest window in µs (0: off).
     pub poll_us: u32,
+    /// How long the simulated guest polls its rings before it sleeps, in µs.
+    pub guest_poll_us: u32,
     /// Disk I/O on the guest's mapped pages (`[io] zero_copy`).
     pub zero_copy: bool,
     /// Run only the workloads whose name contains this (e.g. "128k write").
@@ -222,6 +224,7 @@ struct Bench {
     exe: PathBuf,
     engine: EngineChoice,
     poll_us: u32,
+    guest_poll_us: u32,
     zero_copy: bool,
     next_domid: u16,
 }
@@ -260,6 +263,8 @@ impl Bench {
             .guest_command(&self.exe, domid, "bench")
             .arg("--bench")
             .arg(text)
+            .arg("--poll-us")
+            .arg(self.guest_poll_us.to_string())
             .env("RUST_LOG", "warn")
             .output()
             .await
@@ -363,22 +368,27 @@ fn work_dir(
 }
 
 /// Runs the benchmark and prints the table.
+fn polling(us: u32) -> String {
+    if us == 0 {
+        "off".to_owned()
+    } else {
+        format!("up to {us} µs")
+    }
+}
+
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let (dir, _temp) = work_dir(&opts, "blkbackd-bench-")?;
     let img = dir.join("disk.img");
     println!(
-        "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}, zero copy {}, polling {}",
+        "blkbackd bench: {} MiB file in {}, {} s per run, {} repetitions, engine {:?}, zero copy {}, polling {}, guest polling {}",
         opts.size_mib,
         dir.display(),
         opts.seconds,
         opts.reps,
         opts.engine,
         if opts.zero_copy { "on" } else { "off" },
-        if opts.poll_us == 0 {
-            "off".to_owned()
-        } else {
-            format!("up to {} µs", opts.poll_us)
-        }
+        polling(opts.poll_us),
+        polling(opts.guest_poll_us),
     );
     make_disk(&img, opts.size_mib)?;
     let mut bench = Bench {
@@ -388,6 +398,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         exe: opts.exe.clone(),
         engine: opts.engine,
         poll_us: opts.poll_us,
+        guest_poll_us: opts.guest_poll_us,
         zero_copy: opts.zero_copy,
         next_domid: 0,
     };
@@ -624,6 +635,7 @@ impl Bench {
             cmd.arg("--bench")
                 .arg(if is_flooder { &flooder } else { &quiet })
                 .args(["--queues", if is_flooder { "4" } else { "1" }])
+                .args(["--poll-us", &self.guest_poll_us.to_string()])
                 .env("RUST_LOG", "warn");
             guests.spawn(async move { (is_flooder, cmd.output().await) });
         }
@@ -686,6 +698,7 @@ pub async fn fairness(opts: BenchOptions) -> anyhow::Result<()> {
         exe: opts.exe.clone(),
         engine: opts.engine,
         poll_us: opts.poll_us,
+        guest_poll_us: opts.guest_poll_us,
         zero_copy: opts.zero_copy,
         next_domid: 0,
     };
@@ -840,6 +853,7 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
         exe: opts.exe.clone(),
         engine: opts.engine,
         poll_us: opts.poll_us,
+        guest_poll_us: opts.guest_poll_us,
         zero_copy: false,
         next_domid: 0,
     };

@@ -97,6 +97,12 @@ enum Cmd {
         /// Adaptive polling's largest window in µs (0: off), as `[io] poll_us`.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
         poll_us: u32,
+        /// µs the simulated guest polls its rings for answers before it
+        /// sleeps on the event channel (default: --poll-us): a guest CPU with
+        /// nothing else to do. 0: it sleeps at once, woken by each
+        /// notification.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        guest_poll_us: Option<u32>,
         /// Disk I/O straight on the guest's mapped pages (`[io] zero_copy =
         /// true`), to measure what zero copy buys against the copy.
         #[arg(long)]
@@ -255,6 +261,10 @@ enum Cmd {
         /// randread|randwrite|read|write:BYTES:DEPTH:SECONDS.
         #[arg(long)]
         bench: Option<String>,
+        /// In bench mode, µs the guest polls its rings for answers before it
+        /// sleeps on the event channel (0: never polls).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        poll_us: u32,
     },
     /// Check a Xenstore (the real xenstored, or ours) against the behaviour
     /// blkbackd relies on; exits non-zero if any check fails.
@@ -383,6 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 size_mib,
                 engine,
                 poll_us,
+                guest_poll_us,
                 zero_copy,
                 only,
                 fairness,
@@ -395,6 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     size_mib,
                     engine,
                     poll_us,
+                    guest_poll_us: guest_poll_us.unwrap_or(poll_us),
                     zero_copy,
                     only,
                     rbd: rbd.clone(),
@@ -519,6 +531,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start_index,
                 no_persistent,
                 bench,
+                poll_us,
             } => {
                 use blkbackd::sim::guest::{self, GuestArgs};
                 let mode: guest::Mode = mode.parse().map_err(anyhow::Error::msg)?;
@@ -544,6 +557,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|b| b.parse::<guest::BenchSpec>())
                         .transpose()
                         .map_err(anyhow::Error::msg)?,
+                    poll_us,
                 };
                 match guest::run(args).await {
                     Ok(report) => {

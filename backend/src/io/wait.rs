@@ -9,6 +9,24 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// Spins until `ready()` or `window` has passed; whether `ready()` came.
+/// The clock is read once every few looks: a look is a few loads, a clock
+/// read costs as much as several of them.
+pub fn spin(window: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + window;
+    loop {
+        for _ in 0..16 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if std::time::Instant::now() >= until {
+            return ready();
+        }
+    }
+}
+
 /// Most descriptors one wait takes.
 pub const MAX_FDS: usize = 4;
 

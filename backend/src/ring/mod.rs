@@ -315,19 +315,32 @@ impl<M: RingMem> FrontRing<M> {
 
     /// Takes the published responses: (id, operation, status) each.
     pub fn take_responses(&mut self) -> Vec<(u64, u8, i16)> {
-        let rp = self.mem.load_u32(SRING_RSP_PROD);
         let mut out = Vec::new();
+        self.take_responses_into(&mut out);
+        out
+    }
+
+    /// [`FrontRing::take_responses`] appended to `out`, allocating nothing
+    /// when `out` has room.
+    pub fn take_responses_into(&mut self, out: &mut Vec<(u64, u8, i16)>) {
+        let rp = self.mem.load_u32(SRING_RSP_PROD);
+        let mut b = [0u8; 64];
+        let b = &mut b[..self.layout.rsp.min(64)];
         while self.rsp_cons != rp {
-            let mut b = vec![0u8; self.layout.rsp];
             self.mem
-                .read(slot(self.rsp_cons, self.size, self.layout.slot), &mut b);
+                .read(slot(self.rsp_cons, self.size, self.layout.slot), b);
             let id = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
             let op = b[self.layout.rsp_op];
             let st = i16::from_le_bytes([b[self.layout.rsp_status], b[self.layout.rsp_status + 1]]);
             out.push((id, op, st));
             self.rsp_cons = self.rsp_cons.wrapping_add(1);
         }
-        out
+    }
+
+    /// Whether the backend has published responses not taken yet (a look
+    /// that arms nothing: for a frontend polling its ring).
+    pub fn has_responses(&self) -> bool {
+        self.mem.load_u32(SRING_RSP_PROD) != self.rsp_cons
     }
 
     /// `RING_FINAL_CHECK_FOR_RESPONSES`: arms `rsp_event`, then looks again.

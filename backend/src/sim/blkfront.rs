@@ -82,21 +82,36 @@ pub enum FrontError {
 
 type Result<T, E = FrontError> = std::result::Result<T, E>;
 
-struct FrontQueue {
-    ring: Mutex<FrontRing<SharedView>>,
-    port: GuestPort,
+pub(super) struct FrontQueue {
+    pub(super) ring: Mutex<FrontRing<SharedView>>,
+    pub(super) port: GuestPort,
     pending: Mutex<HashMap<u64, oneshot::Sender<i16>>>,
     space: Notify,
     /// Persistent grants: (frame, gref) pairs granted writable once, reused.
     pool: Mutex<Vec<(u64, GrantRef)>>,
     /// Misbehaviour: responses are left on the ring, never consumed.
     ignore_responses: std::sync::atomic::AtomicBool,
+    /// The task completing this queue's requests (blkfront's interrupt
+    /// handler), until a driver takes the queue over.
+    completer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for FrontQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("FrontQueue")
     }
+}
+
+/// One queue of a [`Blkfront`], taken over by a loop of its own (see
+/// [`Blkfront::take_queue`] and `sim::driver`).
+#[derive(Debug)]
+pub struct DrivenQueue {
+    pub(super) queue: Arc<FrontQueue>,
+    pub(super) dom: Arc<SimDomain>,
+    pub(super) abi: Abi,
+    pub(super) persistent: bool,
+    /// Most pages one request may carry (direct or indirect segments).
+    pub(super) per_request: usize,
 }
 
 /// A connected simulated frontend.
@@ -231,6 +246,7 @@ impl Blkfront {
                 space: Notify::new(),
                 pool: Mutex::new(Vec::new()),
                 ignore_responses: Default::default(),
+                completer: Mutex::new(None),
             }));
         }
         if order > 0 {
@@ -259,7 +275,8 @@ impl Blkfront {
         })
         .await?;
         for q in &queues {
-            tokio::spawn(complete_responses(q.clone()));
+            let task = tokio::spawn(complete_responses(q.clone()));
+            *q.completer.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
         wait_state(&xs, &format!("{be}/state"), |s| s == XenbusState::Connected).await?;
         let sectors = read_u32_u64(&xs, &format!("{be}/sectors")).await?;
@@ -293,6 +310,35 @@ impl Blkfront {
             queues,
             next_id: AtomicU64::new(1),
             next_queue: AtomicUsize::new(0),
+        })
+    }
+
+    /// Hands queue `q` to a [`DrivenQueue`] for a loop on its own thread
+    /// (the bench's guest): its completion task is stopped first, so that
+    /// nothing else takes its responses or its kicks. The queue no longer
+    /// serves [`Blkfront::read`] and the like.
+    pub async fn take_queue(&self, q: usize) -> Result<DrivenQueue> {
+        let queue = self
+            .queues
+            .get(q)
+            .ok_or_else(|| FrontError::Protocol(format!("no queue {q}")))?
+            .clone();
+        let task = queue
+            .completer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| FrontError::Protocol(format!("queue {q} is already taken")))?;
+        task.abort();
+        // Aborted while waiting for a kick: the wait is dropped unfinished,
+        // so no kick is lost to it.
+        let _ = task.await;
+        Ok(DrivenQueue {
+            queue,
+            dom: self.dom.clone(),
+            abi: self.abi,
+            persistent: self.persistent,
+            per_request: self.pages_per_request(),
         })
     }
 

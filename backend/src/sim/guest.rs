@@ -127,6 +127,9 @@ pub struct GuestArgs {
     pub opts: FrontOptions,
     /// The workload of [`Mode::Bench`].
     pub bench: Option<BenchSpec>,
+    /// In bench mode: how long the guest polls its rings for answers before
+    /// it sleeps on the event channel, in µs (0: it sleeps at once).
+    pub poll_us: u32,
 }
 
 /// A benchmark workload: `randread|randwrite|read|write:BYTES:DEPTH:SECONDS`
@@ -216,41 +219,33 @@ pub fn quantile_us(samples: &mut [u32], q: f64) -> f64 {
     f64::from(samples[i.min(samples.len() - 1)]) / 1000.0
 }
 
-async fn bench(front: &Arc<Blkfront>, spec: BenchSpec) -> Result<String, FrontError> {
+async fn bench(
+    front: &Arc<Blkfront>,
+    spec: BenchSpec,
+    poll: Duration,
+) -> Result<String, FrontError> {
     let bytes = front.sectors * 512;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(spec.seconds);
+    let nq = front.queues() as u32;
+    // Each lane sticks to one queue, as a guest CPU does: lane L to queue
+    // L % queues, each queue driven by a loop on its own thread.
+    let mut taken = Vec::new();
+    for q in 0..nq.min(spec.depth) {
+        let lanes: Vec<u32> = (0..spec.depth).filter(|l| l % nq == q).collect();
+        taken.push((front.take_queue(q as usize).await?, lanes));
+    }
     let started = std::time::Instant::now();
-    let mut lanes = tokio::task::JoinSet::new();
-    for lane in 0..spec.depth {
-        let f = front.clone();
-        let on_lane = async move {
-            let mut buf = vec![0xA5u8; spec.bs as usize];
-            let mut n = 0u64;
-            // Each I/O's latency in ns, at depth 1 (where latency is the figure).
-            let mut lat: Vec<u32> = Vec::new();
-            while tokio::time::Instant::now() < deadline {
-                let sector = bench_offset(&spec, bytes, lane, n) / 512;
-                let t = std::time::Instant::now();
-                if spec.write {
-                    f.write(sector, &buf).await?;
-                } else {
-                    f.read(sector, &mut buf).await?;
-                }
-                if spec.depth == 1 && lat.len() < LATENCY_SAMPLES {
-                    lat.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
-                }
-                n += 1;
-            }
-            Ok::<(u64, Vec<u32>), FrontError>((n, lat))
-        };
-        // Each lane sticks to one queue, as a guest CPU does.
-        lanes.spawn(crate::sim::blkfront::LANE.scope(lane as usize, on_lane));
+    let deadline = started + Duration::from_secs_f64(spec.seconds);
+    let mut loops = tokio::task::JoinSet::new();
+    for (dq, lanes) in taken {
+        loops.spawn_blocking(move || {
+            crate::sim::driver::drive(dq, &spec, &lanes, bytes, deadline, poll)
+        });
     }
     let (mut ops, mut lat) = (0, Vec::new());
-    while let Some(r) = lanes.join_next().await {
-        let (n, l) = r.map_err(|e| fail(format!("bench lane failed: {e}")))??;
-        ops += n;
-        lat.extend(l);
+    while let Some(r) = loops.join_next().await {
+        let d = r.map_err(|e| fail(format!("bench queue loop failed: {e}")))??;
+        ops += d.ops;
+        lat.extend(d.latency);
     }
     let secs = started.elapsed().as_secs_f64();
     let latency = if lat.is_empty() {
@@ -417,7 +412,7 @@ pub async fn run(args: GuestArgs) -> Result<String, FrontError> {
         Mode::Resize => resized(&front).await?,
         Mode::Bench => {
             let spec = args.bench.ok_or_else(|| fail("bench mode needs --bench"))?;
-            bench(&front, spec).await?
+            bench(&front, spec, Duration::from_micros(args.poll_us.into())).await?
         }
     };
     Ok(format!("{tag} {report}"))

@@ -2,5 +2,6 @@
 //! that runs it against a backend in another process.
 
 pub mod blkfront;
+pub mod driver;
 pub mod guest;
 pub mod world;

@@ -286,9 +286,33 @@ impl GuestPort {
         Ok(())
     }
 
+    /// Waits for a kick as [`GuestPort::wait`] does, blocking this thread in
+    /// poll(2) for at most `timeout`; `false` if none came. For a guest loop
+    /// on its own thread (the bench's), with no task reading the port.
+    pub fn wait_blocking(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        if !crate::io::wait::readable(&[self.tx.as_raw_fd()], Some(timeout))?[0] {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 16];
+        while let Ok((_, from)) = self.tx.recv_from(&mut buf) {
+            if let Some(p) = from.as_pathname() {
+                self.learn_path(p);
+            }
+        }
+        Ok(true)
+    }
+
     fn learn(&self, from: tokio::net::unix::SocketAddr) {
         if let Some(p) = from.as_pathname() {
-            *self.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.to_owned());
+            self.learn_path(p);
+        }
+    }
+
+    fn learn_path(&self, p: &Path) {
+        let mut peer = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        if peer.as_deref() != Some(p) {
+            *peer = Some(p.to_owned());
         }
     }
 }

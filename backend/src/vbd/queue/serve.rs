@@ -130,15 +130,10 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
             self.stats.poll_hits += 1;
             return true;
         }
-        let found = loop {
-            if !matches!(self.ring.unconsumed(), Ok(0)) || self.engine.has_completions() {
-                break true;
-            }
-            if std::time::Instant::now() >= until {
-                break false;
-            }
-            std::hint::spin_loop();
-        };
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let found = crate::io::wait::spin(left, || {
+            !matches!(self.ring.unconsumed(), Ok(0)) || self.engine.has_completions()
+        });
         self.stats.poll_ns += start.elapsed().as_nanos() as u64;
         if found {
             self.stats.poll_hits += 1;
