@@ -69,6 +69,8 @@ const WORKLOADS: [(&str, &str); 5] = [
 struct Served {
     rate: f64,
     cpu_us_per_io: f64,
+    /// The guest process's CPU per I/O (its own report).
+    guest_us_per_io: f64,
     notifications_per_io: f64,
     /// Latency p50 and p99 in µs, at depth 1.
     latency: Option<(f64, f64)>,
@@ -82,6 +84,9 @@ struct Served {
 struct FioRun {
     rate: f64,
     latency: Option<(f64, f64)>,
+    /// fio's CPU per I/O in µs: its process's, from start to exit (librbd's
+    /// threads, and connecting to the cluster, included).
+    cpu_us_per_io: Option<f64>,
 }
 
 /// fio with its io_uring engine on the same file and the same job, as a
@@ -117,6 +122,7 @@ fn fio_baseline(target: FioTarget<'_>, spec: &BenchSpec) -> Option<FioRun> {
             .arg(format!("--pool={}", image.pool))
             .arg(format!("--rbdname={}", image.image)),
     };
+    let cpu0 = crate::sim::guest::children_cpu_seconds();
     let out = fio
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", spec.bs))
@@ -152,18 +158,17 @@ fn fio_baseline(target: FioTarget<'_>, spec: &BenchSpec) -> Option<FioRun> {
     let latency = (spec.depth == 1)
         .then(|| Some((pct("50.000000")?, pct("99.000000")?)))
         .flatten();
-    Some(FioRun { rate, latency })
-}
-
-/// This process's user + system CPU seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ')'.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    (ticks(11) + ticks(12)) / 100.0
+    // fio's own usr_cpu/sys_cpu are its job thread's alone: librbd's
+    // threads are counted here, with the whole process.
+    let cpu_us_per_io = side["total_ios"]
+        .as_f64()
+        .filter(|n| *n > 0.0)
+        .map(|ios| (crate::sim::guest::children_cpu_seconds() - cpu0) * 1e6 / ios);
+    Some(FioRun {
+        rate,
+        latency,
+        cpu_us_per_io,
+    })
 }
 
 /// A `/proc/self/status` field in KiB.
@@ -257,7 +262,7 @@ impl Bench {
             .world
             .serve_with(domid, 51712, "bench", disk, offer)
             .await?;
-        let cpu0 = cpu_seconds();
+        let cpu0 = crate::sim::guest::cpu_seconds();
         let out = self
             .world
             .guest_command(&self.exe, domid, "bench")
@@ -265,11 +270,16 @@ impl Bench {
             .arg(text)
             .arg("--poll-us")
             .arg(self.guest_poll_us.to_string())
+            // One submitter, as the baselines (one io_uring loop, one fio
+            // job) are, and as fio with one job in a guest submits from one
+            // CPU, to one queue: a stream spread over two queues would also
+            // reach the disk out of order.
+            .args(["--queues", "1"])
             .env("RUST_LOG", "warn")
             .output()
             .await
             .context("running the guest")?;
-        let cpu1 = cpu_seconds();
+        let cpu1 = crate::sim::guest::cpu_seconds();
         let ends = tokio::time::timeout(Duration::from_secs(30), b.finish())
             .await
             .context("the backend did not stop")??;
@@ -293,6 +303,7 @@ impl Bench {
         Ok(Served {
             rate: rate(spec, ops as u64, secs),
             cpu_us_per_io: (cpu1 - cpu0) * 1e6 / ops,
+            guest_us_per_io: field("cpu_s=") * 1e6 / ops,
             notifications_per_io: notifications as f64 / ops,
             latency,
             in_backend,
@@ -429,6 +440,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             let spec: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
             let (mut raw, mut fio, mut ours, mut cpu, mut notif) =
                 (vec![], vec![], vec![], vec![], vec![]);
+            let mut guest_cpu = vec![];
             let mut raw_cpu = vec![];
             let mut inside = Vec::new();
             let (mut lat_raw, mut lat_fio, mut lat_ours) = (vec![], vec![], vec![]);
@@ -439,10 +451,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 // the serving path pays as well.
                 let settled = || if direct { Ok(()) } else { settle(&img) };
                 settled()?;
-                let cpu0 = cpu_seconds();
+                let cpu0 = crate::sim::guest::cpu_seconds();
                 let mut r = raw_baseline(&img, direct, &spec)
                     .with_context(|| format!("raw io_uring baseline of {name}"))?;
-                raw_cpu.push((cpu_seconds() - cpu0) * 1e6 / r.ops.max(1) as f64);
+                raw_cpu.push((crate::sim::guest::cpu_seconds() - cpu0) * 1e6 / r.ops.max(1) as f64);
                 raw.push(rate(&spec, r.ops, r.secs));
                 if spec.depth == 1 {
                     let p50 = crate::sim::guest::quantile_us(&mut r.latency_ns, 0.5);
@@ -459,6 +471,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 let s = bench.served(&spec, &text, direct).await?;
                 ours.push(s.rate);
                 cpu.push(s.cpu_us_per_io);
+                guest_cpu.push(s.guest_us_per_io);
                 notif.push(s.notifications_per_io);
                 lat_ours.extend(s.latency);
                 inside.extend(s.in_backend);
@@ -477,10 +490,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 qd32_cpu_us = Some(cpu);
             }
             let row = format!(
-                "{name:<18} {cache:<10} {raw:>10.0} {:>10} {ours:>10.0} {unit:<4} {:>6.2} {cpu:>9.1} {raw_cpu:>7.1} {:>6.1} {:>8.3} {inside:>12}",
+                "{name:<18} {cache:<10} {raw:>10.0} {:>10} {ours:>10.0} {unit:<4} {:>6.2} {cpu:>9.1} {raw_cpu:>7.1} {:>6.1} {:>6.1} {:>8.3} {inside:>12}",
                 fio.map_or_else(|| "-".to_owned(), |f| format!("{f:.0}")),
                 ours / best,
                 cpu - raw_cpu,
+                median(&mut guest_cpu),
                 median(&mut notif),
             );
             println!("{row}");
@@ -515,7 +529,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let hwm = status_kib("VmHWM:");
     println!();
     println!(
-        "{:<18} {:<10} {:>10} {:>10} {:>10} {:<4} {:>6} {:>9} {:>7} {:>6} {:>8} {:>12}",
+        "{:<18} {:<10} {:>10} {:>10} {:>10} {:<4} {:>6} {:>9} {:>7} {:>6} {:>6} {:>8} {:>12}",
         "workload",
         "cache",
         "raw",
@@ -526,6 +540,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         "cpu-us/io",
         "raw-cpu",
         "added",
+        "guest",
         "notif/io",
         "in-be p50/99"
     );
@@ -568,8 +583,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     println!(
         "cpu-us/io is the backend's (this process's) CPU per guest I/O, the disk's own work \
          in the kernel included; raw-cpu is the same for the raw io_uring loop (the disk's \
-         cost alone); added is the difference: what serving through a ring costs. The guest \
-         runs in its own process on the same cores"
+         cost alone); added is the difference: what serving through a ring costs. guest is \
+         the simulated guest's CPU per I/O: it runs in its own process on the same cores"
     );
     Ok(())
 }
@@ -865,16 +880,19 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
         let text = format!("{w}:{}", opts.seconds);
         let b: BenchSpec = text.parse().map_err(anyhow::Error::msg)?;
         let (mut fio, mut ours, mut cpu, mut notif) = (vec![], vec![], vec![], vec![]);
+        let (mut fio_cpu, mut guest_cpu) = (vec![], vec![]);
         let (mut lat_fio, mut lat_ours) = (vec![], vec![]);
         let mut inside = None;
         for _ in 0..opts.reps {
             let f = fio_baseline(FioTarget::Rbd(&spec, &settings.client), &b)
                 .with_context(|| format!("fio's rbd engine on {name}"))?;
             fio.push(f.rate);
+            fio_cpu.extend(f.cpu_us_per_io);
             lat_fio.extend(f.latency.map(|l| l.0));
             let s = bench.served(&b, &text, true).await?;
             ours.push(s.rate);
             cpu.push(s.cpu_us_per_io);
+            guest_cpu.push(s.guest_us_per_io);
             notif.push(s.notifications_per_io);
             lat_ours.extend(s.latency.map(|l| l.0));
             inside = s.in_backend.or(inside);
@@ -887,10 +905,16 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
         } else {
             format!("{:.0}/{:.0}", median(&mut lat_fio), median(&mut lat_ours))
         };
+        let fio_cpu = if fio_cpu.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", median(&mut fio_cpu))
+        };
         let row = format!(
-            "{name:<18} {f:>10.0} {o:>10.0} {unit:<4} {:>6.2} {:>9.1} {:>8.3} {lat:>12} {inside:>12}",
+            "{name:<18} {f:>10.0} {o:>10.0} {unit:<4} {:>6.2} {fio_cpu:>7} {:>9.1} {:>6.1} {:>8.3} {lat:>12} {inside:>12}",
             o / f,
             median(&mut cpu),
+            median(&mut guest_cpu),
             median(&mut notif),
         );
         println!("{row}");
@@ -898,13 +922,15 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<18} {:>10} {:>10} {:<4} {:>6} {:>9} {:>8} {:>12} {:>12}",
+        "{:<18} {:>10} {:>10} {:<4} {:>6} {:>7} {:>9} {:>6} {:>8} {:>12} {:>12}",
         "workload",
         "fio rbd",
         "blkbackd",
         "unit",
         "ratio",
+        "fio-cpu",
         "cpu-us/io",
+        "guest",
         "notif/io",
         "p50 fio/ours",
         "in-be p50/99"
@@ -916,7 +942,7 @@ pub async fn rbd(opts: BenchOptions, image: &str) -> anyhow::Result<()> {
     println!(
         "ratio: blkbackd over fio --ioengine=rbd on the same image (medians of {}; runs \
          interleaved). cpu-us/io: this process's CPU per guest I/O, librbd's threads \
-         included. p50: depth-1 latency in µs. in-be: µs a request spent in the backend \
+         included; fio-cpu: the same for fio's process from start to exit (connecting included); guest: the simulated guest's. p50: depth-1 latency in µs. in-be: µs a request spent in the backend \
          (the last repetition; bucket bounds), librbd's time included. The cluster's daemons \
          share this machine's CPUs with blkbackd and its guest process (and fio): pin them \
          apart (taskset) to see the client side's own cost",

@@ -234,6 +234,7 @@ async fn bench(
         taken.push((front.take_queue(q as usize).await?, lanes));
     }
     let started = std::time::Instant::now();
+    let cpu0 = cpu_seconds();
     let deadline = started + Duration::from_secs_f64(spec.seconds);
     let mut loops = tokio::task::JoinSet::new();
     for (dq, lanes) in taken {
@@ -258,9 +259,39 @@ async fn bench(
         )
     };
     Ok(format!(
-        "BENCH ops={ops} bytes={} secs={secs:.4}{latency}",
-        ops * u64::from(spec.bs)
+        "BENCH ops={ops} bytes={} secs={secs:.4} cpu_s={:.3}{latency}",
+        ops * u64::from(spec.bs),
+        cpu_seconds() - cpu0
     ))
+}
+
+/// This process's user + system CPU seconds.
+pub fn cpu_seconds() -> f64 {
+    // utime and stime: fields 14 and 15 of the whole line.
+    proc_stat_seconds(14)
+}
+
+/// User + system CPU seconds of this process's children that have ended
+/// and been waited for (all their threads).
+pub fn children_cpu_seconds() -> f64 {
+    // cutime and cstime: fields 16 and 17.
+    proc_stat_seconds(16)
+}
+
+/// The sum of `/proc/self/stat` fields `field` and `field + 1` (numbered
+/// from 1, in clock ticks), in seconds.
+fn proc_stat_seconds(field: usize) -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ')',
+    // with field 3.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(field) + ticks(field + 1)) / 100.0
 }
 
 /// Memory and grant-table sizes of a simulated guest.
