@@ -141,7 +141,10 @@ pub fn drive(
             if since.elapsed() > PATIENCE {
                 return Err(FrontError::NoResponse(PATIENCE));
             }
-            q.queue.port.wait_blocking(Duration::from_secs(1))?;
+            let port = &q.queue.port;
+            if crate::io::wait::readable(&[port.raw_fd()], Some(Duration::from_secs(1)))?[0] {
+                port.take_kicks();
+            }
             continue;
         }
         waited_since = None;

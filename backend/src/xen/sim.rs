@@ -286,21 +286,25 @@ impl GuestPort {
         Ok(())
     }
 
-    /// Waits for a kick as [`GuestPort::wait`] does, blocking this thread in
-    /// poll(2) for at most `timeout`; `false` if none came. For a guest loop
-    /// on its own thread (the bench's), with no task reading the port.
-    pub fn wait_blocking(&self, timeout: std::time::Duration) -> io::Result<bool> {
+    /// The port's descriptor: readable while a kick is queued. For a guest
+    /// loop on a thread of its own that sleeps in poll(2) itself, with no
+    /// task waiting on the port (see [`GuestPort::take_kicks`]).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        if !crate::io::wait::readable(&[self.tx.as_raw_fd()], Some(timeout))?[0] {
-            return Ok(false);
-        }
+        self.tx.as_raw_fd()
+    }
+
+    /// Takes the kicks queued, without waiting; whether there was one.
+    pub fn take_kicks(&self) -> bool {
         let mut buf = [0u8; 16];
+        let mut any = false;
         while let Ok((_, from)) = self.tx.recv_from(&mut buf) {
+            any = true;
             if let Some(p) = from.as_pathname() {
                 self.learn_path(p);
             }
         }
-        Ok(true)
+        any
     }
 
     fn learn(&self, from: tokio::net::unix::SocketAddr) {

@@ -54,6 +54,10 @@ pub const DEFAULT_POOL_BYTES: usize = 4 << 20;
 /// final check brings the next batch.
 const TAKE_PER_PASS: u32 = 32;
 
+/// The least a pass takes when more waits: below it, a pass's system calls
+/// (a submit, a notification) are paid for too few requests.
+const MIN_BITE: u32 = 4;
+
 /// Pages of bounce pool a ring gets: `pool_bytes` (see [`DEFAULT_POOL_BYTES`]),
 /// and never less than one largest request (`max_segments` pages).
 pub fn pool_pages(pool_bytes: usize, max_segments: usize) -> usize {
@@ -365,7 +369,7 @@ impl<G: Grants, E: EventChannel, D: Disk> Queue<G, E, D> {
         // send more, while the rest are served: the two sides overlap
         // instead of taking turns with the whole ring.
         let waiting = self.ring.unconsumed().unwrap_or(TAKE_PER_PASS);
-        let raws = match self.ring.take((waiting / 4).clamp(1, TAKE_PER_PASS)) {
+        let raws = match self.ring.take((waiting / 4).clamp(MIN_BITE, TAKE_PER_PASS)) {
             Ok(r) => r,
             Err(e) => {
                 self.halt = Some(e);
