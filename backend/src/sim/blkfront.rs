@@ -114,6 +114,14 @@ pub struct DrivenQueue {
     pub(super) per_request: usize,
 }
 
+impl DrivenQueue {
+    /// Notifies the queue's event channel, whether or not there is anything
+    /// new on the ring.
+    pub fn notify(&self) -> Result<()> {
+        self.queue.port.notify().map_err(FrontError::from)
+    }
+}
+
 /// A connected simulated frontend.
 #[derive(Debug)]
 pub struct Blkfront {

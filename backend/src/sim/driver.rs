@@ -67,42 +67,9 @@ pub fn drive(
     deadline: Instant,
     poll: Duration,
 ) -> Result<Driven, FrontError> {
-    let pages = (spec.bs as usize).div_ceil(XEN_PAGE_SIZE);
-    if pages == 0 || pages > q.per_request {
-        return Err(FrontError::Protocol(format!(
-            "bench requests of {} bytes need {pages} segments; the backend takes {} per request",
-            spec.bs, q.per_request
-        )));
-    }
     let write = spec.write;
     let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
-    let n_indirect = if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST {
-        pages.div_ceil(SEGS_PER_INDIRECT_FRAME)
-    } else {
-        0
-    };
-    let mut slots = Vec::with_capacity(lanes.len());
-    for &lane in lanes {
-        let mut l = Lane {
-            lane,
-            n: 0,
-            buf: vec![0xA5u8; spec.bs as usize],
-            frames: Vec::with_capacity(pages),
-            grefs: Vec::with_capacity(pages),
-            indirect: Vec::with_capacity(n_indirect),
-            started: Instant::now(),
-        };
-        for _ in 0..pages {
-            l.frames.push(q.dom.alloc_pages(1)?);
-        }
-        for _ in 0..n_indirect {
-            l.indirect.push((q.dom.alloc_pages(1)?, GrantRef(0)));
-        }
-        if q.persistent {
-            grant(&q, &mut l, false)?;
-        }
-        slots.push(l);
-    }
+    let mut slots = lanes_for(&q, spec, lanes)?;
     let mut ring = q.queue.ring.lock().unwrap_or_else(|e| e.into_inner());
     if ring.free() < lanes.len() as u32 {
         return Err(FrontError::Protocol(format!(
@@ -190,6 +157,72 @@ pub fn drive(
         }
     }
     Ok(out)
+}
+
+/// Sets up `lanes` for requests of `spec`: their frames, and their grants if
+/// they are persistent.
+fn lanes_for(q: &DrivenQueue, spec: &BenchSpec, lanes: &[u32]) -> Result<Vec<Lane>, FrontError> {
+    let pages = (spec.bs as usize).div_ceil(XEN_PAGE_SIZE);
+    if pages == 0 || pages > q.per_request {
+        return Err(FrontError::Protocol(format!(
+            "bench requests of {} bytes need {pages} segments; the backend takes {} per request",
+            spec.bs, q.per_request
+        )));
+    }
+    let n_indirect = if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST {
+        pages.div_ceil(SEGS_PER_INDIRECT_FRAME)
+    } else {
+        0
+    };
+    let mut slots = Vec::with_capacity(lanes.len());
+    for &lane in lanes {
+        let mut l = Lane {
+            lane,
+            n: 0,
+            buf: vec![0xA5u8; spec.bs as usize],
+            frames: Vec::with_capacity(pages),
+            grefs: Vec::with_capacity(pages),
+            indirect: Vec::with_capacity(n_indirect),
+            started: Instant::now(),
+        };
+        for _ in 0..pages {
+            l.frames.push(q.dom.alloc_pages(1)?);
+        }
+        for _ in 0..n_indirect {
+            l.indirect.push((q.dom.alloc_pages(1)?, GrantRef(0)));
+        }
+        if q.persistent {
+            grant(q, &mut l, false)?;
+        }
+        slots.push(l);
+    }
+    Ok(slots)
+}
+
+/// Misbehaviour: puts up to `n` requests of `spec` on queue `q` at once (as
+/// many as its ring has room for), each on pages of its own, publishes them
+/// with one producer update and one notification, and never takes an
+/// answer: the backend sees them all in its first look. The pages stay
+/// granted (the guest never answers, so never takes them back). Returns how
+/// many were put.
+pub fn flood(q: &DrivenQueue, spec: &BenchSpec, n: u32, bytes: u64) -> Result<u32, FrontError> {
+    let mut ring = q.queue.ring.lock().unwrap_or_else(|e| e.into_inner());
+    let n = n.min(ring.free());
+    let lanes: Vec<u32> = (0..n).collect();
+    let mut slots = lanes_for(q, spec, &lanes)?;
+    let op = if spec.write {
+        BLKIF_OP_WRITE
+    } else {
+        BLKIF_OP_READ
+    };
+    let mut raw = Vec::new();
+    for (id, l) in slots.iter_mut().enumerate() {
+        start(q, spec, bytes, op, id as u64, l, &mut raw)?;
+        ring.put_request(&raw);
+    }
+    ring.push_requests();
+    q.queue.port.notify()?;
+    Ok(n)
 }
 
 /// Grants lane `l`'s pages to dom0 (read-only if the backend only reads

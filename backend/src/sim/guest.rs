@@ -648,28 +648,31 @@ async fn xenstore_storm(args: &GuestArgs, front: &Arc<Blkfront>) -> Result<Strin
 
 async fn never_answer(front: &Arc<Blkfront>, per_queue: u32) -> Result<String, FrontError> {
     front.ignore_responses();
-    let per = front.ring_size().min(per_queue) as usize * front.queues();
-    let bytes = (front.max_indirect.max(11) as usize) * 4096;
-    let sectors = (bytes / 512) as u64;
-    let mut reads = tokio::task::JoinSet::new();
-    for i in 0..per as u64 {
-        let f = front.clone();
-        let at = (i * sectors) % (front.sectors - sectors);
-        reads.spawn(async move {
-            let mut buf = vec![0u8; bytes];
-            f.read(at, &mut buf).await
-        });
+    let bytes = (front.max_indirect.max(11) as usize * 4096) as u32;
+    let spec = BenchSpec {
+        write: false,
+        random: true,
+        bs: bytes,
+        depth: per_queue,
+        seconds: 0.0,
+    };
+    let disk = front.sectors * 512;
+    let mut queues = Vec::with_capacity(front.queues());
+    let mut put = 0;
+    for q in 0..front.queues() {
+        let dq = front.take_queue(q).await?;
+        put += super::driver::flood(&dq, &spec, per_queue, disk)?;
+        queues.push(dq);
     }
-    println!("SIM-GUEST outstanding {per} reads of {bytes} bytes");
+    println!("SIM-GUEST outstanding {put} reads of {bytes} bytes");
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        for q in 0..front.queues() {
-            front.notify(q)?;
+        for q in &queues {
+            q.notify()?;
         }
     }
-    reads.abort_all();
     Ok(format!(
-        "left {per} reads of {bytes} bytes unanswered for 2 s"
+        "left {put} reads of {bytes} bytes unanswered for 2 s"
     ))
 }
 
