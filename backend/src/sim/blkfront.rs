@@ -89,8 +89,6 @@ pub(super) struct FrontQueue {
     space: Notify,
     /// Persistent grants: (frame, gref) pairs granted writable once, reused.
     pool: Mutex<Vec<(u64, GrantRef)>>,
-    /// Misbehaviour: responses are left on the ring, never consumed.
-    ignore_responses: std::sync::atomic::AtomicBool,
     /// The task completing this queue's requests (blkfront's interrupt
     /// handler), until a driver takes the queue over.
     completer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -253,7 +251,6 @@ impl Blkfront {
                 pending: Mutex::new(HashMap::new()),
                 space: Notify::new(),
                 pool: Mutex::new(Vec::new()),
-                ignore_responses: Default::default(),
                 completer: Mutex::new(None),
             }));
         }
@@ -440,14 +437,6 @@ impl Blkfront {
             .store_u32(SRING_REQ_PROD, prod.wrapping_add(ahead));
         drop(ring);
         let _ = queue.port.notify();
-    }
-
-    /// Misbehaviour: stops consuming responses on every queue (`rsp_cons`
-    /// never moves again), as a guest that never answers does.
-    pub fn ignore_responses(&self) {
-        for q in &self.queues {
-            q.ignore_responses.store(true, Ordering::Relaxed);
-        }
     }
 
     /// Notifies queue `q`'s event channel, whether or not there is anything
@@ -647,9 +636,6 @@ async fn complete_responses(q: Arc<FrontQueue>) {
     loop {
         if q.port.wait().await.is_err() {
             return;
-        }
-        if q.ignore_responses.load(Ordering::Relaxed) {
-            continue;
         }
         loop {
             let rsps = q

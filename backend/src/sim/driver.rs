@@ -68,7 +68,7 @@ pub fn drive(
     poll: Duration,
 ) -> Result<Driven, FrontError> {
     let write = spec.write;
-    let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+    let op = op_of(spec);
     let mut slots = lanes_for(&q, spec, lanes)?;
     let mut ring = q.queue.ring.lock().unwrap_or_else(|e| e.into_inner());
     if ring.free() < lanes.len() as u32 {
@@ -210,19 +210,24 @@ pub fn flood(q: &DrivenQueue, spec: &BenchSpec, n: u32, bytes: u64) -> Result<u3
     let n = n.min(ring.free());
     let lanes: Vec<u32> = (0..n).collect();
     let mut slots = lanes_for(q, spec, &lanes)?;
-    let op = if spec.write {
-        BLKIF_OP_WRITE
-    } else {
-        BLKIF_OP_READ
-    };
+    let op = op_of(spec);
     let mut raw = Vec::new();
     for (id, l) in slots.iter_mut().enumerate() {
         start(q, spec, bytes, op, id as u64, l, &mut raw)?;
         ring.put_request(&raw);
     }
     ring.push_requests();
-    q.queue.port.notify()?;
+    q.notify()?;
     Ok(n)
+}
+
+/// The ring operation of `spec`'s requests.
+fn op_of(spec: &BenchSpec) -> u8 {
+    if spec.write {
+        BLKIF_OP_WRITE
+    } else {
+        BLKIF_OP_READ
+    }
 }
 
 /// Grants lane `l`'s pages to dom0 (read-only if the backend only reads
