@@ -96,14 +96,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Queues an answer. The bell is rung, and (in [`RbdEngine::gather`])
+    /// cleared, under the list's lock, as the list turns non-empty and
+    /// empty: it is readable exactly while answers wait, so the serving
+    /// thread never reads it in vain (a system call a look, where most looks
+    /// find nothing) nor sleeps past an answer.
     fn answer(&self, d: IoDone) {
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
         done.push(d);
         // The first answer since the queue last looked wakes it; the rest
         // wait in the list for that same look.
-        let first = done.len() == 1;
-        drop(done);
-        if first {
+        if done.len() == 1 {
             self.bell.ring();
         }
     }
@@ -259,8 +262,10 @@ impl RbdEngine {
     }
 
     fn gather(&mut self) {
-        self.shared.bell.clear();
         let mut done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner());
+        if !done.is_empty() {
+            self.shared.bell.clear();
+        }
         for d in done.drain(..) {
             self.started -= 1;
             self.order.done(d.tag);
